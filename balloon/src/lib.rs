@@ -1,0 +1,1 @@
+//! Ebb virtio-balloon device.

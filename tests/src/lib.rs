@@ -1,0 +1,1 @@
+//! Ebb test host harness.
