@@ -1,1 +1,11 @@
-//! Ebb virtio devices.
+//! Ebb's device models.
+//!
+//! Every device here is independent of KVM: a vCPU thread hands port and MMIO accesses to a
+//! [`bus::Bus`], and devices report what the VMM must do (power off, reset) through an
+//! [`exit::ExitSignal`]. This keeps them unit-testable without a VM.
+
+pub mod acpi_pm;
+pub mod bus;
+pub mod exit;
+pub mod i8042;
+pub mod serial;

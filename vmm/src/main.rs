@@ -1,1 +1,65 @@
-fn main() {}
+//! `ebb`: boot a Linux guest.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ebb_devices::exit::VmExit;
+use ebb_vmm::cli::Cli;
+use ebb_vmm::config::SerialConfig;
+use ebb_vmm::console::RawTerminal;
+use ebb_vmm::{signals, vm};
+
+/// Exit status when the VM could not start (bad input, host problems).
+const EXIT_START_FAILED: u8 = 1;
+/// Exit status when the guest crashed or a vCPU failed.
+const EXIT_GUEST_FAILED: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(cli.log_level)
+        .with_target(false)
+        .init();
+    let config = cli.vm_config();
+
+    let signal_fd = match signals::block_stop_signals() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("ebb: cannot set up signal handling: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let mut terminal = (config.serial == SerialConfig::Stdio).then(RawTerminal::enter);
+    let result = vm::run(&config, signal_fd);
+    if let Some(t) = terminal.as_mut() {
+        t.restore();
+    }
+
+    let code = match result {
+        Ok(VmExit::PowerOff) => {
+            eprintln!("ebb: guest powered off");
+            0
+        }
+        Ok(VmExit::Reset) => {
+            eprintln!("ebb: guest rebooted; Ebb does not restart guests, exiting");
+            0
+        }
+        Ok(VmExit::Crash(why)) => {
+            eprintln!("ebb: guest stopped: {why}");
+            EXIT_GUEST_FAILED
+        }
+        Ok(VmExit::Stopped(why)) => {
+            eprintln!("ebb: stopped by {why}");
+            signals::signal_number(&why)
+                .map(|n| 128 + n as u8)
+                .unwrap_or(0)
+        }
+        Err(e) => {
+            eprintln!("ebb: error: {e}");
+            EXIT_START_FAILED
+        }
+    };
+    // vCPU threads may still be inside KVM_RUN; end the process rather than join them.
+    std::process::exit(i32::from(code))
+}

@@ -1,0 +1,126 @@
+//! The `ebb` command line.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{BalloonConfig, MemoryConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+
+/// Ebb: a small VMM that gives guests' free memory back to the host.
+#[derive(Debug, Parser)]
+#[command(name = "ebb", version, about, long_about = None)]
+pub struct Cli {
+    /// Kernel image: a bzImage or an ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initramfs (cpio archive, compressed or not).
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// Guest memory: SIZE (512M, 5G, 1024K or bytes), optionally `,thp=on|off` to ask for
+    /// or refuse transparent huge pages.
+    #[arg(long, value_name = "SIZE[,thp=on|off]", default_value = "512M")]
+    pub memory: MemoryConfig,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+
+    /// Add a virtio-balloon device.
+    #[arg(
+        long,
+        value_name = "size=SIZE,deflate_on_oom=on|off,free_page_reporting=on|off,stats_interval=SECS"
+    )]
+    pub balloon: Option<BalloonConfig>,
+
+    /// Serve the REST API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Serial console: stdio, file=PATH or off.
+    #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
+    pub serial: SerialConfig,
+
+    /// Log level for Ebb's own messages on stderr: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    pub log_level: tracing::Level,
+}
+
+impl Cli {
+    /// The VM configuration this command line describes.
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            cmdline: self.cmdline.clone(),
+            memory: self.memory,
+            cpus: self.cpus,
+            balloon: self.balloon,
+            api_socket: self.api_socket.clone(),
+            serial: self.serial.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{GIB, MIB};
+
+    #[test]
+    fn defaults() {
+        let cli = Cli::try_parse_from(["ebb", "--kernel", "k"]).unwrap();
+        let c = cli.vm_config();
+        assert_eq!(c.memory.size, 512 * MIB);
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.cmdline, "console=ttyS0 panic=-1");
+        assert_eq!(c.serial, SerialConfig::Stdio);
+        assert!(c.balloon.is_none() && c.api_socket.is_none() && c.initramfs.is_none());
+        assert_eq!(cli.log_level, tracing::Level::WARN);
+    }
+
+    #[test]
+    fn all_options() {
+        let cli = Cli::try_parse_from([
+            "ebb",
+            "--kernel",
+            "k",
+            "--initramfs",
+            "i",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--memory",
+            "5G",
+            "--cpus",
+            "2",
+            "--balloon",
+            "size=1G,deflate_on_oom=on",
+            "--api-socket",
+            "/tmp/a.sock",
+            "--serial",
+            "file=/tmp/s",
+            "--log-level",
+            "debug",
+        ])
+        .unwrap();
+        let c = cli.vm_config();
+        assert_eq!(c.memory.size, 5 * GIB);
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.balloon.unwrap().size, GIB);
+        assert_eq!(c.serial, SerialConfig::File("/tmp/s".into()));
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_reason() {
+        let e = Cli::try_parse_from(["ebb", "--kernel", "k", "--memory", "lots"]).unwrap_err();
+        assert!(e.to_string().contains("invalid size 'lots'"), "{e}");
+        assert!(Cli::try_parse_from(["ebb", "--kernel", "k", "--cpus", "-1"]).is_err());
+        assert!(Cli::try_parse_from(["ebb"]).is_err());
+        assert!(Cli::try_parse_from(["ebb", "--kernel", "k", "--serial", "tty"]).is_err());
+    }
+}

@@ -1,0 +1,330 @@
+//! Builds a VM from a [`VmConfig`] and runs it until it stops.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use ebb_devices::acpi_pm::{self, AcpiPm};
+use ebb_devices::bus::{lock, Bus, BusError};
+use ebb_devices::exit::{ExitSignal, VmExit};
+use ebb_devices::i8042::{self, I8042};
+use ebb_devices::serial::{self, SerialDevice, SerialOutput};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::acpi::{self, AcpiError, MmioDeviceInfo};
+use crate::boot::{self, BootError, BootSetup};
+use crate::config::{format_size, SerialConfig, VmConfig};
+use crate::console::ConsoleInput;
+use crate::cpu::{self, CpuError};
+use crate::host::{self, HostError};
+use crate::layout;
+use crate::memory::{GuestRam, MemoryError};
+use crate::signals::SignalWatcher;
+use crate::vcpu::Vcpu;
+
+/// Anything that stops a VM from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The host cannot run guests.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// Kernel, initramfs or command line problems.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Guest RAM could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// vCPU setup failed.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// The configuration is not valid for this host.
+    #[error("{0}")]
+    Config(String),
+    /// A KVM call failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// A host I/O operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// The operation.
+        what: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// Device wiring failed.
+    #[error("device setup: {0}")]
+    Bus(#[from] BusError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> VmError {
+    let what = what.into();
+    move |source| VmError::Io { what, source }
+}
+
+/// Checks what can be checked without KVM, in the order a user would fix things:
+/// features not yet available, the kernel, the initramfs, memory against their needs.
+pub fn validate(config: &VmConfig) -> Result<(boot::KernelInfo, Option<(File, u64)>), VmError> {
+    if config.balloon.is_some() {
+        return Err(VmError::Config(
+            "--balloon is not available yet: the virtio-balloon device is not implemented in \
+             this version of Ebb"
+                .into(),
+        ));
+    }
+    if config.api_socket.is_some() {
+        return Err(VmError::Config(
+            "--api-socket is not available yet: the REST API is not implemented in this \
+             version of Ebb"
+                .into(),
+        ));
+    }
+    if config.cpus == 0 {
+        return Err(VmError::Config("--cpus must be at least 1".into()));
+    }
+    let kernel = boot::inspect_kernel(&config.kernel)?;
+    let initramfs = match &config.initramfs {
+        Some(p) => Some(boot::open_initramfs(p)?),
+        None => None,
+    };
+    boot::check_memory(
+        &kernel,
+        initramfs.as_ref().map(|(_, s)| *s).unwrap_or(0),
+        config.memory.size,
+    )?;
+    Ok((kernel, initramfs))
+}
+
+/// The most vCPUs Ebb describes: xAPIC IDs in the MADT are one byte.
+const MAX_XAPIC_CPUS: u32 = 255;
+
+fn check_host_limits(
+    kvm: &Kvm,
+    config: &VmConfig,
+    supported: &kvm_bindings::CpuId,
+) -> Result<(), VmError> {
+    let max = host::max_vcpus(kvm).min(MAX_XAPIC_CPUS);
+    if config.cpus > max {
+        return Err(VmError::Config(format!(
+            "--cpus {} is more than this host allows: at most {max} vCPUs (KVM_CAP_MAX_VCPUS{})",
+            config.cpus,
+            if host::max_vcpus(kvm) > MAX_XAPIC_CPUS {
+                ", capped at 255 by xAPIC IDs"
+            } else {
+                ""
+            }
+        )));
+    }
+    let bits = cpu::phys_address_bits(supported);
+    let limit = 1u64 << bits;
+    let end = layout::ram_end(config.memory.size);
+    if end > limit {
+        // RAM above 4 GiB starts past the hole, so the guest can have limit - 1 GiB.
+        let max_mem = limit.saturating_sub(layout::MMIO_HOLE_END - layout::MMIO_HOLE_START);
+        return Err(VmError::Config(format!(
+            "--memory {} is more than this host can address: guest physical addresses are \
+             limited to {bits} bits, which allows at most {} of guest memory",
+            format_size(config.memory.size),
+            format_size(max_mem)
+        )));
+    }
+    Ok(())
+}
+
+/// Wakes the event loop when a stop is requested.
+struct ExitWatcher(Arc<ExitSignal>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
+            tracing::error!("cannot watch for VM exit: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.event().read();
+    }
+}
+
+fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    for (slot, (gpa, size, host)) in ram.slots().into_iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: gpa.0,
+            memory_size: size,
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: the host range is guest RAM, mapped for the life of the process and
+        // not used for anything else.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(vm)
+}
+
+/// Builds the VM, runs it until it stops, and returns why it stopped.
+pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
+    let (kernel, initramfs) = validate(config)?;
+
+    let kvm = host::open_kvm()?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    check_host_limits(&kvm, config, &supported)?;
+
+    let ram = GuestRam::new(&config.memory)?;
+    tracing::info!(
+        "guest RAM: {} at host {:#x}",
+        format_size(ram.size()),
+        ram.host_start()
+    );
+    let vm = create_vm(&kvm, &ram)?;
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
+
+    // Legacy devices on the port I/O bus.
+    let mut io_bus = Bus::new();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+    vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    let serial_output = match &config.serial {
+        SerialConfig::Stdio => SerialOutput::Stdout,
+        SerialConfig::File(path) => SerialOutput::File(File::create(path).map_err(io_err(
+            format!("cannot open serial output file '{}'", path.display()),
+        ))?),
+        SerialConfig::Off => SerialOutput::Sink,
+    };
+    let (serial_dev, serial_drained) =
+        SerialDevice::new(serial_irq, serial_output).map_err(io_err("creating the serial port"))?;
+    let serial_dev = Arc::new(Mutex::new(serial_dev));
+    io_bus.insert(
+        serial_dev.clone(),
+        u64::from(serial::COM1_PORT),
+        u64::from(serial::COM1_PORT_LEN),
+    )?;
+    for port in [i8042::I8042_DATA_PORT, i8042::I8042_COMMAND_PORT] {
+        io_bus.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone(), port))),
+            u64::from(port),
+            1,
+        )?;
+    }
+    io_bus.insert(
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        u64::from(acpi_pm::PM_PORT_BASE),
+        u64::from(acpi_pm::PM_PORT_LEN),
+    )?;
+    let mmio_bus = Bus::new();
+    let mmio_devices: Vec<MmioDeviceInfo> = Vec::new();
+
+    // Boot structures.
+    let rsdp = acpi::write_tables(ram.memory(), config.cpus, &mmio_devices)?;
+    let virtio_cmdline: Vec<String> = mmio_devices
+        .iter()
+        .map(|d| {
+            format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                d.size / 1024,
+                d.base,
+                d.irq
+            )
+        })
+        .collect();
+    let cmdline = boot::build_cmdline(&config.cmdline, &virtio_cmdline, kernel.cmdline_max)?;
+    let entry = boot::load(
+        ram.memory(),
+        BootSetup {
+            kernel: &kernel,
+            initramfs,
+            cmdline: &cmdline,
+            memory_bytes: ram.size(),
+            rsdp,
+        },
+    )?;
+    tracing::info!("kernel entry: {entry:x?}");
+
+    // vCPUs: all get CPUID/MSRs/LAPIC; the boot vCPU also gets registers. The others wait
+    // for the guest's INIT/SIPI in the in-kernel LAPIC.
+    let io_bus = Arc::new(io_bus);
+    let mmio_bus = Arc::new(mmio_bus);
+    let mut vcpus = Vec::new();
+    for id in 0..config.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        cpu::configure_vcpu(&fd, id, config.cpus, &supported)?;
+        if id == 0 {
+            cpu::configure_boot_vcpu(&fd, ram.memory(), entry)?;
+        }
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            io_bus: io_bus.clone(),
+            mmio_bus: mmio_bus.clone(),
+            exit: exit.clone(),
+        });
+    }
+
+    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
+        .map_err(|e| VmError::Io {
+            what: "creating the event loop".into(),
+            source: io::Error::other(format!("{e:?}")),
+        })?;
+    events.add_subscriber(Box::new(ExitWatcher(exit.clone())));
+    events.add_subscriber(Box::new(SignalWatcher::new(signal_fd, exit.clone())));
+    if config.serial == SerialConfig::Stdio {
+        events.add_subscriber(Box::new(ConsoleInput::new(
+            serial_dev.clone(),
+            serial_drained,
+        )));
+    }
+
+    for vcpu in vcpus {
+        let name = format!("vcpu{}", vcpu.id);
+        thread::Builder::new()
+            .name(name)
+            .spawn(move || vcpu.run())
+            .map_err(io_err("starting a vCPU thread"))?;
+    }
+
+    while !exit.is_requested() {
+        if let Err(e) = events.run() {
+            tracing::warn!("event loop: {e:?}");
+        }
+    }
+    lock(&serial_dev).flush();
+    // Guest RAM is never unmapped, so vCPU threads still in KVM_RUN stay safe until the
+    // process exits.
+    Ok(exit.reason().unwrap_or(VmExit::Stopped("unknown".into())))
+}
