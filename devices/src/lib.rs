@@ -9,3 +9,4 @@ pub mod bus;
 pub mod exit;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
