@@ -1,1 +1,15 @@
-//! Ebb test host harness.
+//! Ebb test host harness, end-to-end scenarios and benchmarks.
+//!
+//! - [`testhost`]: runs a scenario command on a host that can boot stock Linux guests:
+//!   directly on an ordinary KVM host, or inside a nested emulated test host (QEMU TCG
+//!   with SVM) where `/dev/kvm` is PVM or absent.
+//! - [`guest`]: runs inside a scenario; spawns a VMM (Ebb or QEMU as the peer) with the
+//!   default guest and drives it over its serial console (resources/GUEST-PROTOCOL.md).
+//! - [`procfs`]: memory readings from /proc without forking.
+//! - [`paths`]: where the repository, the cargo target directory and the cache are.
+
+pub mod guest;
+pub mod paths;
+pub mod procfs;
+pub mod testhost;
+mod text;

@@ -1,0 +1,390 @@
+//! Scenario runner: the command the integration tests run through `ebb_tests::testhost`
+//! (directly on a KVM host, or inside the nested test host).
+//!
+//! ```text
+//! ebb-scenario [--json] <name> [key=value ...]
+//! ebb-scenario [--json] batch <name>[:key=value...] ...   several scenarios, one L1 boot
+//! ebb-scenario list
+//! ```
+//! Each scenario prints one result line on stdout: with `--json` a JSON object
+//! `{"scenario","ok","ms","host","data"[,"error"]}`, else a readable summary. Progress
+//! goes to stderr. The exit status is 0 when every scenario passed, 1 otherwise, 2 on
+//! usage errors. Missing pieces (guest artifacts, the ebb binary, QEMU, /dev/kvm) fail
+//! the scenario with a message saying how to get them; nothing is skipped.
+//!
+//! To add a scenario: write `fn name(ctx: &Ctx, args: &Args) -> Result<Value, String>`
+//! and list it in [`SCENARIOS`].
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use ebb_tests::guest::{BalloonConfig, GuestArtifacts, GuestConfig, GuestVm, VmmKind};
+use ebb_tests::{paths, procfs, testhost};
+use serde_json::{json, Value};
+
+/// What every scenario gets.
+struct Ctx {
+    /// `direct`, `nested`, or `unknown` (not started through the harness).
+    host: String,
+}
+
+/// `key=value` arguments of one scenario.
+struct Args(BTreeMap<String, String>);
+
+impl Args {
+    fn parse(items: &[String]) -> Result<Args, String> {
+        let mut map = BTreeMap::new();
+        for item in items {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("argument {item:?} is not key=value"))?;
+            map.insert(k.to_string(), v.to_string());
+        }
+        Ok(Args(map))
+    }
+
+    fn get<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, String> {
+        match self.0.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("bad value {v:?} for argument {key}")),
+        }
+    }
+
+    fn check_known(&self, known: &[&str]) -> Result<(), String> {
+        match self.0.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(format!(
+                "unknown argument {k:?} (known: {})",
+                known.join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+type ScenarioFn = fn(&Ctx, &Args) -> Result<Value, String>;
+
+/// The scenarios: name, description, function.
+const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
+    (
+        "smoke-shell",
+        "KVM and CPU facts of the host the scenarios run on (proves the test host works)",
+        smoke_shell,
+    ),
+    (
+        "qemu-boot",
+        "boots the default guest under QEMU/KVM, waits for EBB-READY, runs meminfo and \
+         balloon, powers off; timed (args: memory_mib=512 cpus=1 ready_timeout_s=300)",
+        qemu_boot,
+    ),
+];
+
+fn progress(msg: &str) {
+    eprintln!("[ebb-scenario] {msg}");
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+// ---------------------------------------------------------------------------------------
+// smoke-shell
+
+const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+
+fn kvm_api_version() -> Result<i32, String> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("open /dev/kvm: {e}"))?;
+    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns a value.
+    let v = unsafe { libc::ioctl(f.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+    if v < 0 {
+        return Err(format!(
+            "KVM_GET_API_VERSION: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(v)
+}
+
+fn read_trim(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn smoke_shell(ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    args.check_known(&[])?;
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").map_err(|e| e.to_string())?;
+    let count_flag = |flag: &str| {
+        cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .filter(|l| l.split_whitespace().any(|w| w == flag))
+            .count()
+    };
+    let svm = count_flag("svm");
+    let vmx = count_flag("vmx");
+    let kvm_modules: Vec<String> = ["kvm", "kvm_amd", "kvm_intel", "kvm_pvm"]
+        .iter()
+        .filter(|m| Path::new(&format!("/sys/module/{m}")).exists())
+        .map(|m| m.to_string())
+        .collect();
+    let pvm = kvm_modules.iter().any(|m| m == "kvm_pvm");
+    let dev_kvm = Path::new("/dev/kvm").exists();
+    let api = kvm_api_version();
+    let npt = read_trim("/sys/module/kvm_amd/parameters/npt")
+        .or_else(|| read_trim("/sys/module/kvm_intel/parameters/ept"));
+    let cache = paths::cache_dir();
+    let tmp_writable = tempfile_probe();
+    let online = read_trim("/sys/devices/system/cpu/online");
+    let data = json!({
+        "host": ctx.host,
+        "kernel": read_trim("/proc/sys/kernel/osrelease"),
+        "dev_kvm": dev_kvm,
+        "kvm_api_version": api.as_ref().ok(),
+        "kvm_api_error": api.as_ref().err(),
+        "cpu_svm": svm,
+        "cpu_vmx": vmx,
+        "kvm_modules": kvm_modules,
+        "kvm_pvm": pvm,
+        "npt_or_ept": npt,
+        "cpus_online": online,
+        "mem_total_kib": procfs::meminfo_kib("MemTotal").ok(),
+        "mem_available_kib": procfs::host_mem_available_kib().ok(),
+        "uptime_s": read_trim("/proc/uptime")
+            .and_then(|u| u.split_whitespace().next().and_then(|v| v.parse::<f64>().ok())),
+        "cache_dir": cache,
+        "cache_dir_exists": cache.is_dir(),
+        "guest_built": GuestArtifacts::locate().is_ok(),
+        "tmp_writable": tmp_writable,
+    });
+    let mut problems = Vec::new();
+    if !dev_kvm {
+        problems.push("/dev/kvm absent".to_string());
+    }
+    if let Err(e) = &api {
+        problems.push(e.clone());
+    } else if api != Ok(12) {
+        problems.push(format!("unexpected KVM API version {api:?}"));
+    }
+    if svm == 0 && vmx == 0 {
+        problems.push("no svm/vmx in /proc/cpuinfo".into());
+    }
+    if pvm {
+        problems.push("kvm_pvm is loaded: this /dev/kvm cannot boot stock Linux guests".into());
+    }
+    if !tmp_writable {
+        problems.push("/tmp is not writable".into());
+    }
+    if problems.is_empty() {
+        Ok(data)
+    } else {
+        Err(format!("{} (facts: {data})", problems.join("; ")))
+    }
+}
+
+fn tempfile_probe() -> bool {
+    let p = std::env::temp_dir().join(format!("ebb-scenario-probe-{}", std::process::id()));
+    let ok = std::fs::write(&p, b"x").is_ok();
+    let _ = std::fs::remove_file(&p);
+    ok
+}
+
+// ---------------------------------------------------------------------------------------
+// qemu-boot
+
+fn qemu_boot(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    args.check_known(&["memory_mib", "cpus", "ready_timeout_s"])?;
+    let memory_mib: u64 = args.get("memory_mib", 512)?;
+    let cpus: u32 = args.get("cpus", 1)?;
+    let ready_timeout = Duration::from_secs(args.get("ready_timeout_s", 300)?);
+    let cmd_timeout = Duration::from_secs(120);
+    let artifacts = GuestArtifacts::locate().map_err(|e| e.to_string())?;
+    let config = GuestConfig {
+        memory_mib,
+        cpus,
+        balloon: Some(BalloonConfig {
+            size_mib: 0,
+            deflate_on_oom: true,
+            free_page_reporting: true,
+            stats_interval: 0,
+        }),
+        ..GuestConfig::default()
+    };
+    let t0 = Instant::now();
+    progress(&format!(
+        "qemu-boot: starting QEMU ({memory_mib} MiB, {cpus} vCPU)"
+    ));
+    let mut vm =
+        GuestVm::spawn_with(VmmKind::Qemu, &config, &artifacts).map_err(|e| e.to_string())?;
+    let ready = vm.wait_ready(ready_timeout).map_err(|e| e.to_string())?;
+    progress(&format!(
+        "qemu-boot: EBB-READY after {:.1} s: {}",
+        ready.elapsed.as_secs_f64(),
+        ready.line
+    ));
+    let t_cmd = Instant::now();
+    let meminfo = vm
+        .command_ok("meminfo", cmd_timeout)
+        .map_err(|e| e.to_string())?;
+    let meminfo_ms = ms(t_cmd.elapsed());
+    let balloon = vm
+        .command_ok("balloon", cmd_timeout)
+        .map_err(|e| e.to_string())?;
+    let ram_rss = vm.guest_ram_rss_kib().map_err(|e| {
+        format!(
+            "reading the guest RAM mapping of QEMU: {e}\n{}",
+            vm.diagnostics()
+        )
+    })?;
+    let proc_rss = vm.process_rss_kib().map_err(|e| e.to_string())?;
+    let t_off = Instant::now();
+    let exit = vm.poweroff(cmd_timeout).map_err(|e| e.to_string())?;
+    let poweroff_ms = ms(t_off.elapsed());
+    if !exit.status.success() {
+        return Err(format!(
+            "QEMU exited with {} after poweroff\n{}",
+            exit.status,
+            vm.diagnostics()
+        ));
+    }
+    let mem_total_kib = meminfo["mem_total_kib"].as_u64().unwrap_or(0);
+    // The kernel keeps some memory for itself: MemTotal is below the RAM size but not by
+    // much for a small guest.
+    let ram_kib = memory_mib * 1024;
+    if mem_total_kib == 0 || mem_total_kib > ram_kib || mem_total_kib < ram_kib * 7 / 10 {
+        return Err(format!(
+            "MemTotal {mem_total_kib} KiB is not plausible for {memory_mib} MiB of RAM: {meminfo}"
+        ));
+    }
+    Ok(json!({
+        "vmm": "qemu",
+        "argv": vm.argv(),
+        "kernel": ready.kernel,
+        "ready_ms": ms(ready.elapsed),
+        "ready_line": ready.line,
+        "cpus": ready.cpus,
+        "memtotal_kib_ready": ready.memtotal_kib,
+        "balloon_ready": ready.balloon,
+        "meminfo": meminfo,
+        "meminfo_ms": meminfo_ms,
+        "balloon": balloon,
+        "guest_ram_rss_kib": ram_rss,
+        "process_rss_kib": proc_rss,
+        "poweroff_ms": poweroff_ms,
+        "exit_status": exit.status.code(),
+        "total_ms": ms(t0.elapsed()),
+        "malformed_lines": vm.malformed_lines(),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn usage() -> String {
+    let mut s = String::from(
+        "usage: ebb-scenario [--json] <name> [key=value ...]\n       \
+         ebb-scenario [--json] batch <name>[:key=value...] ...\n       \
+         ebb-scenario list\nscenarios:\n",
+    );
+    for (name, help, _) in SCENARIOS {
+        s.push_str(&format!("  {name:<12} {help}\n"));
+    }
+    s
+}
+
+fn run_one(ctx: &Ctx, name: &str, args: &[String], json_out: bool) -> bool {
+    let started = Instant::now();
+    let result = match SCENARIOS.iter().find(|(n, _, _)| *n == name) {
+        None => Err(format!("unknown scenario {name:?}\n{}", usage())),
+        Some((_, _, f)) => match Args::parse(args) {
+            Err(e) => Err(e),
+            Ok(args) => {
+                progress(&format!("{name}: start"));
+                std::panic::catch_unwind(|| f(ctx, &args)).unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into());
+                    Err(format!("scenario panicked: {msg}"))
+                })
+            }
+        },
+    };
+    let elapsed = ms(started.elapsed());
+    let ok = result.is_ok();
+    let mut line = json!({
+        "scenario": name,
+        "ok": ok,
+        "ms": elapsed,
+        "host": ctx.host,
+    });
+    match result {
+        Ok(data) => line["data"] = data,
+        Err(e) => {
+            progress(&format!("{name}: FAILED: {e}"));
+            line["error"] = Value::String(e);
+        }
+    }
+    if json_out {
+        println!("{line}");
+    } else if ok {
+        println!("{name}: ok in {elapsed} ms: {}", line["data"]);
+    } else {
+        println!("{name}: FAILED in {elapsed} ms: {}", line["error"]);
+    }
+    ok
+}
+
+fn main() -> ExitCode {
+    let mut json_out = false;
+    let mut rest: Vec<String> = Vec::new();
+    for a in std::env::args().skip(1) {
+        if a == "--json" {
+            json_out = true;
+        } else {
+            rest.push(a);
+        }
+    }
+    let ctx = Ctx {
+        host: std::env::var(testhost::ENV_SCENARIO_HOST).unwrap_or_else(|_| "unknown".into()),
+    };
+    let Some(first) = rest.first() else {
+        eprint!("{}", usage());
+        return ExitCode::from(2);
+    };
+    let all_ok = match first.as_str() {
+        "list" | "--help" | "-h" | "help" => {
+            print!("{}", usage());
+            true
+        }
+        "batch" => {
+            if rest.len() < 2 {
+                eprint!("batch needs scenario names\n{}", usage());
+                return ExitCode::from(2);
+            }
+            let mut all = true;
+            for item in &rest[1..] {
+                let mut parts = item.split(':').map(String::from);
+                let name = parts.next().unwrap_or_default();
+                let args: Vec<String> = parts.collect();
+                all &= run_one(&ctx, &name, &args, json_out);
+            }
+            all
+        }
+        name => run_one(&ctx, name, &rest[1..], json_out),
+    };
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,947 @@
+//! Spawns a VMM (Ebb, or QEMU as the peer) with the default guest and drives it over its
+//! serial console, following resources/GUEST-PROTOCOL.md.
+//!
+//! Runs INSIDE a scenario: on a host with ordinary KVM, directly or in the nested test host
+//! (see [`crate::testhost`]). The VMM's stdin/stdout are the guest's serial console; a
+//! reader thread keeps the transcript and parses `EBB-READY`, `EBB-RESULT <json>` and
+//! `EBB-EVENT <json>` lines.
+//!
+//! Set `EBB_GUEST_ECHO=1` to copy the console to stderr as it arrives (prefixed
+//! `[guest] `), which shows a stuck guest live on the test host's console.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::paths;
+use crate::procfs;
+use crate::text::{indent, tail};
+
+/// The command line every guest gets before [`GuestConfig::cmdline_extra`].
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
+/// Lines of transcript/stderr in error messages.
+const TAIL_LINES: usize = 40;
+
+/// Failures to start or drive a guest. Every message says what happened and, for missing
+/// pieces, how to get them.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// Something needed is missing (artifact, binary, /dev/kvm).
+    #[error("{0}")]
+    Missing(String),
+    /// The configuration asks for something this VMM kind cannot do (yet).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The VMM could not be started.
+    #[error("{0}")]
+    Spawn(String),
+    /// The guest did not do what was expected in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The VMM exited while something was expected from the guest.
+    #[error("{0}")]
+    Exited(String),
+    /// The guest answered, but not as expected (a command with `ok: false`, ...).
+    #[error("{0}")]
+    Protocol(String),
+    /// Talking to the VMM failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+pub type Result<T> = std::result::Result<T, GuestError>;
+
+/// The default guest built by resources/build-guest.sh in `$EBB_CACHE_DIR/guest/`.
+#[derive(Debug, Clone)]
+pub struct GuestArtifacts {
+    pub dir: PathBuf,
+    /// The stock Debian bzImage.
+    pub vmlinuz: PathBuf,
+    /// The ELF kernel (PVH entry), when present.
+    pub vmlinux: Option<PathBuf>,
+    pub initramfs: PathBuf,
+    /// The kernel release, when recorded.
+    pub kver: Option<String>,
+}
+
+impl GuestArtifacts {
+    /// Finds the default guest; fails with instructions when it is not built.
+    pub fn locate() -> Result<Self> {
+        Self::in_dir(&paths::cache_dir().join("guest"))
+    }
+
+    pub fn in_dir(dir: &Path) -> Result<Self> {
+        let how = "build it with `resources/build-guest.sh` on the outer machine (inside the \
+                   nested test host the cache is a read-only view, so build before running \
+                   scenarios there)";
+        let vmlinuz = dir.join("vmlinuz");
+        let initramfs = dir.join("initramfs.cpio.gz");
+        for p in [&vmlinuz, &initramfs] {
+            if !p.is_file() {
+                return Err(GuestError::Missing(format!(
+                    "the default guest is not built: {} is missing; {how}",
+                    p.display()
+                )));
+            }
+        }
+        let vmlinux = Some(dir.join("vmlinux")).filter(|p| p.is_file());
+        let kver = std::fs::read_to_string(dir.join("kver"))
+            .ok()
+            .map(|s| s.trim().to_string());
+        Ok(GuestArtifacts {
+            dir: dir.to_path_buf(),
+            vmlinuz,
+            vmlinux,
+            initramfs,
+            kver,
+        })
+    }
+}
+
+/// Which VMM runs the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmKind {
+    /// Ebb, from this binary.
+    Ebb { binary: PathBuf },
+    /// QEMU (`qemu-system-x86_64 -M microvm,acpi=on -accel kvm`), the peer.
+    Qemu,
+}
+
+impl VmmKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            VmmKind::Ebb { .. } => "ebb",
+            VmmKind::Qemu => "qemu",
+        }
+    }
+}
+
+/// The guest kernel image to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelImage {
+    /// The default guest's bzImage.
+    BzImage,
+    /// The default guest's ELF vmlinux (PVH entry: nothing to decompress, which saves
+    /// ~10 s per boot in the emulated test host).
+    Elf,
+    /// A kernel of your own.
+    Path(PathBuf),
+}
+
+/// The balloon device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Initial balloon target (MiB).
+    pub size_mib: u64,
+    pub deflate_on_oom: bool,
+    pub free_page_reporting: bool,
+    /// Seconds between statistics requests; 0: none.
+    pub stats_interval: u32,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig {
+            size_mib: 0,
+            deflate_on_oom: true,
+            free_page_reporting: true,
+            stats_interval: 0,
+        }
+    }
+}
+
+/// A guest to spawn.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    pub memory_mib: u64,
+    pub cpus: u32,
+    /// Appended to [`BASE_CMDLINE`] (and `quiet` when [`GuestConfig::quiet`]).
+    pub cmdline_extra: String,
+    /// Adds `quiet` to the command line. Every console byte is a costly exit in the
+    /// emulated test host; the kernel still prints warnings and errors.
+    pub quiet: bool,
+    pub balloon: Option<BalloonConfig>,
+    /// Appended to the VMM's command line.
+    pub extra_args: Vec<String>,
+    /// `None`: the ELF kernel for QEMU (when built), the bzImage for Ebb.
+    pub kernel: Option<KernelImage>,
+    /// `None`: the default guest's initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Copy the console to stderr as it arrives. Default: `EBB_GUEST_ECHO` is set to
+    /// something other than `0`.
+    pub echo_console: bool,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            memory_mib: 512,
+            cpus: 1,
+            cmdline_extra: String::new(),
+            quiet: true,
+            balloon: None,
+            extra_args: Vec::new(),
+            kernel: None,
+            initramfs: None,
+            echo_console: std::env::var("EBB_GUEST_ECHO").is_ok_and(|v| !v.is_empty() && v != "0"),
+        }
+    }
+}
+
+impl GuestConfig {
+    /// The kernel command line this configuration gives the guest.
+    pub fn cmdline(&self) -> String {
+        let mut c = BASE_CMDLINE.to_string();
+        if self.quiet {
+            c.push_str(" quiet");
+        }
+        if !self.cmdline_extra.trim().is_empty() {
+            c.push(' ');
+            c.push_str(self.cmdline_extra.trim());
+        }
+        c
+    }
+}
+
+/// Finds the Ebb binary: `EBB_BINARY` when set, else `ebb` next to the running executable
+/// (`target/<profile>/ebb`).
+pub fn find_ebb_binary() -> Result<PathBuf> {
+    let path = match std::env::var_os("EBB_BINARY") {
+        Some(p) => PathBuf::from(p),
+        None => paths::profile_dir()
+            .ok_or_else(|| GuestError::Missing("cannot locate the running executable".into()))?
+            .join("ebb"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(GuestError::Missing(format!(
+            "the ebb binary {} is missing: build it with `cargo build -p ebb-vmm --bin ebb` \
+             (the same profile as this program), or point EBB_BINARY at it",
+            path.display()
+        )))
+    }
+}
+
+/// Finds qemu-system-x86_64 on PATH.
+pub fn find_qemu() -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            GuestError::Missing(
+                "qemu-system-x86_64 is not installed: install Debian's qemu-system-x86 \
+                 (`apt-get install qemu-system-x86`, or `ensure_packages qemu-system-x86` \
+                 from resources/common.sh) on the outer machine"
+                    .into(),
+            )
+        })
+}
+
+fn check_kvm() -> Result<()> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) => Err(GuestError::Missing(format!(
+            "/dev/kvm is not usable ({e}): run this through ebb_tests::testhost, which uses \
+             the nested test host on machines without hardware KVM"
+        ))),
+    }
+}
+
+/// The full command (program and arguments) for `kind` and `config`.
+pub fn vmm_command(
+    kind: &VmmKind,
+    config: &GuestConfig,
+    artifacts: &GuestArtifacts,
+) -> Result<Vec<String>> {
+    let kernel = match config.kernel.clone().unwrap_or(match kind {
+        VmmKind::Qemu if artifacts.vmlinux.is_some() => KernelImage::Elf,
+        _ => KernelImage::BzImage,
+    }) {
+        KernelImage::BzImage => artifacts.vmlinuz.clone(),
+        KernelImage::Elf => artifacts.vmlinux.clone().ok_or_else(|| {
+            GuestError::Missing(format!(
+                "no vmlinux in {}: rebuild the guest with resources/build-guest.sh",
+                artifacts.dir.display()
+            ))
+        })?,
+        KernelImage::Path(p) => p,
+    };
+    let initramfs = config
+        .initramfs
+        .clone()
+        .unwrap_or_else(|| artifacts.initramfs.clone());
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let onoff = |b: bool| if b { "on" } else { "off" };
+    let mut argv: Vec<String> = Vec::new();
+    match kind {
+        VmmKind::Ebb { binary } => {
+            argv.push(s(binary));
+            argv.extend(["--kernel".into(), s(&kernel)]);
+            argv.extend(["--initramfs".into(), s(&initramfs)]);
+            argv.extend(["--cmdline".into(), config.cmdline()]);
+            argv.extend(["--memory".into(), format!("{}M", config.memory_mib)]);
+            argv.extend(["--cpus".into(), config.cpus.to_string()]);
+            argv.extend(["--serial".into(), "stdio".into()]);
+            if let Some(b) = &config.balloon {
+                argv.push("--balloon".into());
+                argv.push(format!(
+                    "size={}M,deflate_on_oom={},free_page_reporting={},stats_interval={}",
+                    b.size_mib,
+                    onoff(b.deflate_on_oom),
+                    onoff(b.free_page_reporting),
+                    b.stats_interval
+                ));
+            }
+        }
+        VmmKind::Qemu => {
+            argv.push(s(&find_qemu()?));
+            argv.extend(
+                [
+                    "-M",
+                    "microvm,acpi=on",
+                    "-accel",
+                    "kvm",
+                    "-cpu",
+                    "host",
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-display",
+                    "none",
+                    "-monitor",
+                    "none",
+                    "-serial",
+                    "stdio",
+                    "-no-reboot",
+                ]
+                .map(String::from),
+            );
+            argv.extend(["-m".into(), format!("{}M", config.memory_mib)]);
+            argv.extend(["-smp".into(), config.cpus.to_string()]);
+            argv.extend(["-kernel".into(), s(&kernel)]);
+            argv.extend(["-initrd".into(), s(&initramfs)]);
+            argv.extend(["-append".into(), config.cmdline()]);
+            if let Some(b) = &config.balloon {
+                if b.size_mib != 0 {
+                    return Err(GuestError::Unsupported(
+                        "an initial balloon size for QEMU needs QMP (`balloon` command), which \
+                         the harness does not drive yet"
+                            .into(),
+                    ));
+                }
+                let mut dev = format!(
+                    "virtio-balloon-device,free-page-reporting={},deflate-on-oom={}",
+                    onoff(b.free_page_reporting),
+                    onoff(b.deflate_on_oom)
+                );
+                if b.stats_interval != 0 {
+                    dev.push_str(&format!(
+                        ",guest-stats-polling-interval={}",
+                        b.stats_interval
+                    ));
+                }
+                argv.extend(["-device".into(), dev]);
+            }
+        }
+    }
+    argv.extend(config.extra_args.iter().cloned());
+    Ok(argv)
+}
+
+/// The `EBB-READY` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    /// From spawning the VMM to the line arriving.
+    pub elapsed: Duration,
+    pub line: String,
+    pub kernel: String,
+    pub cpus: u32,
+    pub memtotal_kib: u64,
+    pub balloon: bool,
+}
+
+impl Ready {
+    fn parse(line: &str, elapsed: Duration) -> Ready {
+        let mut r = Ready {
+            elapsed,
+            line: line.to_string(),
+            kernel: String::new(),
+            cpus: 0,
+            memtotal_kib: 0,
+            balloon: false,
+        };
+        for word in line.split_whitespace() {
+            match word.split_once('=') {
+                Some(("kernel", v)) => r.kernel = v.to_string(),
+                Some(("cpus", v)) => r.cpus = v.parse().unwrap_or(0),
+                Some(("memtotal_kib", v)) => r.memtotal_kib = v.parse().unwrap_or(0),
+                Some(("balloon", v)) => r.balloon = v == "yes",
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+/// How the VMM ended.
+#[derive(Debug, Clone)]
+pub struct GuestExit {
+    pub status: ExitStatus,
+    /// Everything the VMM wrote to stderr.
+    pub stderr: String,
+    /// From spawn to exit (as observed).
+    pub elapsed: Duration,
+}
+
+/// A marker line received from the guest, with its arrival time.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    pub value: Value,
+}
+
+#[derive(Default)]
+struct ConsoleState {
+    transcript: String,
+    partial: Vec<u8>,
+    ready: Option<Ready>,
+    results: Vec<Received>,
+    events: Vec<Received>,
+    malformed: Vec<String>,
+    stdout_eof: bool,
+    stderr: Vec<u8>,
+    stderr_eof: bool,
+}
+
+type Shared = Arc<(Mutex<ConsoleState>, Condvar)>;
+
+fn lock(shared: &Shared) -> MutexGuard<'_, ConsoleState> {
+    shared.0.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn handle_line(st: &mut ConsoleState, line: &str, spawned: Instant) {
+    let now = Instant::now();
+    if st.ready.is_none() {
+        if let Some(i) = line.find("EBB-READY") {
+            st.ready = Some(Ready::parse(&line[i..], now.duration_since(spawned)));
+            return;
+        }
+    }
+    for (marker, is_result) in [("EBB-RESULT ", true), ("EBB-EVENT ", false)] {
+        if let Some(i) = line.find(marker) {
+            let json = line[i + marker.len()..].trim();
+            match serde_json::from_str::<Value>(json) {
+                Ok(value) => {
+                    let r = Received { at: now, value };
+                    if is_result {
+                        st.results.push(r);
+                    } else {
+                        st.events.push(r);
+                    }
+                }
+                Err(_) => st.malformed.push(line.to_string()),
+            }
+            return;
+        }
+    }
+}
+
+fn console_reader(mut src: impl Read, shared: Shared, spawned: Instant, echo: bool) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = src.read(&mut buf).unwrap_or(0);
+        let mut st = lock(&shared);
+        if n == 0 {
+            if !st.partial.is_empty() {
+                let rest = String::from_utf8_lossy(&std::mem::take(&mut st.partial)).into_owned();
+                st.transcript.push_str(&rest);
+                handle_line(&mut st, rest.trim_end_matches('\r'), spawned);
+            }
+            st.stdout_eof = true;
+            shared.1.notify_all();
+            return;
+        }
+        st.partial.extend_from_slice(&buf[..n]);
+        while let Some(pos) = st.partial.iter().position(|&b| b == b'\n') {
+            let raw: Vec<u8> = st.partial.drain(..=pos).collect();
+            let text = String::from_utf8_lossy(&raw);
+            let line = text.trim_end_matches(['\n', '\r']).to_string();
+            st.transcript.push_str(&line);
+            st.transcript.push('\n');
+            if echo {
+                eprintln!("[guest] {line}");
+            }
+            handle_line(&mut st, &line, spawned);
+        }
+        shared.1.notify_all();
+    }
+}
+
+fn stderr_reader(mut src: impl Read, shared: Shared) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = src.read(&mut buf).unwrap_or(0);
+        let mut st = lock(&shared);
+        if n == 0 {
+            st.stderr_eof = true;
+            shared.1.notify_all();
+            return;
+        }
+        st.stderr.extend_from_slice(&buf[..n]);
+    }
+}
+
+enum WaitEnd {
+    Timeout,
+    Eof,
+}
+
+/// A running VMM with the default guest.
+pub struct GuestVm {
+    kind: VmmKind,
+    config: GuestConfig,
+    argv: Vec<String>,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    spawned: Instant,
+    shared: Shared,
+    exit: Option<(ExitStatus, Instant)>,
+}
+
+impl GuestVm {
+    /// Starts the VMM; time to ready counts from here.
+    pub fn spawn(kind: VmmKind, config: &GuestConfig) -> Result<GuestVm> {
+        let artifacts = GuestArtifacts::locate()?;
+        Self::spawn_with(kind, config, &artifacts)
+    }
+
+    /// Starts the VMM with explicit artifacts.
+    pub fn spawn_with(
+        kind: VmmKind,
+        config: &GuestConfig,
+        artifacts: &GuestArtifacts,
+    ) -> Result<GuestVm> {
+        if let VmmKind::Ebb { binary } = &kind {
+            if !binary.is_file() {
+                return Err(GuestError::Missing(format!(
+                    "the ebb binary {} is missing: build it with `cargo build -p ebb-vmm --bin ebb`",
+                    binary.display()
+                )));
+            }
+        }
+        check_kvm()?;
+        let argv = vmm_command(&kind, config, artifacts)?;
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let spawned = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| GuestError::Spawn(format!("spawning {argv:?}: {e}")))?;
+        let shared: Shared = Arc::new((Mutex::new(ConsoleState::default()), Condvar::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let echo = config.echo_console;
+        {
+            let shared = shared.clone();
+            thread::Builder::new()
+                .name("guest-console".into())
+                .spawn(move || console_reader(stdout, shared, spawned, echo))
+                .map_err(|e| GuestError::Spawn(format!("console reader thread: {e}")))?;
+        }
+        {
+            let shared = shared.clone();
+            thread::Builder::new()
+                .name("guest-stderr".into())
+                .spawn(move || stderr_reader(stderr, shared))
+                .map_err(|e| GuestError::Spawn(format!("stderr reader thread: {e}")))?;
+        }
+        let stdin = child.stdin.take();
+        Ok(GuestVm {
+            kind,
+            config: config.clone(),
+            argv,
+            child,
+            stdin,
+            spawned,
+            shared,
+            exit: None,
+        })
+    }
+
+    pub fn kind(&self) -> &VmmKind {
+        &self.kind
+    }
+
+    pub fn config(&self) -> &GuestConfig {
+        &self.config
+    }
+
+    /// The VMM's command line.
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// When the VMM was spawned.
+    pub fn spawned_at(&self) -> Instant {
+        self.spawned
+    }
+
+    /// Guest RAM size in bytes (the size of the VMM's guest RAM mapping).
+    pub fn memory_bytes(&self) -> u64 {
+        self.config.memory_mib << 20
+    }
+
+    fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut f: impl FnMut(&ConsoleState) -> Option<T>,
+    ) -> std::result::Result<T, WaitEnd> {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.shared);
+        loop {
+            if let Some(v) = f(&st) {
+                return Ok(v);
+            }
+            if st.stdout_eof {
+                return Err(WaitEnd::Eof);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(WaitEnd::Timeout);
+            }
+            st = self
+                .shared
+                .1
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The console transcript so far (lines without `\r`).
+    pub fn transcript(&self) -> String {
+        lock(&self.shared).transcript.clone()
+    }
+
+    /// What the VMM wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&lock(&self.shared).stderr).into_owned()
+    }
+
+    /// `EBB-EVENT` objects received so far.
+    pub fn events(&self) -> Vec<Received> {
+        lock(&self.shared).events.clone()
+    }
+
+    /// `EBB-RESULT` objects received so far.
+    pub fn results(&self) -> Vec<Received> {
+        lock(&self.shared).results.clone()
+    }
+
+    /// Marker lines whose JSON did not parse.
+    pub fn malformed_lines(&self) -> Vec<String> {
+        lock(&self.shared).malformed.clone()
+    }
+
+    /// A description of the VMM's state for error messages: exit status, console and
+    /// stderr tails.
+    pub fn diagnostics(&mut self) -> String {
+        let status = match self.try_exit_status() {
+            Some(st) => format!("exited with {st}"),
+            None => "still running".into(),
+        };
+        format!(
+            "{} (pid {}) {status}, {:.1} s after spawn\ncommand: {}\n--- console (tail) ---\n{}\n--- {} stderr (tail) ---\n{}",
+            self.kind.name(),
+            self.pid(),
+            self.spawned.elapsed().as_secs_f64(),
+            self.argv.join(" "),
+            indent(&tail(&self.transcript(), TAIL_LINES)),
+            self.kind.name(),
+            indent(&tail(&self.stderr_text(), TAIL_LINES)),
+        )
+    }
+
+    fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                self.exit = Some((st, Instant::now()));
+            }
+        }
+        self.exit.map(|e| e.0)
+    }
+
+    fn wait_error(&mut self, end: WaitEnd, what: &str, timeout: Duration) -> GuestError {
+        match end {
+            WaitEnd::Timeout => GuestError::Timeout(format!(
+                "{what}: nothing within {timeout:?}\n{}",
+                self.diagnostics()
+            )),
+            WaitEnd::Eof => {
+                // Let the exit status settle so the message can show it.
+                for _ in 0..50 {
+                    if self.try_exit_status().is_some() {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+                GuestError::Exited(format!(
+                    "{what}: the VMM closed the console\n{}",
+                    self.diagnostics()
+                ))
+            }
+        }
+    }
+
+    /// Waits for `EBB-READY`.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<Ready> {
+        match self.wait_for(timeout, |st| st.ready.clone()) {
+            Ok(r) => Ok(r),
+            Err(end) => Err(self.wait_error(end, "waiting for EBB-READY", timeout)),
+        }
+    }
+
+    /// Writes one line to the guest's console.
+    pub fn send_line(&mut self, line: &str) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| GuestError::Io("the console input is closed".into()))?;
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|_| stdin.flush())
+            .map_err(|e| GuestError::Io(format!("writing {line:?} to the console: {e}")))
+    }
+
+    /// Sends a protocol command and returns its `EBB-RESULT` object (the first result
+    /// with the same `cmd` after sending), whatever its `ok`.
+    pub fn command(&mut self, line: &str, timeout: Duration) -> Result<Value> {
+        let name = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let base = lock(&self.shared).results.len();
+        self.send_line(line)?;
+        let found = self.wait_for(timeout, |st| {
+            st.results[base..]
+                .iter()
+                .find(|r| r.value.get("cmd").and_then(Value::as_str) == Some(name.as_str()))
+                .map(|r| r.value.clone())
+        });
+        match found {
+            Ok(v) => Ok(v),
+            Err(end) => Err(self.wait_error(end, &format!("command `{line}`"), timeout)),
+        }
+    }
+
+    /// Like [`GuestVm::command`], but a result with `ok: false` is an error.
+    pub fn command_ok(&mut self, line: &str, timeout: Duration) -> Result<Value> {
+        let v = self.command(line, timeout)?;
+        if v.get("ok").and_then(Value::as_bool) == Some(true) {
+            Ok(v)
+        } else {
+            Err(GuestError::Protocol(format!(
+                "command `{line}` failed: {v}\n{}",
+                self.diagnostics()
+            )))
+        }
+    }
+
+    /// Waits for an `EBB-EVENT` whose `event` field is `name`, received at any time.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
+        let found = self.wait_for(timeout, |st| {
+            st.events
+                .iter()
+                .find(|r| r.value.get("event").and_then(Value::as_str) == Some(name))
+                .map(|r| r.value.clone())
+        });
+        match found {
+            Ok(v) => Ok(v),
+            Err(end) => Err(self.wait_error(end, &format!("event `{name}`"), timeout)),
+        }
+    }
+
+    /// Waits for the VMM to exit (it does not kill it on timeout).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<GuestExit> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.try_exit_status().is_some() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(GuestError::Timeout(format!(
+                    "waiting for the VMM to exit: still running after {timeout:?}\n{}",
+                    self.diagnostics()
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let (status, at) = self.exit.expect("exit recorded");
+        // The pipes close with the process (unless it left children holding them).
+        let _ = self.wait_for(Duration::from_secs(2), |st| {
+            (st.stdout_eof && st.stderr_eof).then_some(())
+        });
+        Ok(GuestExit {
+            status,
+            stderr: self.stderr_text(),
+            elapsed: at.duration_since(self.spawned),
+        })
+    }
+
+    /// Sends `poweroff`, checks its result and waits for the VMM to exit.
+    pub fn poweroff(&mut self, timeout: Duration) -> Result<GuestExit> {
+        let t0 = Instant::now();
+        self.command_ok("poweroff", timeout)?;
+        self.wait_exit(timeout.saturating_sub(t0.elapsed()))
+    }
+
+    /// Kills the VMM (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if self.try_exit_status().is_none() {
+            let _ = self.child.kill();
+            if let Ok(st) = self.child.wait() {
+                self.exit = Some((st, Instant::now()));
+            }
+        }
+    }
+
+    /// VmRSS of the VMM process (KiB).
+    pub fn process_rss_kib(&self) -> io::Result<u64> {
+        procfs::process_rss_kib(self.pid())
+    }
+
+    /// RSS of the guest RAM mapping (KiB); see [`procfs::guest_ram_rss_kib`].
+    pub fn guest_ram_rss_kib(&self) -> io::Result<u64> {
+        procfs::guest_ram_rss_kib(self.pid(), self.memory_bytes())
+    }
+}
+
+impl Drop for GuestVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn artifacts() -> GuestArtifacts {
+        GuestArtifacts {
+            dir: "/c/guest".into(),
+            vmlinuz: "/c/guest/vmlinuz".into(),
+            vmlinux: Some("/c/guest/vmlinux".into()),
+            initramfs: "/c/guest/initramfs.cpio.gz".into(),
+            kver: None,
+        }
+    }
+
+    #[test]
+    fn parses_markers() {
+        let mut st = ConsoleState::default();
+        let t = Instant::now();
+        handle_line(
+            &mut st,
+            "EBB-READY kernel=6.1.0-48-amd64 cpus=2 memtotal_kib=480000 balloon=yes",
+            t,
+        );
+        handle_line(
+            &mut st,
+            r#"EBB-RESULT {"cmd":"meminfo","ok":true,"mem_total_kib":1}"#,
+            t,
+        );
+        handle_line(
+            &mut st,
+            r#"[  1.0] noise EBB-EVENT {"event":"shutdown"}"#,
+            t,
+        );
+        handle_line(&mut st, "EBB-RESULT {broken", t);
+        let r = st.ready.unwrap();
+        assert_eq!(r.kernel, "6.1.0-48-amd64");
+        assert_eq!((r.cpus, r.memtotal_kib, r.balloon), (2, 480000, true));
+        assert_eq!(st.results[0].value["cmd"], "meminfo");
+        assert_eq!(st.events[0].value["event"], "shutdown");
+        assert_eq!(st.malformed.len(), 1);
+    }
+
+    #[test]
+    fn ebb_command_line() {
+        let cfg = GuestConfig {
+            memory_mib: 1024,
+            cpus: 2,
+            cmdline_extra: "ebb.run=touch:8".into(),
+            balloon: Some(BalloonConfig {
+                size_mib: 64,
+                deflate_on_oom: false,
+                free_page_reporting: true,
+                stats_interval: 2,
+            }),
+            ..GuestConfig::default()
+        };
+        let argv = vmm_command(
+            &VmmKind::Ebb {
+                binary: "/t/ebb".into(),
+            },
+            &cfg,
+            &artifacts(),
+        )
+        .unwrap();
+        assert_eq!(argv[0], "/t/ebb");
+        let joined = argv.join(" ");
+        assert!(joined.contains("--kernel /c/guest/vmlinuz"));
+        assert!(joined.contains("--memory 1024M --cpus 2 --serial stdio"));
+        assert!(joined.contains(
+            "--balloon size=64M,deflate_on_oom=off,free_page_reporting=on,stats_interval=2"
+        ));
+        let i = argv.iter().position(|a| a == "--cmdline").unwrap();
+        assert_eq!(argv[i + 1], "console=ttyS0 panic=-1 quiet ebb.run=touch:8");
+    }
+
+    #[test]
+    fn qemu_rejects_initial_balloon_size() {
+        let cfg = GuestConfig {
+            balloon: Some(BalloonConfig {
+                size_mib: 64,
+                ..BalloonConfig::default()
+            }),
+            ..GuestConfig::default()
+        };
+        if find_qemu().is_ok() {
+            assert!(matches!(
+                vmm_command(&VmmKind::Qemu, &cfg, &artifacts()),
+                Err(GuestError::Unsupported(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn missing_guest_says_how_to_build() {
+        let e = GuestArtifacts::in_dir(Path::new("/nonexistent/guest")).unwrap_err();
+        assert!(e.to_string().contains("build-guest.sh"), "{e}");
+    }
+}

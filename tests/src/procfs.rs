@@ -1,0 +1,179 @@
+//! Memory readings from /proc, read directly (no forking: a sampler that forks per sample
+//! lags by seconds inside the emulated test host).
+
+use std::io;
+
+fn read(path: &str) -> io::Result<String> {
+    std::fs::read_to_string(path).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+}
+
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+fn missing(what: &str, path: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("no {what} in {path}"))
+}
+
+/// Resident set size of a process (`VmRSS` of /proc/PID/status), in KiB.
+pub fn process_rss_kib(pid: u32) -> io::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    kib_field(&read(&path)?, "VmRSS").ok_or_else(|| missing("VmRSS", &path))
+}
+
+/// `MemAvailable` of /proc/meminfo, in KiB.
+pub fn host_mem_available_kib() -> io::Result<u64> {
+    let path = "/proc/meminfo";
+    kib_field(&read(path)?, "MemAvailable").ok_or_else(|| missing("MemAvailable", path))
+}
+
+/// A named field of /proc/meminfo (e.g. `MemTotal`), in KiB.
+pub fn meminfo_kib(key: &str) -> io::Result<u64> {
+    let path = "/proc/meminfo";
+    kib_field(&read(path)?, key).ok_or_else(|| missing(key, path))
+}
+
+/// One mapping of /proc/PID/smaps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    /// The path or pseudo-name (`[heap]`), empty for anonymous mappings.
+    pub name: String,
+    pub rss_kib: u64,
+}
+
+impl Mapping {
+    pub fn size_bytes(&self) -> u64 {
+        self.end - self.start
+    }
+}
+
+fn parse_header(line: &str) -> Option<Mapping> {
+    let mut fields = line.split_whitespace();
+    let range = fields.next()?;
+    let (start, end) = range.split_once('-')?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    let perms = fields.next()?;
+    if perms.len() != 4 {
+        return None;
+    }
+    let _offset = fields.next()?;
+    let _dev = fields.next()?;
+    let _inode = fields.next()?;
+    let name = fields.collect::<Vec<_>>().join(" ");
+    Some(Mapping {
+        start,
+        end,
+        perms: perms.to_string(),
+        name,
+        rss_kib: 0,
+    })
+}
+
+/// Parses the text of /proc/PID/smaps.
+pub fn parse_smaps(text: &str) -> Vec<Mapping> {
+    let mut maps: Vec<Mapping> = Vec::new();
+    for line in text.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            if let (Some(last), Some(kib)) = (
+                maps.last_mut(),
+                rss.split_whitespace().next().and_then(|v| v.parse().ok()),
+            ) {
+                last.rss_kib = kib;
+            }
+        } else if line.as_bytes().first().is_some_and(u8::is_ascii_hexdigit) && line.contains('-') {
+            // Field lines ("Size:", "Rss:", "VmFlags:") start with a letter that may be a
+            // hex digit too ("AnonHugePages"), but only headers have the range form.
+            if let Some(m) = parse_header(line) {
+                maps.push(m);
+            }
+        }
+    }
+    maps
+}
+
+/// The mappings of a process.
+pub fn smaps(pid: u32) -> io::Result<Vec<Mapping>> {
+    Ok(parse_smaps(&read(&format!("/proc/{pid}/smaps"))?))
+}
+
+/// RSS of a VMM's guest RAM, in KiB: the `Rss` of the writable private mapping whose
+/// size equals `memory_bytes` exactly.
+///
+/// Ebb maps guest RAM as ONE anonymous mapping of exactly `--memory` bytes. QEMU 7.2
+/// (`-M microvm`, `-m N`) was checked the same way: its RAM block is one anonymous
+/// `rw-p` mapping of exactly N MiB (for 512 MiB, 3.5 GiB and 5 GiB; `qemu_ram_mmap` puts
+/// a separate PROT_NONE guard page after it, so the block is not merged with neighbours);
+/// the only other mapping that large is TCG's code buffer (`rwxp`), absent under KVM.
+/// When several mappings match, the one with the largest RSS is taken.
+pub fn guest_ram_rss_kib(pid: u32, memory_bytes: u64) -> io::Result<u64> {
+    let maps = smaps(pid)?;
+    find_guest_ram(&maps, memory_bytes)
+        .map(|m| m.rss_kib)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "process {pid} has no rw private mapping of exactly {memory_bytes} bytes \
+                     (guest RAM)"
+                ),
+            )
+        })
+}
+
+/// The guest RAM mapping among `maps` (see [`guest_ram_rss_kib`]).
+pub fn find_guest_ram(maps: &[Mapping], memory_bytes: u64) -> Option<&Mapping> {
+    maps.iter()
+        .filter(|m| {
+            m.size_bytes() == memory_bytes && m.perms.starts_with("rw") && m.perms.ends_with('p')
+        })
+        .max_by_key(|m| m.rss_kib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+55d0c0a00000-55d0c0a21000 rw-p 00000000 00:00 0                          [heap]
+Size:                132 kB
+Rss:                  12 kB
+7fdd8fe00000-7fddafe00000 rw-p 00000000 00:00 0 
+Size:             524288 kB
+KernelPageSize:        4 kB
+Rss:              201234 kB
+AnonHugePages:         0 kB
+VmFlags: rd wr mr mw me ac sd 
+7fddb0000000-7fddeffff000 rwxp 00000000 00:00 0 
+Size:            1048572 kB
+Rss:                 100 kB
+7ffd1000-7ffd2000 r-xp 00000000 fd:01 1234    /usr/bin/qemu system
+Size:                  4 kB
+Rss:                   4 kB
+";
+
+    #[test]
+    fn parses_smaps_and_finds_guest_ram() {
+        let maps = parse_smaps(SMAPS);
+        assert_eq!(maps.len(), 4);
+        assert_eq!(maps[0].name, "[heap]");
+        assert_eq!(maps[3].name, "/usr/bin/qemu system");
+        let ram = find_guest_ram(&maps, 512 << 20).unwrap();
+        assert_eq!(ram.rss_kib, 201234);
+        assert!(find_guest_ram(&maps, 1 << 30).is_none());
+    }
+
+    #[test]
+    fn reads_own_process() {
+        let pid = std::process::id();
+        assert!(process_rss_kib(pid).unwrap() > 0);
+        assert!(host_mem_available_kib().unwrap() > 0);
+        assert!(!smaps(pid).unwrap().is_empty());
+    }
+}

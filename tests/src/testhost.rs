@@ -1,0 +1,1096 @@
+//! Runs a scenario command on a host that can boot stock Linux guests.
+//!
+//! - [`HostMode::Direct`]: this machine has ordinary KVM (svm/vmx, no PVM): the command
+//!   runs here as a child process.
+//! - [`HostMode::Nested`]: `/dev/kvm` is PVM (`kvm_pvm`), unusable, or the CPU has no
+//!   svm/vmx. The command runs in a nested emulated test host ("L1"): QEMU in TCG mode with
+//!   `-cpu max` (which emulates AMD SVM) boots the Debian kernel with the initramfs from
+//!   `resources/build-testhost.sh`; its init loads kvm-amd, mounts this machine's root
+//!   read-only over 9p, mounts a writable run directory at the same absolute path, chroots
+//!   and runs the command. Real KVM guests (L2) then run inside L1.
+//!
+//! The mode is detected ([`HostMode::detect`]) and can be forced with
+//! `EBB_TEST_HOST=direct|nested`. The scenario sees `EBB_SCENARIO_HOST=direct|nested`,
+//! `EBB_CACHE_DIR` (absolute) and `EBB_TARGET_DIR`, and the same absolute paths as here.
+//!
+//! Only one L1 fits the machine (2 cores): nested runs are serialized across processes
+//! with `flock` on `<target>/testhost/lock`. Batch scenarios into one run where possible.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::paths;
+use crate::text::{indent, shell_quote, tail};
+
+/// Environment variable that forces the mode: `direct` or `nested`.
+pub const ENV_TEST_HOST: &str = "EBB_TEST_HOST";
+/// Set for the scenario command: `direct` or `nested`.
+pub const ENV_SCENARIO_HOST: &str = "EBB_SCENARIO_HOST";
+/// Set for the scenario command: the cargo target directory.
+pub const ENV_TARGET_DIR: &str = "EBB_TARGET_DIR";
+
+/// A lockup or stall of L1 seen on its console: the run is killed this long after it
+/// unless the scenario finished, and retried once.
+const STALL_GRACE: Duration = Duration::from_secs(60);
+/// How long L1 may take to power off after the scenario's status was written.
+const POWEROFF_GRACE: Duration = Duration::from_secs(30);
+/// Run directories kept under `<target>/testhost/runs`.
+const RUNS_KEPT: usize = 40;
+/// Lines of each log in error messages.
+const TAIL_LINES: usize = 40;
+
+const CONSOLE_START: &str = "EBB-TESTHOST scenario-start";
+const CONSOLE_EXIT: &str = "EBB-TESTHOST scenario-exit";
+const CONSOLE_FATAL: &str = "EBB-TESTHOST-FATAL";
+const STALL_PATTERNS: &[&str] = &[
+    "soft lockup",
+    "hard LOCKUP",
+    "self-detected stall",
+    "detected stalls on CPU",
+    "Kernel panic",
+    "blocked for more than",
+];
+
+/// Where scenarios run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostMode {
+    /// On this machine (ordinary KVM).
+    Direct,
+    /// In the nested emulated test host (QEMU TCG + emulated SVM).
+    Nested,
+}
+
+impl HostMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostMode::Direct => "direct",
+            HostMode::Nested => "nested",
+        }
+    }
+
+    /// The mode to use: `EBB_TEST_HOST` when set, else what [`HostMode::probe`] finds.
+    pub fn detect() -> Result<HostMode, Error> {
+        match std::env::var(ENV_TEST_HOST) {
+            Ok(v) if !v.is_empty() => v.parse(),
+            _ => Ok(Self::probe().0),
+        }
+    }
+
+    /// What this machine needs, ignoring the override, with the reason.
+    pub fn probe() -> (HostMode, String) {
+        if Path::new("/sys/module/kvm_pvm").exists() {
+            return (
+                HostMode::Nested,
+                "kvm_pvm is loaded: /dev/kvm is PVM and cannot boot a stock Linux kernel".into(),
+            );
+        }
+        if let Err(e) = OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+            return (HostMode::Nested, format!("/dev/kvm is not usable: {e}"));
+        }
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let has_flag = |flag: &str| {
+            cpuinfo
+                .lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|w| w == flag))
+        };
+        if !has_flag("svm") && !has_flag("vmx") {
+            return (
+                HostMode::Nested,
+                "/proc/cpuinfo has no svm/vmx flag: no hardware virtualization".into(),
+            );
+        }
+        (
+            HostMode::Direct,
+            "/dev/kvm is usable and the CPU has hardware virtualization".into(),
+        )
+    }
+}
+
+impl fmt::Display for HostMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for HostMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "direct" => Ok(HostMode::Direct),
+            "nested" => Ok(HostMode::Nested),
+            other => Err(Error::Setup(format!(
+                "{ENV_TEST_HOST}={other}: expected `direct` or `nested`"
+            ))),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// The command; `argv[0]` is an absolute path or a name found on `PATH`.
+    pub argv: Vec<String>,
+    /// Added to (and overriding) the environment the scenario gets.
+    pub env: Vec<(String, String)>,
+    /// Working directory; default: the repository root.
+    pub cwd: Option<PathBuf>,
+    /// Memory of the nested test host; size it for the guests the scenario runs
+    /// (their sizes plus ~300 MiB for L1 itself).
+    pub l1_memory_mib: u32,
+    /// Limit for one attempt (boot, command, power-off). The run is killed after it.
+    pub timeout: Duration,
+    /// Forces the mode; `None`: [`HostMode::detect`].
+    pub mode: Option<HostMode>,
+}
+
+impl Scenario {
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Scenario {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Scenario::default()
+        }
+    }
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            argv: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            l1_memory_mib: 2048,
+            timeout: Duration::from_secs(600),
+            mode: None,
+        }
+    }
+}
+
+/// Wall-clock timings of a run, measured on this machine.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunTimings {
+    /// Waiting for the test host lock.
+    pub lock_wait: Duration,
+    /// Building/checking the L1 boot files and QEMU (nested).
+    pub prepare: Duration,
+    /// L1 QEMU start until the scenario command started (nested, last attempt).
+    pub l1_boot_to_scenario: Option<Duration>,
+    /// The scenario command itself (nested: between the console markers).
+    pub scenario: Option<Duration>,
+    /// Scenario exit until L1 QEMU exited (nested).
+    pub l1_shutdown: Option<Duration>,
+    /// The whole call, all attempts included.
+    pub total: Duration,
+}
+
+/// The result of a scenario that ran to completion (whatever its exit status).
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    pub mode: HostMode,
+    /// Exit status: the exit code, or 128 + signal number when killed by a signal.
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// The L1 serial console (kernel log, init messages, the scenario's output): nested only.
+    pub console_log: String,
+    /// The run directory (scenario.sh, stdout, stderr, status, console.log).
+    pub out_dir: PathBuf,
+    /// 1, or 2 when the first attempt died without an exit status and was retried.
+    pub attempts: u32,
+    pub timings: RunTimings,
+}
+
+impl RunOutput {
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
+
+    /// `Ok` when the scenario exited 0, else an error with the output tails.
+    pub fn ensure_success(&self) -> Result<(), Error> {
+        if self.success() {
+            return Ok(());
+        }
+        Err(Error::Failed(format!(
+            "scenario exited with status {} ({} mode, run dir {})\n{}",
+            self.status,
+            self.mode,
+            self.out_dir.display(),
+            self.report()
+        )))
+    }
+
+    /// The tails of stdout, stderr and (nested) the L1 console, for messages.
+    pub fn report(&self) -> String {
+        report(&self.stdout, &self.stderr, &self.console_log)
+    }
+}
+
+fn report(stdout: &str, stderr: &str, console: &str) -> String {
+    let mut s = format!(
+        "--- scenario stdout (tail) ---\n{}\n--- scenario stderr (tail) ---\n{}",
+        indent(&tail(stdout, TAIL_LINES)),
+        indent(&tail(stderr, TAIL_LINES)),
+    );
+    if !console.is_empty() {
+        s.push_str(&format!(
+            "\n--- L1 console (tail) ---\n{}",
+            indent(&tail(console, TAIL_LINES + 20))
+        ));
+    }
+    s
+}
+
+/// Why a run did not produce an exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The harness could not prepare the run (bad input, missing tools, build failure).
+    #[error("test host setup failed: {0}")]
+    Setup(String),
+    /// The test host itself is broken (its init reported a fatal error).
+    #[error("test host failed: {0}")]
+    TestHost(String),
+    /// The attempt limit was reached.
+    #[error("scenario timed out: {0}")]
+    Timeout(String),
+    /// The run ended without an exit status (L1 crashed, stalled, ...), or the scenario
+    /// failed ([`RunOutput::ensure_success`]).
+    #[error("scenario failed: {0}")]
+    Failed(String),
+}
+
+fn setup_err(context: impl fmt::Display) -> impl FnOnce(io::Error) -> Error {
+    move |e| Error::Setup(format!("{context}: {e}"))
+}
+
+/// Runs `scenario` in the mode detected for this machine (or the one it forces).
+pub fn run(scenario: &Scenario) -> Result<RunOutput, Error> {
+    let mode = match scenario.mode {
+        Some(m) => m,
+        None => HostMode::detect()?,
+    };
+    if scenario.argv.is_empty() {
+        return Err(Error::Setup("empty argv".into()));
+    }
+    match mode {
+        HostMode::Direct => run_direct(scenario),
+        HostMode::Nested => run_nested(scenario),
+    }
+}
+
+static RUN_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory under `<target>/testhost/runs/` (old ones are pruned).
+fn new_run_dir(tag: &str) -> Result<PathBuf, Error> {
+    let runs = paths::target_dir().join("testhost").join("runs");
+    fs::create_dir_all(&runs).map_err(setup_err(format!("creating {}", runs.display())))?;
+    prune_runs(&runs);
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let seq = RUN_SEQ.fetch_add(1, Ordering::Relaxed);
+    let dir = runs.join(format!("{stamp}-{}-{seq}-{tag}", std::process::id()));
+    fs::create_dir(&dir).map_err(setup_err(format!("creating {}", dir.display())))?;
+    Ok(dir)
+}
+
+fn prune_runs(runs: &Path) {
+    let Ok(entries) = fs::read_dir(runs) else {
+        return;
+    };
+    let mut dirs: Vec<(SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if dirs.len() <= RUNS_KEPT {
+        return;
+    }
+    dirs.sort();
+    let excess = dirs.len() - RUNS_KEPT;
+    for (_, dir) in dirs.into_iter().take(excess) {
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
+/// The environment the scenario sees in nested mode: a curated set from this process
+/// (the chroot is another machine's view of this root; most of our environment would be
+/// meaningless or harmful there) plus the harness variables and the scenario's own.
+fn nested_env(scenario: &Scenario) -> Vec<(String, String)> {
+    const INHERITED: &[&str] = &[
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "RUST_BACKTRACE",
+        "RUST_LOG",
+        "CARGO_TARGET_DIR",
+        "XDG_CACHE_HOME",
+        "CI",
+    ];
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (k, v) in std::env::vars() {
+        let keep = INHERITED.contains(&k.as_str()) || (k.starts_with("EBB_") && k != ENV_TEST_HOST);
+        if keep {
+            env.push((k, v));
+        }
+    }
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push((
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ));
+    }
+    if !env.iter().any(|(k, _)| k == "HOME") {
+        env.push(("HOME".into(), "/root".into()));
+    }
+    merge_env(&mut env, harness_env(HostMode::Nested));
+    merge_env(&mut env, scenario.env.clone());
+    env
+}
+
+fn harness_env(mode: HostMode) -> Vec<(String, String)> {
+    vec![
+        ("EBB_CACHE_DIR".into(), path_str(&paths::cache_dir())),
+        (ENV_TARGET_DIR.into(), path_str(&paths::target_dir())),
+        (ENV_SCENARIO_HOST.into(), mode.as_str().into()),
+    ]
+}
+
+fn merge_env(env: &mut Vec<(String, String)>, extra: Vec<(String, String)>) {
+    for (k, v) in extra {
+        env.retain(|(ek, _)| *ek != k);
+        env.push((k, v));
+    }
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn scenario_cwd(scenario: &Scenario) -> PathBuf {
+    scenario.cwd.clone().unwrap_or_else(paths::repo_root)
+}
+
+/// The shell script L1's init runs in the chroot (with the outer /bin/sh).
+fn scenario_script(scenario: &Scenario, env: &[(String, String)]) -> Result<String, Error> {
+    let cwd = scenario_cwd(scenario);
+    if scenario.argv[0].contains('=') {
+        return Err(Error::Setup(format!(
+            "argv[0] {:?} contains '=' (env(1) would take it for a variable)",
+            scenario.argv[0]
+        )));
+    }
+    let mut s =
+        String::from("# Generated by ebb_tests::testhost; run by the L1 init in the chroot.\n");
+    let cwd = path_str(&cwd);
+    s.push_str(&format!(
+        "cd {q} || {{ echo \"scenario: cannot cd to \"{q} >&2; exit 125; }}\n",
+        q = shell_quote(&cwd)
+    ));
+    s.push_str("exec env -i");
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') {
+            return Err(Error::Setup(format!("bad environment variable name {k:?}")));
+        }
+        s.push_str(" \\\n    ");
+        s.push_str(&shell_quote(&format!("{k}={v}")));
+    }
+    for a in &scenario.argv {
+        s.push_str(" \\\n    ");
+        s.push_str(&shell_quote(a));
+    }
+    s.push('\n');
+    Ok(s)
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn status_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+/// Kills the child when this thread's process dies (QEMU must not outlive a test).
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Direct mode
+
+fn run_direct(scenario: &Scenario) -> Result<RunOutput, Error> {
+    let t0 = Instant::now();
+    let dir = new_run_dir("direct")?;
+    let mut cmd = Command::new(&scenario.argv[0]);
+    cmd.args(&scenario.argv[1..])
+        .current_dir(scenario_cwd(scenario))
+        .envs(harness_env(HostMode::Direct))
+        .envs(scenario.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .map_err(setup_err(format!("spawning {:?}", scenario.argv[0])))?;
+    let out = copy_to_file(child.stdout.take(), dir.join("stdout"));
+    let err = copy_to_file(child.stderr.take(), dir.join("stderr"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child
+            .try_wait()
+            .map_err(setup_err("waiting for the scenario"))?
+        {
+            break Some(st);
+        }
+        if started.elapsed() > scenario.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    let Some(status) = status else {
+        return Err(Error::Timeout(format!(
+            "{:?} did not finish within {:?} (direct mode, run dir {})\n{}",
+            scenario.argv,
+            scenario.timeout,
+            dir.display(),
+            report(&stdout, &stderr, "")
+        )));
+    };
+    let status = status_code(status);
+    let _ = fs::write(dir.join("status"), format!("{status}\n"));
+    Ok(RunOutput {
+        mode: HostMode::Direct,
+        status,
+        stdout,
+        stderr,
+        console_log: String::new(),
+        out_dir: dir,
+        attempts: 1,
+        timings: RunTimings {
+            scenario: Some(started.elapsed()),
+            total: t0.elapsed(),
+            ..RunTimings::default()
+        },
+    })
+}
+
+fn copy_to_file<R: Read + Send + 'static>(
+    src: Option<R>,
+    path: PathBuf,
+) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let Some(mut src) = src else {
+            return String::new();
+        };
+        let mut file = File::create(&path).ok();
+        let mut all = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match src.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    all.extend_from_slice(&buf[..n]);
+                    if let Some(f) = file.as_mut() {
+                        let _ = f.write_all(&buf[..n]);
+                    }
+                }
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Nested mode
+
+/// Holds the cross-process test host lock while alive.
+struct HostLock {
+    _file: File,
+}
+
+fn lock_test_host() -> Result<HostLock, Error> {
+    let dir = paths::target_dir().join("testhost");
+    fs::create_dir_all(&dir).map_err(setup_err(format!("creating {}", dir.display())))?;
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(setup_err(format!("opening {}", path.display())))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        eprintln!(
+            "[testhost] another process is using the test host; waiting for {}",
+            path.display()
+        );
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::Setup(format!(
+                "flock {}: {}",
+                path.display(),
+                io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(HostLock { _file: file })
+}
+
+/// The L1 boot files made by resources/build-testhost.sh.
+#[derive(Debug, Clone)]
+pub struct TestHostFiles {
+    pub dir: PathBuf,
+    /// The kernel QEMU boots: the ELF vmlinux (PVH entry, no decompression under TCG)
+    /// when present, else the bzImage.
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The L1 kernel's full module tree (for `modprobe -d` inside L1), when known.
+    pub modtree: Option<PathBuf>,
+}
+
+/// Builds (or finds up to date) the L1 boot files: runs resources/build-testhost.sh.
+pub fn prepare_test_host_files() -> Result<TestHostFiles, Error> {
+    let script = paths::resources_dir().join("build-testhost.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("EBB_CACHE_DIR", paths::cache_dir())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(setup_err(format!("running {}", script.display())))?;
+    if !out.status.success() {
+        return Err(Error::Setup(format!(
+            "{} failed ({}); its messages are above",
+            script.display(),
+            out.status
+        )));
+    }
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let initramfs = dir.join("initramfs.cpio.gz");
+    let kernel = [dir.join("vmlinux"), dir.join("vmlinuz")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::Setup(format!("no vmlinux/vmlinuz in {}", dir.display())))?;
+    if !initramfs.is_file() {
+        return Err(Error::Setup(format!(
+            "no initramfs.cpio.gz in {}",
+            dir.display()
+        )));
+    }
+    let modtree = fs::read_to_string(dir.join("modtree"))
+        .ok()
+        .map(|s| PathBuf::from(s.trim()))
+        .filter(|p| p.is_dir());
+    Ok(TestHostFiles {
+        dir,
+        kernel,
+        initramfs,
+        modtree,
+    })
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Finds qemu-system-x86_64, installing Debian's qemu-system-x86 when missing.
+pub fn ensure_qemu() -> Result<PathBuf, Error> {
+    if let Some(p) = find_in_path("qemu-system-x86_64") {
+        return Ok(p);
+    }
+    let common = paths::resources_dir().join("common.sh");
+    eprintln!("[testhost] qemu-system-x86_64 not found: installing qemu-system-x86");
+    let status = Command::new("bash")
+        .arg("-c")
+        .arg(r#". "$1" && ensure_packages qemu-system-x86"#)
+        .arg("ensure-qemu")
+        .arg(&common)
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .map_err(setup_err("running ensure_packages qemu-system-x86"))?;
+    if !status.success() {
+        return Err(Error::Setup(format!(
+            "could not install qemu-system-x86 ({status}); install it with \
+             `apt-get install qemu-system-x86`"
+        )));
+    }
+    find_in_path("qemu-system-x86_64").ok_or_else(|| {
+        Error::Setup("qemu-system-x86 is installed but qemu-system-x86_64 is not on PATH".into())
+    })
+}
+
+/// Paths that L1 sees through its read-only view of `/` at the same place, except under
+/// the tmpfs mounts its init puts on top.
+fn check_visible_in_l1(what: &str, p: &Path) -> Result<(), Error> {
+    let s = path_str(p);
+    if !p.is_absolute() {
+        return Err(Error::Setup(format!("{what} {s} is not absolute")));
+    }
+    for hidden in ["/tmp", "/run", "/proc", "/sys", "/dev"] {
+        if p.starts_with(hidden) {
+            return Err(Error::Setup(format!(
+                "{what} {s} is under {hidden}, which the test host covers with its own \
+                 mount: use a directory elsewhere"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// How one L1 attempt ended.
+enum Attempt {
+    /// The scenario ran and left its status.
+    Done(RunOutput),
+    /// Worth one retry (no status: crash, stall, L1 that never reached the scenario).
+    Retry(String),
+    /// Final.
+    Fail(Error),
+}
+
+fn run_nested(scenario: &Scenario) -> Result<RunOutput, Error> {
+    let t0 = Instant::now();
+    let target = paths::target_dir();
+    let cache = paths::cache_dir();
+    check_visible_in_l1("the cargo target directory", &target)?;
+    check_visible_in_l1("the Ebb cache directory (EBB_CACHE_DIR)", &cache)?;
+    check_visible_in_l1("the working directory", &scenario_cwd(scenario))?;
+    let lock = lock_test_host()?;
+    let lock_wait = t0.elapsed();
+    let t_prep = Instant::now();
+    let qemu = ensure_qemu()?;
+    let files = prepare_test_host_files()?;
+    let prepare = t_prep.elapsed();
+
+    let env = nested_env(scenario);
+    let script = scenario_script(scenario, &env)?;
+    let mut first_failure = None;
+    for attempt in 1..=2u32 {
+        let dir = new_run_dir(&format!("nested-a{attempt}"))?;
+        check_visible_in_l1("the run directory", &dir)?;
+        match nested_attempt(scenario, &qemu, &files, &dir, &script) {
+            Attempt::Done(mut out) => {
+                drop(lock);
+                out.attempts = attempt;
+                out.timings.lock_wait = lock_wait;
+                out.timings.prepare = prepare;
+                out.timings.total = t0.elapsed();
+                return Ok(out);
+            }
+            Attempt::Fail(e) => return Err(e),
+            Attempt::Retry(why) => {
+                if attempt == 1 {
+                    eprintln!(
+                        "[testhost] attempt 1 ended without an exit status; retrying once. \
+                         Reason:\n{why}"
+                    );
+                    first_failure = Some(why);
+                } else {
+                    return Err(Error::Failed(format!(
+                        "the test host died without an exit status twice.\n\
+                         == attempt 1 ==\n{}\n== attempt 2 ==\n{why}",
+                        first_failure.unwrap_or_default()
+                    )));
+                }
+            }
+        }
+    }
+    unreachable!("two attempts at most")
+}
+
+/// Reads a growing file incrementally.
+struct Follow {
+    path: PathBuf,
+    file: Option<File>,
+    data: Vec<u8>,
+}
+
+impl Follow {
+    fn new(path: PathBuf) -> Self {
+        Follow {
+            path,
+            file: None,
+            data: Vec::new(),
+        }
+    }
+
+    /// Reads what was appended; returns the offset where the new data starts.
+    fn poll(&mut self) -> usize {
+        let before = self.data.len();
+        if self.file.is_none() {
+            self.file = File::open(&self.path).ok();
+        }
+        if let Some(f) = self.file.as_mut() {
+            let _ = f.seek(SeekFrom::Start(before as u64));
+            let _ = f.read_to_end(&mut self.data);
+        }
+        before
+    }
+
+    /// Whether `needle` occurs in data appended since `from` (with overlap).
+    fn contains_since(&self, from: usize, needle: &str) -> bool {
+        let start = from.saturating_sub(needle.len());
+        find_bytes(&self.data[start..], needle.as_bytes())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+}
+
+fn find_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn l1_command(
+    qemu: &Path,
+    files: &TestHostFiles,
+    scenario: &Scenario,
+    dir: &Path,
+) -> Result<Command, Error> {
+    let dir_s = path_str(dir);
+    if dir_s.contains([',', ' ', '\t', '\n', '"']) {
+        return Err(Error::Setup(format!(
+            "run directory {dir_s} contains a comma, quote or white space (QEMU -virtfs and \
+             the kernel command line cannot carry it)"
+        )));
+    }
+    let mut append = vec![
+        "console=ttyS0".to_string(),
+        "panic=-1".into(),
+        // TCG is slow enough without speculative-execution mitigations.
+        "mitigations=off".into(),
+        // Keep the TSC clocksource: the watchdog would otherwise switch to HPET, whose
+        // emulated reads are slow, when TCG's TSC looks unstable.
+        "tsc=reliable".into(),
+        format!("ebbth.out={dir_s}"),
+    ];
+    if let Some(m) = &files.modtree {
+        let m = path_str(m);
+        if !m.contains(char::is_whitespace) {
+            append.push(format!("ebbth.modtree={m}"));
+        }
+    }
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"])
+        .args(["-machine", "q35", "-m"])
+        .arg(scenario.l1_memory_mib.to_string())
+        .args(["-nographic", "-no-reboot", "-monitor", "none"])
+        .arg("-kernel")
+        .arg(&files.kernel)
+        .arg("-initrd")
+        .arg(&files.initramfs)
+        .arg("-append")
+        .arg(append.join(" "))
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={dir_s},mount_tag=out,security_model=none,multidevs=remap"
+        ))
+        .arg("-serial")
+        .arg(format!("file:{dir_s}/console.log"))
+        .stdin(Stdio::null());
+    let qout = File::create(dir.join("qemu.log"))
+        .map_err(setup_err(format!("creating {}/qemu.log", dir.display())))?;
+    let qerr = qout
+        .try_clone()
+        .map_err(setup_err("duplicating the qemu.log handle"))?;
+    cmd.stdout(qout).stderr(qerr);
+    die_with_parent(&mut cmd);
+    Ok(cmd)
+}
+
+fn kill_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn nested_attempt(
+    scenario: &Scenario,
+    qemu: &Path,
+    files: &TestHostFiles,
+    dir: &Path,
+    script: &str,
+) -> Attempt {
+    if let Err(e) = fs::write(dir.join("scenario.sh"), script) {
+        return Attempt::Fail(Error::Setup(format!("writing scenario.sh: {e}")));
+    }
+    let mut cmd = match l1_command(qemu, files, scenario, dir) {
+        Ok(c) => c,
+        Err(e) => return Attempt::Fail(e),
+    };
+    let _ = fs::write(dir.join("qemu.cmdline"), format!("{cmd:?}\n"));
+    let t_spawn = Instant::now();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Attempt::Fail(Error::Setup(format!("spawning {}: {e}", qemu.display()))),
+    };
+    let mut console = Follow::new(dir.join("console.log"));
+    let status_path = dir.join("status");
+    let mut t_start: Option<Instant> = None;
+    let mut t_exit: Option<Instant> = None;
+    let mut t_finished: Option<Instant> = None;
+    let mut stall: Option<(Instant, String)> = None;
+    let mut fatal = false;
+    let mut timed_out = false;
+    let mut stalled = false;
+    let qemu_status = loop {
+        let from = console.poll();
+        if t_start.is_none() && console.contains_since(from, CONSOLE_START) {
+            t_start = Some(Instant::now());
+        }
+        if t_exit.is_none() && console.contains_since(from, CONSOLE_EXIT) {
+            t_exit = Some(Instant::now());
+        }
+        if console.contains_since(from, CONSOLE_FATAL) {
+            fatal = true;
+        }
+        if stall.is_none() {
+            if let Some(p) = STALL_PATTERNS
+                .iter()
+                .find(|p| console.contains_since(from, p))
+            {
+                eprintln!("[testhost] L1 console shows `{p}`: will give up on this attempt in {STALL_GRACE:?} unless the scenario finishes");
+                stall = Some((Instant::now(), (*p).to_string()));
+            }
+        }
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) => {}
+            Err(e) => {
+                kill_child(&mut child);
+                return Attempt::Fail(Error::Setup(format!("waiting for QEMU: {e}")));
+            }
+        }
+        let now = Instant::now();
+        if t_finished.is_none() && (t_exit.is_some() || status_path.exists()) {
+            t_finished = Some(now);
+        }
+        if let Some(since) = t_finished {
+            if now.duration_since(since) > POWEROFF_GRACE {
+                // The result is in; L1 just did not power off.
+                kill_child(&mut child);
+                break None;
+            }
+        } else if now.duration_since(t_spawn) > scenario.timeout {
+            timed_out = true;
+            kill_child(&mut child);
+            break None;
+        } else if let Some((since, _)) = &stall {
+            if now.duration_since(*since) > STALL_GRACE {
+                stalled = true;
+                kill_child(&mut child);
+                break None;
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let t_end = Instant::now();
+    console.poll();
+    let console_log = console.text();
+    let stdout = read_lossy(&dir.join("stdout"));
+    let stderr = read_lossy(&dir.join("stderr"));
+    let status: Option<i32> = fs::read_to_string(&status_path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let qemu_log = read_lossy(&dir.join("qemu.log"));
+    let mut details = format!(
+        "run dir {}; QEMU {}\n",
+        dir.display(),
+        match qemu_status {
+            Some(st) => format!("exited with {st}"),
+            None => "was killed".into(),
+        }
+    );
+    if !qemu_log.trim().is_empty() {
+        details.push_str(&format!(
+            "--- QEMU output (tail) ---\n{}\n",
+            indent(&tail(&qemu_log, 20))
+        ));
+    }
+    details.push_str(&report(&stdout, &stderr, &console_log));
+
+    if let Some(status) = status {
+        return Attempt::Done(RunOutput {
+            mode: HostMode::Nested,
+            status,
+            stdout,
+            stderr,
+            console_log,
+            out_dir: dir.to_path_buf(),
+            attempts: 1,
+            timings: RunTimings {
+                l1_boot_to_scenario: t_start.map(|t| t.duration_since(t_spawn)),
+                scenario: match (t_start, t_exit) {
+                    (Some(s), Some(e)) => Some(e.duration_since(s)),
+                    _ => None,
+                },
+                l1_shutdown: t_exit.map(|e| t_end.duration_since(e)),
+                ..RunTimings::default()
+            },
+        });
+    }
+    if fatal {
+        let line = console_log
+            .lines()
+            .find(|l| l.contains(CONSOLE_FATAL))
+            .unwrap_or_default()
+            .to_string();
+        return Attempt::Fail(Error::TestHost(format!("{line}\n{details}")));
+    }
+    if stalled {
+        let what = stall.map(|s| s.1).unwrap_or_default();
+        return Attempt::Retry(format!(
+            "L1 stalled (`{what}` on its console) and the scenario did not finish within \
+             {STALL_GRACE:?} after it\n{details}"
+        ));
+    }
+    if timed_out {
+        if t_start.is_none() {
+            return Attempt::Retry(format!(
+                "L1 did not reach the scenario within {:?}\n{details}",
+                scenario.timeout
+            ));
+        }
+        return Attempt::Fail(Error::Timeout(format!(
+            "no exit status within {:?} (L1 boot and scenario; the limit is \
+             Scenario::timeout)\n{details}",
+            scenario.timeout
+        )));
+    }
+    Attempt::Retry(format!(
+        "L1 ended without writing the scenario's exit status\n{details}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_parses() {
+        assert_eq!("nested".parse::<HostMode>().unwrap(), HostMode::Nested);
+        assert_eq!("Direct".parse::<HostMode>().unwrap(), HostMode::Direct);
+        assert!("both".parse::<HostMode>().is_err());
+    }
+
+    #[test]
+    fn script_quotes_everything() {
+        let s = Scenario {
+            argv: vec!["/bin/echo".into(), "it's".into(), "a b".into()],
+            cwd: Some("/work/x y".into()),
+            ..Scenario::default()
+        };
+        let script = scenario_script(&s, &[("K".into(), "v'1".into())]).unwrap();
+        assert!(script.contains(r"cd '/work/x y' ||"));
+        assert!(script.contains(r"'K=v'\''1'"));
+        assert!(script.contains(r"'/bin/echo' \"));
+        assert!(script.contains(r"'it'\''s' \"));
+        let bad = Scenario::new(["A=B"]);
+        assert!(scenario_script(&bad, &[]).is_err());
+    }
+
+    #[test]
+    fn script_runs_under_sh() {
+        let s = Scenario {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo \"$K:$1\"; pwd".into(),
+                "x".into(),
+                "it's".into(),
+            ],
+            cwd: Some("/".into()),
+            ..Scenario::default()
+        };
+        let script = scenario_script(&s, &[("K".into(), "v 1".into())]).unwrap();
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "v 1:it's\n/\n");
+    }
+
+    #[test]
+    fn hidden_paths_rejected() {
+        assert!(check_visible_in_l1("x", Path::new("/tmp/a")).is_err());
+        assert!(check_visible_in_l1("x", Path::new("/tmpfoo/a")).is_ok());
+        assert!(check_visible_in_l1("x", Path::new("rel")).is_err());
+    }
+
+    #[test]
+    fn direct_run_captures_output_and_status() {
+        let s = Scenario {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo out; echo err >&2; echo $EBB_SCENARIO_HOST; exit 3".into(),
+            ],
+            mode: Some(HostMode::Direct),
+            ..Scenario::default()
+        };
+        let out = run(&s).unwrap();
+        assert_eq!(out.status, 3);
+        assert_eq!(out.stdout, "out\ndirect\n");
+        assert_eq!(out.stderr, "err\n");
+        assert!(out.ensure_success().is_err());
+        assert_eq!(
+            fs::read_to_string(out.out_dir.join("status")).unwrap(),
+            "3\n"
+        );
+    }
+
+    #[test]
+    fn direct_run_times_out() {
+        let s = Scenario {
+            argv: vec!["/bin/sleep".into(), "5".into()],
+            mode: Some(HostMode::Direct),
+            timeout: Duration::from_millis(200),
+            ..Scenario::default()
+        };
+        assert!(matches!(run(&s), Err(Error::Timeout(_))));
+    }
+}
