@@ -1,0 +1,675 @@
+//! The balloon device driven through mock virtqueues in real guest memory, as a guest
+//! driver would: no VM, real `madvise`.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use ebb_balloon::discard::resident_pages;
+use ebb_balloon::pages::host_range;
+use ebb_balloon::protocol::*;
+use ebb_balloon::{Balloon, BalloonOptions};
+use ebb_devices::virtio::{
+    Activation, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const MIB: u64 = 1 << 20;
+/// Region A: [0, 16 MiB); hole; region B: [32 MiB, 48 MiB).
+const HOLE_START: u64 = 16 * MIB;
+const B_START: u64 = 32 * MIB;
+const RAM_END: u64 = 48 * MIB;
+const RAM_BYTES: u64 = 32 * MIB;
+const DATA: u64 = MIB;
+
+fn mem() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), HOLE_START as usize),
+        (GuestAddress(B_START), (RAM_END - B_START) as usize),
+    ])
+    .unwrap()
+}
+
+#[derive(Default)]
+struct Irq {
+    queue: AtomicU32,
+    config: AtomicU32,
+}
+
+impl VirtioInterrupt for Irq {
+    fn trigger(&self, kind: InterruptKind) {
+        match kind {
+            InterruptKind::Queue => self.queue.fetch_add(1, Ordering::SeqCst),
+            InterruptKind::Config => self.config.fetch_add(1, Ordering::SeqCst),
+        };
+    }
+}
+
+/// A driver-side view of one queue: adds chains and reads the used ring.
+struct DriverQueue<'a> {
+    mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    next_desc: u16,
+    size: u16,
+}
+
+impl<'a> DriverQueue<'a> {
+    fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
+        Self {
+            mock: MockSplitQueue::create(mem, GuestAddress(base), size),
+            next_desc: 0,
+            size,
+        }
+    }
+
+    fn queue(&self) -> Queue {
+        self.mock.create_queue::<Queue>().unwrap()
+    }
+
+    /// Adds one chain of (address, length, device-writable) buffers.
+    fn add(&mut self, bufs: &[(u64, u32, bool)]) {
+        let start = self.next_desc;
+        let descs: Vec<RawDescriptor> = bufs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, write))| {
+                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let next = if i + 1 < bufs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                    start + i as u16 + 1
+                } else {
+                    0
+                };
+                RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        self.mock.add_desc_chains(&descs, start).unwrap();
+        self.next_desc = (start + bufs.len() as u16) % self.size;
+    }
+
+    fn used_count(&self) -> u16 {
+        self.mock.used().idx().load()
+    }
+}
+
+fn options(reporting: bool, stats: u32) -> BalloonOptions {
+    BalloonOptions {
+        target_pages: 0,
+        deflate_on_oom: true,
+        free_page_reporting: reporting,
+        stats_interval_s: stats,
+    }
+}
+
+/// Activates `b` with `features` and the given (index, queue) pairs.
+fn activate(
+    b: &mut Balloon,
+    mem: &GuestMemoryMmap,
+    features: u64,
+    queues: Vec<(u16, Queue)>,
+) -> Arc<Irq> {
+    let irq = Arc::new(Irq::default());
+    b.activate(Activation {
+        mem: mem.clone(),
+        features,
+        queues: queues
+            .into_iter()
+            .map(|(index, queue)| ActiveQueue { index, queue })
+            .collect(),
+        interrupt: irq.clone(),
+    })
+    .unwrap();
+    irq
+}
+
+fn write_pfns(mem: &GuestMemoryMmap, at: u64, pfns: &[u32]) -> u32 {
+    let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+    mem.write_slice(&bytes, GuestAddress(at)).unwrap();
+    bytes.len() as u32
+}
+
+fn touch(mem: &GuestMemoryMmap, start: u64, pages: u64) {
+    for p in 0..pages {
+        mem.write_obj(0x5au8, GuestAddress(start + p * 4096))
+            .unwrap();
+    }
+}
+
+fn pfn(gpa: u64) -> u32 {
+    (gpa >> 12) as u32
+}
+
+struct Setup<'a> {
+    inflate: DriverQueue<'a>,
+    deflate: DriverQueue<'a>,
+}
+
+fn basic(mem: &GuestMemoryMmap) -> (Balloon, Setup<'_>, Arc<Irq>) {
+    let mut b = Balloon::new(options(false, 0), RAM_BYTES, RAM_END).unwrap();
+    let inflate = DriverQueue::new(mem, 0x1000, 256);
+    let deflate = DriverQueue::new(mem, 0x5000, 256);
+    let irq = activate(
+        &mut b,
+        mem,
+        VIRTIO_F_VERSION_1 | F_DEFLATE_ON_OOM,
+        vec![(0, inflate.queue()), (1, deflate.queue())],
+    );
+    (b, Setup { inflate, deflate }, irq)
+}
+
+#[test]
+fn inflate_discards_for_real_and_deflate_accounts() {
+    let mem = mem();
+    let (mut b, mut q, irq) = basic(&mem);
+    // 256 touched pages in region B.
+    let start = B_START + 4 * MIB;
+    touch(&mem, start, 256);
+    let range = host_range(&mem, start, 256 * 4096).unwrap();
+    assert_eq!(resident_pages(range.host, range.len).unwrap(), 256);
+
+    let pfns: Vec<u32> = (0..256).map(|i| pfn(start) + i).collect();
+    let len = write_pfns(&mem, DATA, &pfns);
+    q.inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+
+    assert_eq!(q.inflate.used_count(), 1);
+    assert_eq!(irq.queue.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        resident_pages(range.host, range.len).unwrap(),
+        0,
+        "host pages freed"
+    );
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(start)).unwrap(), 0);
+    let c = b.counters();
+    assert_eq!(c.inflated_pages, 256);
+    assert_eq!(c.madvise_calls, 1, "one merged range");
+    assert_eq!(c.inflate_discarded_bytes, MIB);
+    assert_eq!(b.held_pages(), 256);
+
+    let len = write_pfns(&mem, DATA, &pfns[..100]);
+    q.deflate.add(&[(DATA, len, false)]);
+    b.process_queue(1);
+    assert_eq!(q.deflate.used_count(), 1);
+    assert_eq!(b.counters().deflated_pages, 100);
+    assert_eq!(b.held_pages(), 156);
+    // Deflating pages that were never inflated is counted, not trusted.
+    let len = write_pfns(&mem, DATA, &[pfn(start) + 1, pfn(B_START)]);
+    q.deflate.add(&[(DATA, len, false)]);
+    b.process_queue(1);
+    assert_eq!(b.counters().unknown_deflates, 2);
+}
+
+#[test]
+fn first_and_last_pages_are_valid_but_hole_and_beyond_are_not() {
+    let mem = mem();
+    let (mut b, mut q, _) = basic(&mem);
+    let pfns = [
+        0,
+        pfn(HOLE_START) - 1,
+        pfn(HOLE_START),      // first page of the hole
+        pfn(HOLE_START) + 77, // inside the hole
+        pfn(B_START),
+        pfn(RAM_END) - 1, // last page
+        pfn(RAM_END),     // beyond RAM
+        u32::MAX,
+    ];
+    let len = write_pfns(&mem, DATA, &pfns);
+    q.inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    let c = b.counters();
+    assert_eq!(c.inflated_pages, 4);
+    assert_eq!(c.rejected_pfns, 4);
+    assert_eq!(
+        q.inflate.used_count(),
+        1,
+        "buffer returned despite bad entries"
+    );
+}
+
+#[test]
+fn duplicates_and_unsorted_pfns_merge_into_few_ranges() {
+    let mem = mem();
+    let (mut b, mut q, _) = basic(&mem);
+    let base = pfn(B_START);
+    let pfns = [
+        base + 9,
+        base + 3,
+        base + 4,
+        base + 3,
+        base + 5,
+        base + 8,
+        base + 9,
+        base + 20,
+    ];
+    let len = write_pfns(&mem, DATA, &pfns);
+    q.inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    let c = b.counters();
+    assert_eq!(c.madvise_calls, 3, "3-5, 8-9, 20");
+    assert_eq!(c.inflate_discarded_bytes, 6 * 4096);
+    assert_eq!(c.repeated_inflates, 2);
+    assert_eq!(b.held_pages(), 6);
+}
+
+#[test]
+fn an_array_spanning_both_regions_is_split() {
+    let mem = mem();
+    let (mut b, mut q, _) = basic(&mem);
+    let pfns = [
+        pfn(HOLE_START) - 2,
+        pfn(HOLE_START) - 1,
+        pfn(B_START),
+        pfn(B_START) + 1,
+    ];
+    touch(&mem, HOLE_START - 8192, 2);
+    touch(&mem, B_START, 2);
+    let len = write_pfns(&mem, DATA, &pfns);
+    q.inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    assert_eq!(b.counters().madvise_calls, 2);
+    assert_eq!(b.counters().inflate_discarded_bytes, 4 * 4096);
+    let a = host_range(&mem, HOLE_START - 8192, 8192).unwrap();
+    let bb = host_range(&mem, B_START, 8192).unwrap();
+    assert_eq!(resident_pages(a.host, a.len).unwrap(), 0);
+    assert_eq!(resident_pages(bb.host, bb.len).unwrap(), 0);
+}
+
+#[test]
+fn malformed_buffers_are_counted_returned_and_the_device_keeps_working() {
+    let mem = mem();
+    let (mut b, mut q, _) = basic(&mem);
+    write_pfns(&mem, DATA, &[pfn(B_START); 8]);
+    // Odd length, zero length, write-only, outside guest memory, in the hole, too long.
+    q.inflate.add(&[(DATA, 7, false)]);
+    q.inflate.add(&[(DATA, 0, false)]);
+    q.inflate.add(&[(DATA, 8, true)]);
+    q.inflate.add(&[(RAM_END + MIB, 8, false)]);
+    q.inflate.add(&[(HOLE_START + 4096, 8, false)]);
+    q.inflate.add(&[(DATA, 8192, false)]);
+    // Over-long chain: 20 descriptors.
+    let long: Vec<(u64, u32, bool)> = (0..20).map(|_| (DATA, 4, false)).collect();
+    q.inflate.add(&long);
+    b.process_queue(0);
+    let c = b.counters();
+    assert_eq!(c.rejected_descriptors, 7);
+    assert_eq!(c.inflated_pages, 0);
+    assert_eq!(c.madvise_calls, 0);
+    assert_eq!(q.inflate.used_count(), 7, "every buffer goes back");
+
+    // Still working.
+    let len = write_pfns(&mem, DATA, &[pfn(B_START)]);
+    q.inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    assert_eq!(b.counters().inflated_pages, 1);
+    assert_eq!(q.inflate.used_count(), 8);
+}
+
+#[test]
+fn a_corrupt_available_ring_stops_processing_without_looping() {
+    let mem = mem();
+    let (mut b, q, _) = basic(&mem);
+    // Driver claims 1000 new buffers in a 256-entry ring.
+    q.inflate.mock.avail().idx().store(1000);
+    b.process_queue(0);
+    assert!(b.counters().rejected_descriptors >= 1);
+    assert_eq!(q.inflate.used_count(), 0);
+}
+
+#[test]
+fn target_and_actual_in_config_space() {
+    let mem = mem();
+    let (mut b, _q, irq) = basic(&mem);
+    b.set_target_pages(1000).unwrap();
+    assert_eq!(irq.config.load(Ordering::SeqCst), 1);
+    let mut four = [0u8; 4];
+    b.read_config(0, &mut four);
+    assert_eq!(u32::from_le_bytes(four), 1000);
+    b.write_config(4, &900u32.to_le_bytes());
+    assert_eq!(b.actual_pages(), 900);
+    // The guest may not write the target, odd widths, or an impossible size.
+    b.write_config(0, &5u32.to_le_bytes());
+    b.write_config(4, &[1, 2]);
+    b.write_config(4, &u32::MAX.to_le_bytes());
+    b.write_config(12, &1u32.to_le_bytes()); // no PAGE_POISON offered
+    assert_eq!(b.counters().rejected_config_writes, 4);
+    assert_eq!(b.target_pages(), 1000);
+    assert_eq!(b.actual_pages(), 900);
+    // Reads past the config space are zeros.
+    b.read_config(8, &mut four);
+    assert_eq!(four, [0; 4]);
+    assert!(b.set_target_pages(RAM_BYTES / 4096 + 1).is_err());
+}
+
+#[test]
+fn offered_features_and_queue_sizes_follow_options() {
+    let b = Balloon::new(options(true, 5), RAM_BYTES, RAM_END).unwrap();
+    assert_eq!(
+        b.features(),
+        VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_PAGE_REPORTING | F_PAGE_POISON
+    );
+    assert_eq!(b.queue_max_sizes(), vec![256, 256, 2, 32]);
+    let b = Balloon::new(options(true, 0), RAM_BYTES, RAM_END).unwrap();
+    assert_eq!(b.queue_max_sizes(), vec![256, 256, 32]);
+    let b = Balloon::new(options(false, 0), RAM_BYTES, RAM_END).unwrap();
+    assert_eq!(b.queue_max_sizes(), vec![256, 256]);
+    assert_eq!(
+        b.features() & (F_PAGE_POISON | F_PAGE_REPORTING | F_STATS_VQ),
+        0
+    );
+    assert!(Balloon::new(
+        BalloonOptions {
+            target_pages: (RAM_BYTES / 4096 + 1) as u32,
+            ..options(false, 0)
+        },
+        RAM_BYTES,
+        RAM_END
+    )
+    .is_err());
+}
+
+/// Reporting is at index 3 with stats and at index 2 without: drive it at the index the
+/// negotiated features give and check the discard happened.
+#[test]
+fn reporting_queue_index_follows_negotiated_features() {
+    for (stats, features, index) in [
+        (5, F_STATS_VQ | F_PAGE_REPORTING, 3u16),
+        (0, F_PAGE_REPORTING, 2u16),
+        // Stats offered but not accepted by the driver: reporting moves down to 2.
+        (5, F_PAGE_REPORTING, 2u16),
+    ] {
+        let mem = mem();
+        let mut b = Balloon::new(options(true, stats), RAM_BYTES, RAM_END).unwrap();
+        let inflate = DriverQueue::new(&mem, 0x1000, 256);
+        let deflate = DriverQueue::new(&mem, 0x5000, 256);
+        let mut report = DriverQueue::new(&mem, 0x9000, 32);
+        let mut queues = vec![(0, inflate.queue()), (1, deflate.queue())];
+        let stats_q = DriverQueue::new(&mem, 0xd000, 2);
+        if features & F_STATS_VQ != 0 {
+            queues.push((2, stats_q.queue()));
+        }
+        queues.push((index, report.queue()));
+        activate(&mut b, &mem, VIRTIO_F_VERSION_1 | features, queues);
+        touch(&mem, B_START, 512);
+        report.add(&[(B_START, 2 * MIB as u32, true)]);
+        b.process_queue(index);
+        assert_eq!(
+            b.counters().reported_discarded_bytes,
+            2 * MIB,
+            "features {features:#x}"
+        );
+        let r = host_range(&mem, B_START, 2 * MIB).unwrap();
+        assert_eq!(resident_pages(r.host, r.len).unwrap(), 0);
+    }
+}
+
+fn reporting_setup(mem: &GuestMemoryMmap) -> (Balloon, DriverQueue<'_>, Arc<Irq>) {
+    let mut b = Balloon::new(options(true, 0), RAM_BYTES, RAM_END).unwrap();
+    let inflate = DriverQueue::new(mem, 0x1000, 256);
+    let deflate = DriverQueue::new(mem, 0x5000, 256);
+    let report = DriverQueue::new(mem, 0x9000, 32);
+    let irq = activate(
+        &mut b,
+        mem,
+        VIRTIO_F_VERSION_1 | F_PAGE_REPORTING | F_PAGE_POISON,
+        vec![
+            (0, inflate.queue()),
+            (1, deflate.queue()),
+            (2, report.queue()),
+        ],
+    );
+    (b, report, irq)
+}
+
+#[test]
+fn multi_entry_reports_discard_every_valid_range() {
+    let mem = mem();
+    let (mut b, mut report, irq) = reporting_setup(&mem);
+    touch(&mem, B_START, 4096);
+    let ranges: Vec<(u64, u32, bool)> = (0..4)
+        .map(|i| (B_START + i * 2 * MIB, 2 * MIB as u32, true))
+        .collect();
+    report.add(&ranges);
+    b.process_queue(2);
+    let c = b.counters();
+    assert_eq!((c.reports, c.reported_ranges, c.rejected_ranges), (1, 4, 0));
+    assert_eq!(c.reported_discarded_bytes, 8 * MIB);
+    assert_eq!(report.used_count(), 1);
+    assert_eq!(irq.queue.load(Ordering::SeqCst), 1);
+    assert_eq!(c.report_latency.count, 1);
+    assert!(c.report_latency.quantile_us(0.5).is_some());
+    let r = host_range(&mem, B_START, 8 * MIB).unwrap();
+    assert_eq!(resident_pages(r.host, r.len).unwrap(), 0);
+    let rest = host_range(&mem, B_START + 8 * MIB, 8 * MIB).unwrap();
+    assert_eq!(
+        resident_pages(rest.host, rest.len).unwrap(),
+        2048,
+        "unreported pages stay"
+    );
+}
+
+#[test]
+fn bad_report_entries_are_rejected_one_by_one() {
+    let mem = mem();
+    let (mut b, mut report, _) = reporting_setup(&mem);
+    touch(&mem, B_START, 16);
+    report.add(&[
+        (B_START, 4096, true),           // good
+        (RAM_END, 4096, true),           // beyond RAM
+        (B_START + 100, 4096, true),     // unaligned address
+        (B_START, 4097, true),           // unaligned length
+        (u64::MAX - 4095, 8192, true),   // overflows
+        (B_START, 0, true),              // empty
+        (HOLE_START, 4096, true),        // in the hole
+        (HOLE_START - 4096, 8192, true), // runs into the hole
+        (B_START + 4096, 4096, false),   // device-readable: not a report
+        (B_START + 8192, 4096, true),    // good
+    ]);
+    b.process_queue(2);
+    let c = b.counters();
+    assert_eq!(c.reported_ranges, 2);
+    assert_eq!(c.rejected_ranges, 8);
+    assert_eq!(c.reported_discarded_bytes, 8192);
+    assert_eq!(report.used_count(), 1);
+}
+
+#[test]
+fn oversized_reports_stop_at_capacity() {
+    let mem = mem();
+    let mut b = Balloon::new(options(true, 0), RAM_BYTES, RAM_END).unwrap();
+    let inflate = DriverQueue::new(&mem, 0x1000, 256);
+    let deflate = DriverQueue::new(&mem, 0x5000, 256);
+    // A driver that sized the ring bigger than Ebb offers cannot pass activation through
+    // the transport, but the device must still bound what it reads.
+    let mut report = DriverQueue::new(&mem, 0x9000, 64);
+    activate(
+        &mut b,
+        &mem,
+        VIRTIO_F_VERSION_1 | F_PAGE_REPORTING,
+        vec![
+            (0, inflate.queue()),
+            (1, deflate.queue()),
+            (2, report.queue()),
+        ],
+    );
+    let ranges: Vec<(u64, u32, bool)> = (0..40).map(|i| (B_START + i * 4096, 4096, true)).collect();
+    report.add(&ranges);
+    b.process_queue(2);
+    let c = b.counters();
+    assert_eq!(c.reported_ranges, REPORT_CAPACITY as u64);
+    assert_eq!(c.rejected_ranges, 1);
+    assert_eq!(report.used_count(), 1);
+}
+
+#[test]
+fn poisoned_free_pages_are_kept() {
+    let mem = mem();
+    let mut b = Balloon::new(options(true, 0), RAM_BYTES, RAM_END).unwrap();
+    // The guest writes poison_val during probe, before DRIVER_OK.
+    b.write_config(12, &0xaaaa_aaaau32.to_le_bytes());
+    let inflate = DriverQueue::new(&mem, 0x1000, 256);
+    let deflate = DriverQueue::new(&mem, 0x5000, 256);
+    let mut report = DriverQueue::new(&mem, 0x9000, 32);
+    activate(
+        &mut b,
+        &mem,
+        VIRTIO_F_VERSION_1 | F_PAGE_REPORTING | F_PAGE_POISON,
+        vec![
+            (0, inflate.queue()),
+            (1, deflate.queue()),
+            (2, report.queue()),
+        ],
+    );
+    touch(&mem, B_START, 512);
+    report.add(&[(B_START, 2 * MIB as u32, true)]);
+    b.process_queue(2);
+    let c = b.counters();
+    assert_eq!((c.skipped_ranges, c.skipped_bytes), (1, 2 * MIB));
+    assert_eq!(c.reported_discarded_bytes, 0);
+    let r = host_range(&mem, B_START, 2 * MIB).unwrap();
+    assert_eq!(
+        resident_pages(r.host, r.len).unwrap(),
+        512,
+        "poisoned pages stay"
+    );
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(B_START)).unwrap(), 0x5a);
+    assert_eq!(report.used_count(), 1);
+}
+
+#[test]
+fn zero_poison_from_init_on_free_still_discards() {
+    let mem = mem();
+    let mut b = Balloon::new(options(true, 0), RAM_BYTES, RAM_END).unwrap();
+    b.write_config(12, &0u32.to_le_bytes());
+    let inflate = DriverQueue::new(&mem, 0x1000, 256);
+    let deflate = DriverQueue::new(&mem, 0x5000, 256);
+    let mut report = DriverQueue::new(&mem, 0x9000, 32);
+    activate(
+        &mut b,
+        &mem,
+        VIRTIO_F_VERSION_1 | F_PAGE_REPORTING | F_PAGE_POISON,
+        vec![
+            (0, inflate.queue()),
+            (1, deflate.queue()),
+            (2, report.queue()),
+        ],
+    );
+    touch(&mem, B_START, 512);
+    report.add(&[(B_START, 2 * MIB as u32, true)]);
+    b.process_queue(2);
+    assert_eq!(b.counters().reported_discarded_bytes, 2 * MIB);
+    assert_eq!(b.counters().rejected_config_writes, 0);
+}
+
+fn stats_entry(tag: u16, value: u64) -> Vec<u8> {
+    let mut e = tag.to_le_bytes().to_vec();
+    e.extend_from_slice(&value.to_le_bytes());
+    e
+}
+
+#[test]
+fn stats_buffer_primed_before_activation_is_read_and_held() {
+    let mem = mem();
+    let mut b = Balloon::new(options(false, 1), RAM_BYTES, RAM_END).unwrap();
+    let inflate = DriverQueue::new(&mem, 0x1000, 256);
+    let deflate = DriverQueue::new(&mem, 0x5000, 256);
+    let mut stats = DriverQueue::new(&mem, 0x9000, 2);
+    let mut buf = Vec::new();
+    for t in 0..10u16 {
+        buf.extend(stats_entry(t, u64::from(t) * 100));
+    }
+    buf.extend(stats_entry(200, 1)); // unknown tag
+    buf.extend_from_slice(&[4, 0, 9]); // truncated entry
+    mem.write_slice(&buf, GuestAddress(DATA)).unwrap();
+    // Linux queues the first statistics buffer during probe, before DRIVER_OK.
+    stats.add(&[(DATA, buf.len() as u32, false)]);
+    let irq = activate(
+        &mut b,
+        &mem,
+        VIRTIO_F_VERSION_1 | F_STATS_VQ,
+        vec![
+            (0, inflate.queue()),
+            (1, deflate.queue()),
+            (2, stats.queue()),
+        ],
+    );
+    let s = b.stats().expect("stats read at activation").clone();
+    assert_eq!(s.free_memory, Some(400));
+    assert_eq!(s.total_memory, Some(500));
+    assert_eq!(s.hugetlb_failures, Some(900));
+    assert_eq!((s.unknown_tags, s.truncated_bytes), (1, 3));
+    assert_eq!(
+        stats.used_count(),
+        0,
+        "the buffer is held until Ebb wants new numbers"
+    );
+
+    // The timer returns it; the guest refills and re-adds it.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    b.process_event(0);
+    assert_eq!(stats.used_count(), 1);
+    assert_eq!(irq.queue.load(Ordering::SeqCst), 1);
+    mem.write_slice(&stats_entry(4, 12345), GuestAddress(DATA))
+        .unwrap();
+    stats.add(&[(DATA, 10, false)]);
+    b.process_queue(2);
+    assert_eq!(b.stats().unwrap().free_memory, Some(12345));
+    assert_eq!(b.counters().stats_updates, 2);
+
+    // A write-only stats buffer is rejected but still held and returned later.
+    stats.add(&[(DATA, 10, true)]);
+    b.process_queue(2);
+    assert_eq!(b.counters().rejected_descriptors, 1);
+    assert_eq!(
+        stats.used_count(),
+        2,
+        "the previously held buffer went back"
+    );
+}
+
+#[test]
+fn stats_interval_cannot_be_enabled_when_off_at_boot() {
+    let mut b = Balloon::new(options(false, 0), RAM_BYTES, RAM_END).unwrap();
+    assert!(b.set_stats_interval(5).is_err());
+    let mut b = Balloon::new(options(false, 2), RAM_BYTES, RAM_END).unwrap();
+    assert!(b.set_stats_interval(5).is_ok());
+    assert_eq!(b.stats_interval_s(), 5);
+    assert!(b.set_stats_interval(0).is_ok());
+}
+
+#[test]
+fn activation_without_inflate_or_deflate_is_refused() {
+    let mem = mem();
+    let mut b = Balloon::new(options(false, 0), RAM_BYTES, RAM_END).unwrap();
+    let inflate = DriverQueue::new(&mem, 0x1000, 256);
+    let r = b.activate(Activation {
+        mem: mem.clone(),
+        features: VIRTIO_F_VERSION_1,
+        queues: vec![ActiveQueue {
+            index: 0,
+            queue: inflate.queue(),
+        }],
+        interrupt: Arc::new(Irq::default()),
+    });
+    assert!(r.is_err());
+}
+
+#[test]
+fn reset_forgets_guest_state_but_keeps_the_target() {
+    let mem = mem();
+    let (mut b, mut q, _) = basic(&mem);
+    b.set_target_pages(10).unwrap();
+    let len = write_pfns(&mem, DATA, &[pfn(B_START)]);
+    q.inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    b.write_config(4, &1u32.to_le_bytes());
+    b.reset();
+    assert_eq!(b.actual_pages(), 0);
+    assert_eq!(b.held_pages(), 0);
+    assert_eq!(b.target_pages(), 10);
+    // Kicks after reset do nothing.
+    q.inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    assert_eq!(b.counters().inflated_pages, 1);
+}
