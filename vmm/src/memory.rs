@@ -13,6 +13,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use crate::config::{format_size, MemoryConfig, PAGE_SIZE};
 use crate::layout;
 
+/// Transparent huge page size on x86_64.
+const HUGE_PAGE: usize = 2 << 20;
+
 /// Errors creating guest RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -49,8 +52,10 @@ impl GuestRam {
         let size_usize = usize::try_from(size)
             .map_err(|_| reserve_err(io::Error::from_raw_os_error(libc::ENOMEM)))?;
         let guard = PAGE_SIZE as usize;
+        // Room to start RAM on a 2 MiB boundary, so guest huge pages line up with host
+        // transparent huge pages and a 2 MiB report frees a whole host huge page.
         let total = size_usize
-            .checked_add(2 * guard)
+            .checked_add(2 * guard + HUGE_PAGE)
             .ok_or_else(|| reserve_err(io::Error::from_raw_os_error(libc::ENOMEM)))?;
 
         // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; no
@@ -68,7 +73,7 @@ impl GuestRam {
         if base == libc::MAP_FAILED {
             return Err(reserve_err(io::Error::last_os_error()));
         }
-        let ram = (base as usize + guard) as *mut libc::c_void;
+        let ram = (base as usize + guard).next_multiple_of(HUGE_PAGE) as *mut libc::c_void;
         // SAFETY: `ram..ram+size` lies inside the reservation just made, which nothing else
         // uses. MAP_NORESERVE keeps the host from committing swap for untouched memory.
         let ret = unsafe { libc::mprotect(ram, size_usize, libc::PROT_READ | libc::PROT_WRITE) };
@@ -188,6 +193,7 @@ mod tests {
         };
         let ram = GuestRam::new(&cfg).unwrap();
         assert_eq!(smaps_entry_size_kib(ram.host_start()), Some(5 * GIB / 1024));
+        assert_eq!(ram.host_start() % (2 << 20), 0, "2 MiB aligned for THP");
         let slots = ram.slots();
         assert_eq!(slots.len(), 2);
         assert_eq!(slots[1].0, GuestAddress(4 * GIB));

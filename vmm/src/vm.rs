@@ -6,22 +6,26 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use ebb_balloon::{Balloon, BalloonOptions};
 use ebb_devices::acpi_pm::{self, AcpiPm};
 use ebb_devices::bus::{lock, Bus, BusError};
 use ebb_devices::exit::{ExitSignal, VmExit};
 use ebb_devices::i8042::{self, I8042};
 use ebb_devices::serial::{self, SerialDevice, SerialOutput};
+use ebb_devices::virtio::handler::VirtioHandler;
+use ebb_devices::virtio::mmio::{self, MmioTransport};
+use ebb_devices::virtio::{MmioInterrupt, VirtioDevice};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{self, AcpiError, MmioDeviceInfo};
 use crate::boot::{self, BootError, BootSetup};
-use crate::config::{format_size, SerialConfig, VmConfig};
+use crate::config::{format_size, SerialConfig, VmConfig, PAGE_SIZE};
 use crate::console::ConsoleInput;
 use crate::cpu::{self, CpuError};
 use crate::host::{self, HostError};
@@ -84,12 +88,14 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> VmError {
 /// Checks what can be checked without KVM, in the order a user would fix things:
 /// features not yet available, the kernel, the initramfs, memory against their needs.
 pub fn validate(config: &VmConfig) -> Result<(boot::KernelInfo, Option<(File, u64)>), VmError> {
-    if config.balloon.is_some() {
-        return Err(VmError::Config(
-            "--balloon is not available yet: the virtio-balloon device is not implemented in \
-             this version of Ebb"
-                .into(),
-        ));
+    if let Some(b) = &config.balloon {
+        if b.size > config.memory.size {
+            return Err(VmError::Config(format!(
+                "--balloon size={} is larger than guest memory ({})",
+                format_size(b.size),
+                format_size(config.memory.size)
+            )));
+        }
     }
     if config.api_socket.is_some() {
         return Err(VmError::Config(
@@ -194,6 +200,34 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
+/// Puts `device` behind a virtio-mmio window: registers on the MMIO bus, its interrupt
+/// as an irqfd, and its queue notifications as ioeventfds.
+fn add_virtio_mmio<D: VirtioDevice + 'static>(
+    vm: &VmFd,
+    mmio_bus: &mut Bus,
+    ram: &GuestRam,
+    device: D,
+    info: MmioDeviceInfo,
+) -> Result<Arc<Mutex<MmioTransport<D>>>, VmError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+    vm.register_irqfd(&irq, info.irq)
+        .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+    let interrupt = Arc::new(MmioInterrupt::new(irq));
+    let transport = MmioTransport::new(device, ram.memory().clone(), interrupt)
+        .map_err(io_err("creating the virtio-mmio transport"))?;
+    for (index, notifier) in transport.notifiers().iter().enumerate() {
+        vm.register_ioevent(
+            notifier,
+            &IoEventAddress::Mmio(info.base + mmio::QUEUE_NOTIFY_OFFSET),
+            index as u32,
+        )
+        .map_err(kvm_err("KVM_IOEVENTFD (virtio)"))?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    mmio_bus.insert(transport.clone(), info.base, info.size)?;
+    Ok(transport)
+}
+
 /// Builds the VM, runs it until it stops, and returns why it stopped.
 pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     let (kernel, initramfs) = validate(config)?;
@@ -245,8 +279,32 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
         u64::from(acpi_pm::PM_PORT_BASE),
         u64::from(acpi_pm::PM_PORT_LEN),
     )?;
-    let mmio_bus = Bus::new();
-    let mmio_devices: Vec<MmioDeviceInfo> = Vec::new();
+    let mut mmio_bus = Bus::new();
+    let mut mmio_devices: Vec<MmioDeviceInfo> = Vec::new();
+    let mut device_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
+    if let Some(balloon_cfg) = &config.balloon {
+        let info = MmioDeviceInfo {
+            base: layout::VIRTIO_MMIO_START,
+            size: layout::VIRTIO_MMIO_SIZE,
+            irq: layout::VIRTIO_FIRST_IRQ,
+        };
+        let balloon = Balloon::new(
+            BalloonOptions {
+                target_pages: (balloon_cfg.size / PAGE_SIZE) as u32,
+                deflate_on_oom: balloon_cfg.deflate_on_oom,
+                free_page_reporting: balloon_cfg.free_page_reporting,
+                stats_interval_s: balloon_cfg.stats_interval_s,
+            },
+            ram.size(),
+            layout::ram_end(ram.size()),
+        )
+        .map_err(|e| VmError::Config(e.to_string()))?;
+        let transport = add_virtio_mmio(&vm, &mut mmio_bus, &ram, balloon, info)?;
+        device_handlers.push(Box::new(
+            VirtioHandler::new(transport).map_err(io_err("balloon event handler"))?,
+        ));
+        mmio_devices.push(info);
+    }
 
     // Boot structures.
     let rsdp = acpi::write_tables(ram.memory(), config.cpus, &mmio_devices)?;
@@ -303,6 +361,9 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
         })?;
     events.add_subscriber(Box::new(ExitWatcher(exit.clone())));
     events.add_subscriber(Box::new(SignalWatcher::new(signal_fd, exit.clone())));
+    for handler in device_handlers {
+        events.add_subscriber(handler);
+    }
     if config.serial == SerialConfig::Stdio {
         events.add_subscriber(Box::new(ConsoleInput::new(
             serial_dev.clone(),
