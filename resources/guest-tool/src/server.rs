@@ -141,7 +141,7 @@ impl Server {
     }
 
     fn touch(&mut self, mib: u64) -> Obj {
-        let w = match self.worker.take() {
+        let mut w = match self.worker.take() {
             Some(w) => w,
             None => match Worker::spawn() {
                 Ok(w) => w,
@@ -153,7 +153,6 @@ impl Server {
                 }
             },
         };
-        let mut w = w;
         match w.touch(mib) {
             Ok(d) => {
                 let held = w.held_mib();
