@@ -7,7 +7,7 @@
 # Output (cache, rebuilt when the kernel, busybox, this script or the init change):
 #   $EBB_CACHE_DIR/testhost/vmlinux            the L1 kernel, ELF, booted via PVH (symlink)
 #   $EBB_CACHE_DIR/testhost/vmlinuz            the same kernel as Debian's bzImage
-#   $EBB_CACHE_DIR/testhost/initramfs.cpio.gz  busybox-static, the modules, /init
+#   $EBB_CACHE_DIR/testhost/initramfs.cpio.gz  busybox-static, the modules, /init, kvm-hold
 #   $EBB_CACHE_DIR/testhost/kver               the L1 kernel release
 #   $EBB_CACHE_DIR/testhost/modtree            path of the L1 kernel's full module tree
 #   $EBB_CACHE_DIR/testhost/modules            the modules in load order
@@ -16,7 +16,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/common.sh"
 
-ensure_packages busybox-static cpio kmod gzip xz-utils zstd
+ensure_packages busybox-static cpio kmod gzip xz-utils zstd gcc libc6-dev
 
 kdir="$("$here/fetch-kernel.sh")"
 kver="$(cat "$kdir/kver")"
@@ -31,8 +31,10 @@ mkdir -p "$out"
 exec 9>"$out/.lock"
 flock 9
 
-stamp="$( { echo "$kdir"; cat "$kdir/package" 2>/dev/null; sha256sum "$busybox" \
-    "${BASH_SOURCE[0]}" "$here/testhost/init"; } | sha256sum | cut -d' ' -f1)"
+# Contents only (not paths): the stamp must not depend on how the script was invoked.
+stamp="$( { echo "$kdir"; cat "$kdir/package" 2>/dev/null; cat "$busybox" \
+    "${BASH_SOURCE[0]}" "$here/testhost/init" "$here/testhost/kvm-hold.c"; } \
+    | sha256sum | cut -d' ' -f1)"
 if [ -f "$out/.stamp" ] && [ "$(cat "$out/.stamp")" = "$stamp" ] \
         && [ -f "$out/initramfs.cpio.gz" ] && [ -f "$out/vmlinux" ]; then
     echo "$out"
@@ -89,6 +91,8 @@ for rel in "${order[@]}"; do
     echo "$name" >> "$stage/etc/testhost-modules"
 done
 install -m 0755 "$here/testhost/init" "$stage/init"
+cc -static -Os -Wall -Werror -o "$stage/bin/kvm-hold" "$here/testhost/kvm-hold.c" \
+    || die "cannot build kvm-hold (static; needs gcc and libc6-dev)"
 mknod -m 600 "$stage/dev/console" c 5 1 2>/dev/null || true
 
 (cd "$stage" && find . -print0 | LC_ALL=C sort -z \

@@ -4,37 +4,23 @@
 //! Run: `cargo test -p ebb-tests --test testhost -- --nocapture`
 //! (`EBB_TEST_HOST=direct|nested` forces the mode.)
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
+use ebb_tests::guest;
 use ebb_tests::testhost::{self, HostMode, Scenario};
-use ebb_tests::{guest, paths};
 use serde_json::Value;
 
 /// Builds the default guest on this machine before any scenario needs it (inside the
-/// nested test host the cache is read-only).
-fn build_guest() -> PathBuf {
-    let script = paths::resources_dir().join("build-guest.sh");
-    assert!(
-        script.is_file(),
-        "{} is missing: the default guest cannot be built",
-        script.display()
-    );
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("running build-guest.sh");
-    assert!(
-        out.status.success(),
-        "{} failed: {}\n{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    guest::GuestArtifacts::in_dir(&dir).expect("guest artifacts after build-guest.sh");
-    dir
+/// nested test host the cache is read-only). `EBB_GUEST_PREBUILT=1` uses the artifacts
+/// already in the cache instead (they must exist).
+fn build_guest() {
+    let artifacts = if std::env::var("EBB_GUEST_PREBUILT").is_ok_and(|v| v == "1") {
+        guest::GuestArtifacts::locate()
+    } else {
+        guest::build_default_guest()
+    };
+    let a = artifacts.unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("default guest: {}", a.dir.display());
 }
 
 fn results(stdout: &str) -> Vec<Value> {

@@ -82,6 +82,12 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
          balloon, powers off; timed (args: memory_mib=512 cpus=1 ready_timeout_s=300)",
         qemu_boot,
     ),
+    (
+        "qemu-cycle",
+        "qemu-boot COUNT times in a row (reliability of VM start/stop; args: count=5 and \
+         those of qemu-boot)",
+        qemu_cycle,
+    ),
 ];
 
 fn progress(msg: &str) {
@@ -203,11 +209,30 @@ fn tempfile_probe() -> bool {
 
 fn qemu_boot(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     args.check_known(&["memory_mib", "cpus", "ready_timeout_s"])?;
+    let artifacts = GuestArtifacts::locate().map_err(|e| e.to_string())?;
+    boot_once(&artifacts, args)
+}
+
+fn qemu_cycle(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    args.check_known(&["memory_mib", "cpus", "ready_timeout_s", "count"])?;
+    let count: u32 = args.get("count", 5)?;
+    let artifacts = GuestArtifacts::locate().map_err(|e| e.to_string())?;
+    let mut ready = Vec::new();
+    let mut total = Vec::new();
+    for i in 0..count {
+        let r = boot_once(&artifacts, args).map_err(|e| format!("boot {}: {e}", i + 1))?;
+        ready.push(r["ready_ms"].clone());
+        total.push(r["total_ms"].clone());
+    }
+    Ok(json!({ "count": count, "ready_ms": ready, "total_ms": total }))
+}
+
+/// Boots the default guest under QEMU once: ready, meminfo, balloon, RSS, poweroff.
+fn boot_once(artifacts: &GuestArtifacts, args: &Args) -> Result<Value, String> {
     let memory_mib: u64 = args.get("memory_mib", 512)?;
     let cpus: u32 = args.get("cpus", 1)?;
     let ready_timeout = Duration::from_secs(args.get("ready_timeout_s", 300)?);
     let cmd_timeout = Duration::from_secs(120);
-    let artifacts = GuestArtifacts::locate().map_err(|e| e.to_string())?;
     let config = GuestConfig {
         memory_mib,
         cpus,
@@ -224,7 +249,7 @@ fn qemu_boot(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "qemu-boot: starting QEMU ({memory_mib} MiB, {cpus} vCPU)"
     ));
     let mut vm =
-        GuestVm::spawn_with(VmmKind::Qemu, &config, &artifacts).map_err(|e| e.to_string())?;
+        GuestVm::spawn_with(VmmKind::Qemu, &config, artifacts).map_err(|e| e.to_string())?;
     let ready = vm.wait_ready(ready_timeout).map_err(|e| e.to_string())?;
     progress(&format!(
         "qemu-boot: EBB-READY after {:.1} s: {}",
