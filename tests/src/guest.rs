@@ -275,6 +275,45 @@ pub fn find_ebb_binary() -> Result<PathBuf> {
     }
 }
 
+/// Builds the Ebb binary with cargo (`cargo build -p ebb-vmm --bin ebb`, `--release` when
+/// the running executable is a release build) and returns its path. For tests on the
+/// outer machine; inside the nested test host use [`find_ebb_binary`].
+pub fn build_ebb_binary() -> Result<PathBuf> {
+    let release = paths::profile_dir()
+        .and_then(|d| d.file_name().map(|n| n == "release"))
+        .unwrap_or(false);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", "ebb-vmm", "--bin", "ebb"])
+        .current_dir(paths::repo_root())
+        .env("CARGO_TARGET_DIR", paths::target_dir())
+        .stdin(Stdio::null());
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| GuestError::Spawn(format!("running cargo build for ebb: {e}")))?;
+    if !out.status.success() {
+        return Err(GuestError::Missing(format!(
+            "cargo build -p ebb-vmm --bin ebb failed ({}):\n{}",
+            out.status,
+            indent(&tail(&String::from_utf8_lossy(&out.stderr), TAIL_LINES))
+        )));
+    }
+    let path = paths::target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("ebb");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(GuestError::Missing(format!(
+            "cargo built ebb but {} does not exist",
+            path.display()
+        )))
+    }
+}
+
 /// Finds qemu-system-x86_64 on PATH.
 pub fn find_qemu() -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
