@@ -22,7 +22,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ebb_tests::guest::{BalloonConfig, GuestArtifacts, GuestConfig, GuestVm, VmmKind};
+use ebb_tests::guest::{
+    find_ebb_binary, BalloonConfig, GuestArtifacts, GuestConfig, GuestVm, VmmKind,
+};
 use ebb_tests::{paths, procfs, testhost};
 use serde_json::{json, Value};
 
@@ -81,6 +83,11 @@ const SCENARIOS: &[(&str, &str, ScenarioFn)] = &[
         "boots the default guest under QEMU/KVM, waits for EBB-READY, runs meminfo and \
          balloon, powers off; timed (args: memory_mib=512 cpus=1 ready_timeout_s=300)",
         qemu_boot,
+    ),
+    (
+        "ebb-boot",
+        "qemu-boot with Ebb as the VMM (target/<profile>/ebb or EBB_BINARY; args as qemu-boot)",
+        ebb_boot,
     ),
     (
         "qemu-cycle",
@@ -210,7 +217,14 @@ fn tempfile_probe() -> bool {
 fn qemu_boot(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     args.check_known(&["memory_mib", "cpus", "ready_timeout_s"])?;
     let artifacts = GuestArtifacts::locate().map_err(|e| e.to_string())?;
-    boot_once(&artifacts, args)
+    boot_once(&VmmKind::Qemu, &artifacts, args)
+}
+
+fn ebb_boot(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    args.check_known(&["memory_mib", "cpus", "ready_timeout_s"])?;
+    let binary = find_ebb_binary().map_err(|e| e.to_string())?;
+    let artifacts = GuestArtifacts::locate().map_err(|e| e.to_string())?;
+    boot_once(&VmmKind::Ebb { binary }, &artifacts, args)
 }
 
 fn qemu_cycle(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
@@ -220,15 +234,16 @@ fn qemu_cycle(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let mut ready = Vec::new();
     let mut total = Vec::new();
     for i in 0..count {
-        let r = boot_once(&artifacts, args).map_err(|e| format!("boot {}: {e}", i + 1))?;
+        let r = boot_once(&VmmKind::Qemu, &artifacts, args)
+            .map_err(|e| format!("boot {}: {e}", i + 1))?;
         ready.push(r["ready_ms"].clone());
         total.push(r["total_ms"].clone());
     }
     Ok(json!({ "count": count, "ready_ms": ready, "total_ms": total }))
 }
 
-/// Boots the default guest under QEMU once: ready, meminfo, balloon, RSS, poweroff.
-fn boot_once(artifacts: &GuestArtifacts, args: &Args) -> Result<Value, String> {
+/// Boots the default guest once: ready, meminfo, balloon, RSS, poweroff.
+fn boot_once(kind: &VmmKind, artifacts: &GuestArtifacts, args: &Args) -> Result<Value, String> {
     let memory_mib: u64 = args.get("memory_mib", 512)?;
     let cpus: u32 = args.get("cpus", 1)?;
     let ready_timeout = Duration::from_secs(args.get("ready_timeout_s", 300)?);
@@ -245,14 +260,15 @@ fn boot_once(artifacts: &GuestArtifacts, args: &Args) -> Result<Value, String> {
         ..GuestConfig::default()
     };
     let t0 = Instant::now();
+    let vmm = kind.name();
     progress(&format!(
-        "qemu-boot: starting QEMU ({memory_mib} MiB, {cpus} vCPU)"
+        "boot: starting {vmm} ({memory_mib} MiB, {cpus} vCPU)"
     ));
     let mut vm =
-        GuestVm::spawn_with(VmmKind::Qemu, &config, artifacts).map_err(|e| e.to_string())?;
+        GuestVm::spawn_with(kind.clone(), &config, artifacts).map_err(|e| e.to_string())?;
     let ready = vm.wait_ready(ready_timeout).map_err(|e| e.to_string())?;
     progress(&format!(
-        "qemu-boot: EBB-READY after {:.1} s: {}",
+        "boot: {vmm}: EBB-READY after {:.1} s: {}",
         ready.elapsed.as_secs_f64(),
         ready.line
     ));
@@ -266,7 +282,7 @@ fn boot_once(artifacts: &GuestArtifacts, args: &Args) -> Result<Value, String> {
         .map_err(|e| e.to_string())?;
     let ram_rss = vm.guest_ram_rss_kib().map_err(|e| {
         format!(
-            "reading the guest RAM mapping of QEMU: {e}\n{}",
+            "reading the guest RAM mapping of {vmm}: {e}\n{}",
             vm.diagnostics()
         )
     })?;
@@ -276,7 +292,7 @@ fn boot_once(artifacts: &GuestArtifacts, args: &Args) -> Result<Value, String> {
     let poweroff_ms = ms(t_off.elapsed());
     if !exit.status.success() {
         return Err(format!(
-            "QEMU exited with {} after poweroff\n{}",
+            "{vmm} exited with {} after poweroff\n{}",
             exit.status,
             vm.diagnostics()
         ));
@@ -291,7 +307,7 @@ fn boot_once(artifacts: &GuestArtifacts, args: &Args) -> Result<Value, String> {
         ));
     }
     Ok(json!({
-        "vmm": "qemu",
+        "vmm": vmm,
         "argv": vm.argv(),
         "kernel": ready.kernel,
         "ready_ms": ms(ready.elapsed),
