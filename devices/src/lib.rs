@@ -6,6 +6,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod cmos;
 pub mod exit;
 pub mod i8042;
 pub mod serial;

@@ -13,7 +13,7 @@ use acpi_tables::madt::{
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{sdt::Sdt, Aml};
-use ebb_devices::acpi_pm;
+use ebb_devices::{acpi_pm, cmos, serial};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
@@ -62,6 +62,7 @@ pub fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
     .to_aml_bytes(&mut body);
 
     let mut device_aml = Vec::new();
+    legacy_devices_aml(&mut device_aml);
     for (i, dev) in devices.iter().enumerate() {
         let name = format!("V{i:03X}");
         let hid: &'static str = "LNRO0005";
@@ -83,12 +84,52 @@ pub fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
         )
         .to_aml_bytes(&mut device_aml);
     }
-    if !device_aml.is_empty() {
-        let children = RawAml(device_aml);
-        aml::Scope::new("\\_SB_".into(), vec![&children]).to_aml_bytes(&mut body);
-    }
+    let children = RawAml(device_aml);
+    aml::Scope::new("\\_SB_".into(), vec![&children]).to_aml_bytes(&mut body);
     table.append_slice(&body);
     table.as_slice().to_vec()
+}
+
+/// COM1 and the CMOS clock as ACPI devices.
+///
+/// A hardware-reduced ACPI platform has no legacy PIC as far as Linux is concerned, so
+/// ISA interrupts are not mapped by number: a device only gets its interrupt when ACPI
+/// describes it (PNP0501 makes the 8250 driver route IRQ 4 through the IOAPIC).
+fn legacy_devices_aml(sink: &mut Vec<u8>) {
+    let com1_io = aml::IO::new(
+        serial::COM1_PORT,
+        serial::COM1_PORT,
+        1,
+        serial::COM1_PORT_LEN as u8,
+    );
+    let com1_irq = aml::Interrupt::new(true, true, false, false, serial::COM1_IRQ);
+    aml::Device::new(
+        "COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]),
+            ),
+        ],
+    )
+    .to_aml_bytes(sink);
+    // The CMOS clock raises no interrupts, so it is described without one.
+    let rtc_io = aml::IO::new(
+        cmos::CMOS_PORT,
+        cmos::CMOS_PORT,
+        1,
+        cmos::CMOS_PORT_LEN as u8,
+    );
+    aml::Device::new(
+        "RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&rtc_io])),
+        ],
+    )
+    .to_aml_bytes(sink);
 }
 
 /// Pre-encoded AML to nest inside a builder.
@@ -284,10 +325,13 @@ mod tests {
         // Extended interrupt descriptor: tag 0x89, length 6, consumer+edge, one IRQ: 6.
         let irq = [0x89, 0x06, 0x00, 0x03, 0x01, 0x06, 0x00, 0x00, 0x00];
         assert!(find(&d, &irq).is_some(), "interrupt of device 1");
-        // No devices: no \_SB_ scope, but still _S5_.
+        // No virtio devices: still COM1, the clock and _S5_.
         let empty = dsdt(&[]);
         assert!(find(&empty, b"LNRO").is_none());
         assert!(find(&empty, b"_S5_").is_some());
+        assert!(find(&empty, b"COM1").is_some());
+        // IO descriptor for COM1: tag 0x47, 16-bit decode, 0x3f8..0x3f8, align 1, 8 ports.
+        assert!(find(&empty, &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]).is_some());
     }
 
     #[test]
@@ -319,6 +363,12 @@ mod tests {
             "{dsl}"
         );
         assert!(dsl.contains("_S5_"), "{dsl}");
+        assert!(dsl.contains("EisaId (\"PNP0501\")"), "{dsl}");
+        assert!(
+            dsl.contains("IO (Decode16,") && dsl.contains("0x03F8"),
+            "{dsl}"
+        );
+        assert!(dsl.contains("EisaId (\"PNP0B00\")"), "{dsl}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

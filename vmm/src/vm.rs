@@ -9,6 +9,7 @@ use std::thread;
 use ebb_balloon::{Balloon, BalloonOptions};
 use ebb_devices::acpi_pm::{self, AcpiPm};
 use ebb_devices::bus::{lock, Bus, BusError};
+use ebb_devices::cmos::{self, Cmos};
 use ebb_devices::exit::{ExitSignal, VmExit};
 use ebb_devices::i8042::{self, I8042};
 use ebb_devices::serial::{self, SerialDevice, SerialOutput};
@@ -274,6 +275,11 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
             1,
         )?;
     }
+    io_bus.insert(
+        Arc::new(Mutex::new(Cmos::new())),
+        u64::from(cmos::CMOS_PORT),
+        u64::from(cmos::CMOS_PORT_LEN),
+    )?;
     io_bus.insert(
         Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
         u64::from(acpi_pm::PM_PORT_BASE),
