@@ -236,7 +236,7 @@ impl BusDevice for Cmos {
             _ => {
                 // Time registers read while SET is held return what the guest wrote.
                 let set = self.ram[usize::from(REG_B)] & REG_B_SET != 0;
-                if set && self.index <= REG_YEAR || set && self.index == REG_CENTURY {
+                if set && (self.index <= REG_YEAR || self.index == REG_CENTURY) {
                     self.ram[usize::from(self.index)]
                 } else {
                     self.read_register(self.index)
