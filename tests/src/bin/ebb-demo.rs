@@ -1,0 +1,208 @@
+//! The main job: boot the default guest (stock Debian kernel) with Ebb, a virtio-balloon
+//! and free page reporting, and show guest memory going back to the host.
+//!
+//! ```text
+//! ebb-demo            run the demo (directly on a KVM host, else in the nested test host)
+//! ebb-demo --inside   the demo itself (what the test host runs)
+//! ```
+//! Prints a narrative with the measured figures; exits 0 when every step worked.
+
+use std::process::ExitCode;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use ebb_tests::guest::{find_ebb_binary, BalloonConfig, GuestConfig, GuestVm, VmmKind};
+use ebb_tests::testhost::{self, HostMode, Scenario};
+
+const MEMORY_MIB: u64 = 1024;
+const BALLOON_MIB: u64 = 256;
+const TOUCH_MIB: u64 = 512;
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn step(text: &str) {
+    println!("\n== {text}");
+}
+
+/// Polls `f` every `every` until it returns Some or `limit` passes.
+fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        sleep(every);
+    }
+}
+
+fn inside() -> Result<(), String> {
+    let binary = find_ebb_binary().map_err(|e| e.to_string())?;
+    let config = GuestConfig {
+        memory_mib: MEMORY_MIB,
+        cpus: 2,
+        balloon: Some(BalloonConfig {
+            size_mib: BALLOON_MIB,
+            // Off, so the ballooned pages visibly leave the guest's MemTotal.
+            deflate_on_oom: false,
+            free_page_reporting: true,
+            stats_interval: 1,
+        }),
+        ..GuestConfig::default()
+    };
+    step(&format!(
+        "Booting the default guest: {MEMORY_MIB} MiB, 2 vCPUs, balloon target {BALLOON_MIB} MiB, \
+         free page reporting on"
+    ));
+    let mut vm = GuestVm::spawn(VmmKind::Ebb { binary }, &config).map_err(|e| e.to_string())?;
+    println!("   {}", vm.argv().join(" "));
+    let ready = vm.wait_ready(TIMEOUT).map_err(|e| e.to_string())?;
+    println!(
+        "   guest ready after {:.1} s: Linux {}, {} CPUs, MemTotal {:.0} MiB",
+        ready.elapsed.as_secs_f64(),
+        ready.kernel,
+        ready.cpus,
+        mib(ready.memtotal_kib)
+    );
+
+    step("The balloon inflates to its target");
+    let target_pages = BALLOON_MIB * 256;
+    let t0 = Instant::now();
+    let balloon = poll(TIMEOUT, Duration::from_millis(500), || {
+        let b = vm.command_ok("balloon", TIMEOUT).ok()?;
+        (b["inflated_pages"].as_u64()? >= target_pages).then_some(b)
+    })
+    .ok_or("the balloon did not reach its target")?;
+    let meminfo = vm
+        .command_ok("meminfo", TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let features = balloon["features"].as_str().unwrap_or("");
+    let bit = |n: usize| features.as_bytes().get(n) == Some(&b'1');
+    println!(
+        "   guest balloon holds {} MiB ({:.1} s); negotiated: stats={} deflate_on_oom={} \
+         free_page_reporting={} page_poison={}",
+        balloon["inflated_pages"].as_u64().unwrap_or(0) / 256,
+        t0.elapsed().as_secs_f64(),
+        bit(1),
+        bit(2),
+        bit(5),
+        bit(4)
+    );
+    println!(
+        "   guest MemTotal now {:.0} MiB (was {:.0}): the ballooned pages left the guest",
+        mib(meminfo["mem_total_kib"].as_u64().unwrap_or(0)),
+        mib(ready.memtotal_kib)
+    );
+    let idle_rss = vm.guest_ram_rss_kib().map_err(|e| e.to_string())?;
+    println!("   host RSS of guest RAM: {:.0} MiB", mib(idle_rss));
+
+    step(&format!("The guest touches {TOUCH_MIB} MiB, then frees it"));
+    let touch = vm
+        .command_ok(&format!("touch {TOUCH_MIB}"), TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let peak = vm.guest_ram_rss_kib().map_err(|e| e.to_string())?;
+    println!(
+        "   touched in {} ms; host RSS of guest RAM: {:.0} MiB",
+        touch["ms"],
+        mib(peak)
+    );
+    vm.command_ok("free", TIMEOUT).map_err(|e| e.to_string())?;
+    let freed_at = Instant::now();
+    println!("   freed; free page reporting hands the pages back:");
+    let mut settled = None;
+    let goal = idle_rss + (peak.saturating_sub(idle_rss)) / 10;
+    while freed_at.elapsed() < Duration::from_secs(60) {
+        sleep(Duration::from_secs(2));
+        let rss = vm.guest_ram_rss_kib().map_err(|e| e.to_string())?;
+        println!(
+            "   +{:>4.1} s  host RSS of guest RAM {:>6.0} MiB",
+            freed_at.elapsed().as_secs_f64(),
+            mib(rss)
+        );
+        if rss <= goal {
+            settled = Some((freed_at.elapsed(), rss));
+            break;
+        }
+    }
+    let (took, rss) = settled.ok_or_else(|| {
+        format!(
+            "guest RAM RSS did not fall back towards {:.0} MiB within 60 s",
+            mib(idle_rss)
+        )
+    })?;
+    println!(
+        "   {:.0} of {:.0} MiB returned to the host in {:.1} s",
+        mib(peak - rss),
+        mib(peak - idle_rss),
+        took.as_secs_f64()
+    );
+
+    step("Powering off");
+    let exit = vm.poweroff(TIMEOUT).map_err(|e| e.to_string())?;
+    println!("   ebb exited with {}: {}", exit.status, exit.stderr.trim());
+    if !exit.status.success() {
+        return Err("ebb did not exit cleanly".into());
+    }
+    println!("\nDemo complete.");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--inside") {
+        return match inside() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("\ndemo failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let me = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ebb-demo: cannot find myself: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mode = match HostMode::detect() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("ebb-demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if mode == HostMode::Nested {
+        eprintln!(
+            "ebb-demo: this host's KVM cannot boot stock Linux guests; running the demo in the \
+             nested test host (QEMU TCG + kvm-amd). Its output appears when it finishes (~2 min)."
+        );
+    }
+    let mut scenario = Scenario::new([me.to_string_lossy().into_owned(), "--inside".into()]);
+    scenario.mode = Some(mode);
+    scenario.l1_memory_mib = (MEMORY_MIB + 600) as u32;
+    scenario.timeout = Duration::from_secs(900);
+    match testhost::run(&scenario) {
+        Ok(out) => {
+            print!("{}", out.stdout);
+            if !out.success() {
+                eprint!("{}", out.stderr);
+                eprintln!(
+                    "ebb-demo: failed (status {}); run dir {}",
+                    out.status,
+                    out.out_dir.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ebb-demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
