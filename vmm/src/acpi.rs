@@ -3,6 +3,8 @@
 //! The DSDT describes each virtio-mmio device as `LNRO0005`, which is how a stock distro
 //! kernel (built without `VIRTIO_MMIO_CMDLINE_DEVICES`) finds them, and carries the `_S5_`
 //! package that makes ACPI power-off work through the FADT's sleep control register.
+//! With a Generic Event Device (`ACPI0013`) it also describes a power button (`PNP0C0C`)
+//! the host can press: the GED's `_EVT` method notifies the button with 0x80.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -13,7 +15,7 @@ use acpi_tables::madt::{
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{sdt::Sdt, Aml};
-use ebb_devices::{acpi_pm, cmos, serial};
+use ebb_devices::{acpi_pm, cmos, ged, serial};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
@@ -29,6 +31,15 @@ pub struct MmioDeviceInfo {
     pub base: u64,
     /// Window size.
     pub size: u64,
+    /// GSI (IOAPIC pin).
+    pub irq: u32,
+}
+
+/// The Generic Event Device as the guest should see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GedInfo {
+    /// Guest physical address of the event register.
+    pub base: u64,
     /// GSI (IOAPIC pin).
     pub irq: u32,
 }
@@ -49,8 +60,9 @@ pub enum AcpiError {
     Write(String),
 }
 
-/// The DSDT body: `_S5_` and one `LNRO0005` device per virtio-mmio window.
-pub fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
+/// The DSDT body: `_S5_`, the legacy devices, one `LNRO0005` device per virtio-mmio
+/// window, and the GED with its power button when there is one.
+pub fn dsdt(devices: &[MmioDeviceInfo], ged: Option<GedInfo>) -> Vec<u8> {
     let mut table = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     // SLP_TYPa, SLP_TYPb, reserved, reserved.
@@ -83,6 +95,9 @@ pub fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
             ],
         )
         .to_aml_bytes(&mut device_aml);
+    }
+    if let Some(ged) = ged {
+        ged_aml(ged, &mut device_aml);
     }
     let children = RawAml(device_aml);
     aml::Scope::new("\\_SB_".into(), vec![&children]).to_aml_bytes(&mut body);
@@ -127,6 +142,56 @@ fn legacy_devices_aml(sink: &mut Vec<u8>) {
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
             &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&rtc_io])),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// The Generic Event Device and the power button it notifies.
+///
+/// `_EVT` reads the event register (which clears it) and sends `Notify (PWRB, 0x80)`
+/// ("button pressed") when the power button bit is set.
+fn ged_aml(info: GedInfo, sink: &mut Vec<u8>) {
+    let irq = aml::Interrupt::new(true, true, false, false, info.irq);
+    let base = info.base as u32;
+    let len = ged::GED_REGISTER_LEN as u32;
+    let power_button = ged::GED_EVENT_POWER_BUTTON;
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let events = aml::Path::new("GDAT");
+    aml::Device::new(
+        "GED0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq])),
+            &aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemMemory, &base, &len),
+            &aml::Field::new(
+                "GDST".into(),
+                aml::FieldAccessType::DWord,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![aml::FieldEntry::Named(*b"GDAT", 32)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &aml::Store::new(&aml::Local(0), &events),
+                    &aml::If::new(
+                        &aml::And::new(&aml::ZERO, &aml::Local(0), &power_button),
+                        vec![&aml::Notify::new(&pwrb, &0x80u8)],
+                    ),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(sink);
+    aml::Device::new(
+        "PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
         ],
     )
     .to_aml_bytes(sink);
@@ -196,6 +261,7 @@ pub fn write_tables(
     mem: &GuestMemoryMmap,
     cpus: u32,
     devices: &[MmioDeviceInfo],
+    ged: Option<GedInfo>,
 ) -> Result<u64, AcpiError> {
     let rsdp_addr = layout::ACPI_START;
     let mut cursor = align16(rsdp_addr + Rsdp::len() as u64);
@@ -214,7 +280,7 @@ pub fn write_tables(
         Ok(addr)
     };
 
-    let dsdt_addr = place(&dsdt(devices))?;
+    let dsdt_addr = place(&dsdt(devices, ged))?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(cpus))?;
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -265,7 +331,7 @@ mod tests {
     #[test]
     fn tables_chain_and_checksum() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
-        let rsdp = write_tables(&mem, 2, &devices()).unwrap();
+        let rsdp = write_tables(&mem, 2, &devices(), Some(ged())).unwrap();
         assert_eq!(rsdp, layout::ACPI_START);
         let mut r = [0u8; 36];
         mem.read_slice(&mut r, GuestAddress(rsdp)).unwrap();
@@ -310,9 +376,29 @@ mod tests {
         hay.windows(needle.len()).position(|w| w == needle)
     }
 
+    fn ged() -> GedInfo {
+        GedInfo {
+            base: layout::GED_MMIO_START,
+            irq: 7,
+        }
+    }
+
+    #[test]
+    fn dsdt_describes_the_ged_and_power_button() {
+        let d = dsdt(&devices(), Some(ged()));
+        assert!(find(&d, b"ACPI0013").is_some());
+        assert!(find(&d, b"GED0").is_some() && find(&d, b"_EVT").is_some());
+        // PNP0C0C as a compressed EISA id.
+        assert!(find(&d, &[0x0c, 0x41, 0xd0, 0x0c, 0x0c]).is_some());
+        // The GED's interrupt: GSI 7, edge, active high.
+        let irq = [0x89, 0x06, 0x00, 0x03, 0x01, 0x07, 0x00, 0x00, 0x00];
+        assert!(find(&d, &irq).is_some());
+        assert!(find(&dsdt(&devices(), None), b"ACPI0013").is_none());
+    }
+
     #[test]
     fn dsdt_describes_virtio_mmio_devices() {
-        let d = dsdt(&devices());
+        let d = dsdt(&devices(), None);
         // Two devices with the virtio-mmio HID.
         assert_eq!(d.windows(8).filter(|w| w == b"LNRO0005").count(), 2);
         assert!(find(&d, b"V000").is_some() && find(&d, b"V001").is_some());
@@ -326,7 +412,7 @@ mod tests {
         let irq = [0x89, 0x06, 0x00, 0x03, 0x01, 0x06, 0x00, 0x00, 0x00];
         assert!(find(&d, &irq).is_some(), "interrupt of device 1");
         // No virtio devices: still COM1, the clock and _S5_.
-        let empty = dsdt(&[]);
+        let empty = dsdt(&[], None);
         assert!(find(&empty, b"LNRO").is_none());
         assert!(find(&empty, b"_S5_").is_some());
         assert!(find(&empty, b"COM1").is_some());
@@ -343,7 +429,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ebb-iasl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let dat = dir.join("dsdt.dat");
-        std::fs::write(&dat, dsdt(&devices())).unwrap();
+        std::fs::write(&dat, dsdt(&devices(), Some(ged()))).unwrap();
         let status = std::process::Command::new("iasl")
             .arg("-d")
             .arg(&dat)
@@ -369,6 +455,15 @@ mod tests {
             "{dsl}"
         );
         assert!(dsl.contains("EisaId (\"PNP0B00\")"), "{dsl}");
+        // The GED, its event register and the power button it notifies.
+        assert!(dsl.contains("Name (_HID, \"ACPI0013\""), "{dsl}");
+        assert!(
+            dsl.contains("OperationRegion (GDST, SystemMemory, 0xCFFFF000, 0x04)"),
+            "{dsl}"
+        );
+        assert!(dsl.contains("Method (_EVT, 1, Serialized)"), "{dsl}");
+        assert!(dsl.contains("Notify (\\_SB.PWRB, 0x80)"), "{dsl}");
+        assert!(dsl.contains("EisaId (\"PNP0C0C\")"), "{dsl}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

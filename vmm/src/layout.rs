@@ -61,6 +61,13 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_MMIO_MAX_DEVICES: u32 = 19;
 /// First GSI handed to virtio-mmio devices (COM1 uses 4).
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// The ACPI Generic Event Device's register window, just below the virtio-mmio windows.
+pub const GED_MMIO_START: u64 = VIRTIO_MMIO_START - GED_MMIO_SIZE;
+/// Size of the Generic Event Device's window (its event register is 4 bytes).
+pub const GED_MMIO_SIZE: u64 = 0x1000;
+/// Highest GSI the IOAPIC has (24 pins): the GED takes the first GSI after the
+/// virtio-mmio devices and must not pass this.
+pub const MAX_GSI: u32 = 23;
 /// IOAPIC registers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers.
@@ -174,6 +181,7 @@ mod tests {
         assert_eq!(ram_regions(3 * GIB).len(), 1);
         // Devices are in the hole.
         for addr in [
+            GED_MMIO_START,
             VIRTIO_MMIO_START,
             IOAPIC_START,
             LAPIC_START,

@@ -4,9 +4,10 @@
 //! Module map: [`config`] and [`cli`] say what to run; [`host`] checks the KVM;
 //! [`memory`] and [`layout`] place guest RAM; [`boot`], [`acpi`] and [`cpu`] prepare the
 //! guest's first instruction; [`vm`] wires devices and runs the vCPUs ([`vcpu`]) and the
-//! event loop ([`console`], [`signals`]).
+//! event loop ([`console`], [`signals`]); [`api`] serves the REST API on a Unix socket.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;

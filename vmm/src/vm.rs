@@ -5,12 +5,14 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Instant;
 
 use ebb_balloon::{Balloon, BalloonOptions};
 use ebb_devices::acpi_pm::{self, AcpiPm};
 use ebb_devices::bus::{lock, Bus, BusError};
 use ebb_devices::cmos::{self, Cmos};
 use ebb_devices::exit::{ExitSignal, VmExit};
+use ebb_devices::ged::Ged;
 use ebb_devices::i8042::{self, I8042};
 use ebb_devices::serial::{self, SerialDevice, SerialOutput};
 use ebb_devices::virtio::handler::VirtioHandler;
@@ -24,7 +26,9 @@ use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::acpi::{self, AcpiError, MmioDeviceInfo};
+use crate::acpi::{self, AcpiError, GedInfo, MmioDeviceInfo};
+use crate::api::vm_backend::{LiveVm, LiveVmParts};
+use crate::api::{self, ApiHandler, ServerOptions};
 use crate::boot::{self, BootError, BootSetup};
 use crate::config::{format_size, SerialConfig, VmConfig, PAGE_SIZE};
 use crate::console::ConsoleInput;
@@ -97,13 +101,6 @@ pub fn validate(config: &VmConfig) -> Result<(boot::KernelInfo, Option<(File, u6
                 format_size(config.memory.size)
             )));
         }
-    }
-    if config.api_socket.is_some() {
-        return Err(VmError::Config(
-            "--api-socket is not available yet: the REST API is not implemented in this \
-             version of Ebb"
-                .into(),
-        ));
     }
     if config.cpus == 0 {
         return Err(VmError::Config("--cpus must be at least 1".into()));
@@ -232,6 +229,18 @@ fn add_virtio_mmio<D: VirtioDevice + 'static>(
 /// Builds the VM, runs it until it stops, and returns why it stopped.
 pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     let (kernel, initramfs) = validate(config)?;
+    let started = Instant::now();
+    // The API socket is claimed first so a busy socket fails the start before any work.
+    // Requests wait until the event loop serves the queue; dropping the server (any
+    // return from here) removes the socket.
+    let (api_server, api_queue) = match &config.api_socket {
+        Some(path) => {
+            let (server, queue) = api::start(path, ServerOptions::default())
+                .map_err(|e| VmError::Config(e.to_string()))?;
+            (Some(server), Some(queue))
+        }
+        None => (None, None),
+    };
 
     let kvm = host::open_kvm()?;
     let supported = kvm
@@ -288,6 +297,7 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     let mut mmio_bus = Bus::new();
     let mut mmio_devices: Vec<MmioDeviceInfo> = Vec::new();
     let mut device_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
+    let mut balloon_transport = None;
     if let Some(balloon_cfg) = &config.balloon {
         let info = MmioDeviceInfo {
             base: layout::VIRTIO_MMIO_START,
@@ -306,14 +316,30 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
         )
         .map_err(|e| VmError::Config(e.to_string()))?;
         let transport = add_virtio_mmio(&vm, &mut mmio_bus, &ram, balloon, info)?;
+        balloon_transport = Some(transport.clone());
         device_handlers.push(Box::new(
             VirtioHandler::new(transport).map_err(io_err("balloon event handler"))?,
         ));
         mmio_devices.push(info);
     }
+    // The Generic Event Device (ACPI power button) on the first GSI after the virtio ones.
+    let ged_info = GedInfo {
+        base: layout::GED_MMIO_START,
+        irq: layout::VIRTIO_FIRST_IRQ + mmio_devices.len() as u32,
+    };
+    if ged_info.irq > layout::MAX_GSI {
+        return Err(VmError::Config(
+            "no interrupt left for the ACPI power button".into(),
+        ));
+    }
+    let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+    vm.register_irqfd(&ged_irq, ged_info.irq)
+        .map_err(kvm_err("KVM_IRQFD (GED)"))?;
+    let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
+    mmio_bus.insert(ged.clone(), ged_info.base, layout::GED_MMIO_SIZE)?;
 
     // Boot structures.
-    let rsdp = acpi::write_tables(ram.memory(), config.cpus, &mmio_devices)?;
+    let rsdp = acpi::write_tables(ram.memory(), config.cpus, &mmio_devices, Some(ged_info))?;
     let virtio_cmdline: Vec<String> = mmio_devices
         .iter()
         .map(|d| {
@@ -370,6 +396,18 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     for handler in device_handlers {
         events.add_subscriber(handler);
     }
+    if let Some(queue) = api_queue {
+        let backend = LiveVm::new(LiveVmParts {
+            exit: exit.clone(),
+            balloon: balloon_transport,
+            ged: Some(ged),
+            started,
+            config: config.clone(),
+            ram_host_start: ram.host_start(),
+            ram_bytes: ram.size(),
+        });
+        events.add_subscriber(Box::new(ApiHandler::new(queue, backend)));
+    }
     if config.serial == SerialConfig::Stdio {
         events.add_subscriber(Box::new(ConsoleInput::new(
             serial_dev.clone(),
@@ -390,6 +428,10 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
             tracing::warn!("event loop: {e:?}");
         }
     }
+    // Unserved API requests fail (503) when the event loop goes; in-flight answers get
+    // a moment to reach their clients before the socket is removed.
+    drop(events);
+    drop(api_server);
     lock(&serial_dev).flush();
     // Guest RAM is never unmapped, so vCPU threads still in KVM_RUN stay safe until the
     // process exits.

@@ -1,0 +1,193 @@
+//! What the API layer needs from a VM: the [`VmBackend`] trait, the snapshots it returns,
+//! and [`ApiError`], the error every request can end in.
+//!
+//! The real VM implements the trait in [`super::vm_backend`]; tests implement it with a
+//! fake. Every method runs on the VMM's event-loop thread (see [`super::dispatch`]), so an
+//! implementation may touch device state directly but must not block.
+
+use std::fmt;
+use std::time::Duration;
+
+use ebb_balloon::counters::BalloonCounters;
+use ebb_balloon::stats::GuestStats;
+use ebb_balloon::BalloonOptions;
+use serde::{Deserialize, Serialize};
+
+/// An API error: an HTTP status and the message sent as `{"fault_message": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with `status`.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the request is malformed or its values are out of range.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
+    }
+
+    /// 404: no such resource.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, message)
+    }
+
+    /// 405: the resource exists but not with this method.
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(405, message)
+    }
+
+    /// 408: the client took too long to send the request.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(408, message)
+    }
+
+    /// 409: the request does not fit the VM's configuration (e.g. no balloon).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, message)
+    }
+
+    /// 413: the body is larger than the API accepts.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(413, message)
+    }
+
+    /// 500: Ebb failed to do something it should be able to do.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, message)
+    }
+
+    /// 503: the VMM cannot answer now (stopping, busy, or overloaded).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, message)
+    }
+
+    /// The error every balloon endpoint returns on a VM without a balloon.
+    pub fn no_balloon() -> Self {
+        Self::conflict("the VM has no balloon device (start ebb with --balloon)")
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// The balloon as the API sees it at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalloonSnapshot {
+    /// How the device was configured at boot.
+    pub options: BalloonOptions,
+    /// Guest RAM in bytes (the largest possible target).
+    pub guest_memory_bytes: u64,
+    /// Target in 4 KiB pages (host-set).
+    pub target_pages: u32,
+    /// Pages the guest says it holds.
+    pub actual_pages: u32,
+    /// Current statistics interval in seconds (0 = statistics off).
+    pub stats_interval_s: u32,
+    /// The guest driver has set DRIVER_OK.
+    pub driver_ready: bool,
+    /// What the device did.
+    pub counters: BalloonCounters,
+    /// The latest statistics report.
+    pub stats: Option<GuestStats>,
+}
+
+impl BalloonSnapshot {
+    /// True when the statistics queue exists (statistics were enabled at boot).
+    pub fn stats_enabled(&self) -> bool {
+        self.options.stats_interval_s > 0
+    }
+}
+
+/// Where the VM is in its life, as far as the API can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// The guest runs.
+    Running,
+    /// The power button was pressed; the guest has not powered off yet.
+    ShuttingDown,
+    /// The VMM is stopping (power-off, reset, signal or stop request).
+    Stopping,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::ShuttingDown => "shutting down",
+            VmState::Stopping => "stopping",
+        })
+    }
+}
+
+/// Static and slowly changing facts about the VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmSummary {
+    /// Life-cycle state.
+    pub state: VmState,
+    /// Time since the VM was built.
+    pub uptime: Duration,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Kernel image path.
+    pub kernel: String,
+    /// Initramfs path.
+    pub initramfs: Option<String>,
+    /// Kernel command line as given by the user.
+    pub cmdline: String,
+    /// The VMM's process id.
+    pub pid: u32,
+}
+
+/// Host memory use, in bytes; `None` when procfs could not be read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryUsage {
+    /// Resident size of the guest RAM mapping.
+    pub guest_ram_rss: Option<u64>,
+    /// Resident size of the whole VMM process.
+    pub process_rss: Option<u64>,
+}
+
+impl MemoryUsage {
+    /// Resident memory of the VMM itself: the process minus guest RAM.
+    pub fn vmm_rss(&self) -> Option<u64> {
+        Some(self.process_rss?.saturating_sub(self.guest_ram_rss?))
+    }
+}
+
+/// The VM as the API layer drives it. Implemented by the live VM and by test fakes.
+pub trait VmBackend: Send {
+    /// State, uptime and configuration.
+    fn summary(&self) -> VmSummary;
+    /// Host memory use (reads procfs: call only when the figures are wanted).
+    fn memory_usage(&self) -> MemoryUsage;
+    /// The balloon, or `None` when the VM has none.
+    fn balloon(&self) -> Option<BalloonSnapshot>;
+    /// Sets the balloon target in 4 KiB pages and tells the guest. The caller has
+    /// checked that a balloon exists and that `pages` fits guest memory.
+    fn set_balloon_target(&mut self, pages: u64) -> Result<(), ApiError>;
+    /// Changes the statistics interval. The caller has checked that statistics were
+    /// enabled at boot and that `secs` is not zero.
+    fn set_balloon_stats_interval(&mut self, secs: u32) -> Result<(), ApiError>;
+    /// Presses the ACPI power button.
+    fn press_power_button(&mut self) -> Result<(), ApiError>;
+    /// Stops the VM now, with `reason` as the exit message.
+    fn stop(&mut self, reason: &str);
+}

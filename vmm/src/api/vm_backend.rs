@@ -1,0 +1,242 @@
+//! [`LiveVm`]: the [`VmBackend`] of a running VM. It runs on the event-loop thread and
+//! takes the balloon transport's and the GED's locks only for the duration of a call,
+//! the same way the virtio event handler does; vCPU threads never wait on the API.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ebb_balloon::Balloon;
+use ebb_devices::bus::lock;
+use ebb_devices::exit::{ExitSignal, VmExit};
+use ebb_devices::ged::{Ged, GED_EVENT_POWER_BUTTON};
+use ebb_devices::virtio::mmio::MmioTransport;
+
+use super::backend::{ApiError, BalloonSnapshot, MemoryUsage, VmBackend, VmState, VmSummary};
+use crate::config::VmConfig;
+
+/// The parts of a running VM the API reaches.
+pub struct LiveVm {
+    exit: Arc<ExitSignal>,
+    balloon: Option<Arc<Mutex<MmioTransport<Balloon>>>>,
+    ged: Option<Arc<Mutex<Ged>>>,
+    started: Instant,
+    config: VmConfig,
+    ram_host_start: usize,
+    ram_bytes: u64,
+    power_button_pressed: bool,
+}
+
+impl std::fmt::Debug for LiveVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveVm")
+            .field("balloon", &self.balloon.is_some())
+            .field("ged", &self.ged.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`LiveVm::new`] needs.
+pub struct LiveVmParts {
+    /// The VM's stop request.
+    pub exit: Arc<ExitSignal>,
+    /// The balloon's transport, when there is a balloon.
+    pub balloon: Option<Arc<Mutex<MmioTransport<Balloon>>>>,
+    /// The Generic Event Device, when there is one.
+    pub ged: Option<Arc<Mutex<Ged>>>,
+    /// When the VM was built.
+    pub started: Instant,
+    /// The configuration it was built from.
+    pub config: VmConfig,
+    /// Host address of guest RAM (`GuestRam::host_start`).
+    pub ram_host_start: usize,
+    /// Guest RAM bytes.
+    pub ram_bytes: u64,
+}
+
+impl LiveVm {
+    /// A backend over `parts`.
+    pub fn new(parts: LiveVmParts) -> Self {
+        Self {
+            exit: parts.exit,
+            balloon: parts.balloon,
+            ged: parts.ged,
+            started: parts.started,
+            config: parts.config,
+            ram_host_start: parts.ram_host_start,
+            ram_bytes: parts.ram_bytes,
+            power_button_pressed: false,
+        }
+    }
+}
+
+impl VmBackend for LiveVm {
+    fn summary(&self) -> VmSummary {
+        let state = if self.exit.is_requested() {
+            VmState::Stopping
+        } else if self.power_button_pressed {
+            VmState::ShuttingDown
+        } else {
+            VmState::Running
+        };
+        VmSummary {
+            state,
+            uptime: self.started.elapsed(),
+            vcpus: self.config.cpus,
+            memory_bytes: self.ram_bytes,
+            kernel: self.config.kernel.display().to_string(),
+            initramfs: self
+                .config
+                .initramfs
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            cmdline: self.config.cmdline.clone(),
+            pid: std::process::id(),
+        }
+    }
+
+    fn memory_usage(&self) -> MemoryUsage {
+        MemoryUsage {
+            guest_ram_rss: mapping_rss("/proc/self/smaps", self.ram_host_start)
+                .map_err(|e| tracing::debug!("API: guest RAM RSS: {e}"))
+                .ok(),
+            process_rss: process_rss("/proc/self/status")
+                .map_err(|e| tracing::debug!("API: process RSS: {e}"))
+                .ok(),
+        }
+    }
+
+    fn balloon(&self) -> Option<BalloonSnapshot> {
+        let transport = lock(self.balloon.as_ref()?);
+        let b = transport.device();
+        Some(BalloonSnapshot {
+            options: b.options(),
+            guest_memory_bytes: self.ram_bytes,
+            target_pages: b.target_pages(),
+            actual_pages: b.actual_pages(),
+            stats_interval_s: b.stats_interval_s(),
+            driver_ready: transport.is_activated(),
+            counters: b.counters(),
+            stats: b.stats().cloned(),
+        })
+    }
+
+    fn set_balloon_target(&mut self, pages: u64) -> Result<(), ApiError> {
+        let balloon = self.balloon.as_ref().ok_or_else(ApiError::no_balloon)?;
+        lock(balloon)
+            .device_mut()
+            .set_target_pages(pages)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+
+    fn set_balloon_stats_interval(&mut self, secs: u32) -> Result<(), ApiError> {
+        let balloon = self.balloon.as_ref().ok_or_else(ApiError::no_balloon)?;
+        lock(balloon)
+            .device_mut()
+            .set_stats_interval(secs)
+            .map_err(|e| match e {
+                ebb_balloon::device::BalloonError::Timer(_) => ApiError::internal(e.to_string()),
+                _ => ApiError::bad_request(e.to_string()),
+            })
+    }
+
+    fn press_power_button(&mut self) -> Result<(), ApiError> {
+        if self.exit.is_requested() {
+            return Err(ApiError::unavailable("the VM is already stopping"));
+        }
+        let ged = self
+            .ged
+            .as_ref()
+            .ok_or_else(|| ApiError::conflict("the VM has no ACPI power button"))?;
+        lock(ged)
+            .notify(GED_EVENT_POWER_BUTTON)
+            .map_err(|e| ApiError::internal(format!("cannot raise the GED interrupt: {e}")))?;
+        self.power_button_pressed = true;
+        tracing::info!("API: pressed the ACPI power button");
+        Ok(())
+    }
+
+    fn stop(&mut self, reason: &str) {
+        self.exit.request(VmExit::Stopped(reason.to_string()));
+    }
+}
+
+/// `Rss` of the mapping starting at `start` in an smaps file, in bytes. Reading stops at
+/// that mapping, so the kernel does not walk the ones after it.
+pub fn mapping_rss(smaps: &str, start: usize) -> io::Result<u64> {
+    let reader = BufReader::new(File::open(smaps)?);
+    let mut in_mapping = false;
+    for line in reader.lines() {
+        let line = line?;
+        if let Some(v) = in_mapping.then(|| line.strip_prefix("Rss:")).flatten() {
+            return parse_kib(v);
+        }
+        // Mapping headers look like "7f0000000000-7f0020000000 rw-p 00000000 00:00 0".
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((s, _)) = range.split_once('-') {
+                if let Ok(s) = usize::from_str_radix(s, 16) {
+                    in_mapping = s == start;
+                }
+            }
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no mapping at {start:#x} in {smaps}"),
+    ))
+}
+
+/// `VmRSS` from a `/proc/PID/status` file, in bytes.
+pub fn process_rss(status: &str) -> io::Result<u64> {
+    let text = std::fs::read_to_string(status)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .map(parse_kib)
+        .unwrap_or_else(|| {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no VmRSS in {status}"),
+            ))
+        })
+}
+
+fn parse_kib(v: &str) -> io::Result<u64> {
+    v.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .map(|k| k * 1024)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("'{v}': {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_of_a_touched_mapping() {
+        let len = 8 << 20;
+        // SAFETY: a fresh anonymous mapping, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: writing inside the mapping just made.
+        unsafe { std::ptr::write_bytes(p as *mut u8, 1, 4 << 20) };
+        let rss = mapping_rss("/proc/self/smaps", p as usize).unwrap();
+        // The kernel may have merged the mapping with a neighbour; at least 4 MiB is in.
+        assert!(rss >= 4 << 20, "{rss}");
+        assert!(process_rss("/proc/self/status").unwrap() >= rss);
+        assert!(mapping_rss("/proc/self/smaps", 4096).is_err());
+        // SAFETY: unmapping the mapping made above.
+        unsafe { libc::munmap(p, len) };
+    }
+}
