@@ -14,8 +14,32 @@ const EXIT_START_FAILED: u8 = 1;
 /// Exit status when the guest crashed or a vCPU failed.
 const EXIT_GUEST_FAILED: u8 = 2;
 
+/// A command-line mistake as one `ebb: error:` line (clap's own report spans several
+/// lines and exits with 2, the guest-crash status). Help and version print as usual.
+fn parse_cli() -> Result<Cli, String> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => Err(e
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+            .filter(|l| !l.is_empty())
+            .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join(" ")),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("ebb: error: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(cli.log_level)
