@@ -154,6 +154,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "the request needs a JSON body".to_string(),
         ));
     }
+    // serde would also build a struct from an array; the API takes objects only.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid request body: expected a JSON object",
+        ));
+    }
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }

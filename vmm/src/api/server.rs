@@ -149,7 +149,7 @@ pub struct ApiServer {
     /// Device and inode of the socket we created, so we only ever remove our own.
     ident: (u64, u64),
     shutdown: watch::Sender<bool>,
-    done: std_mpsc::Receiver<()>,
+    done: std::sync::Mutex<std_mpsc::Receiver<()>>,
     thread: Option<JoinHandle<()>>,
     grace: Duration,
 }
@@ -183,7 +183,7 @@ impl ApiServer {
             path: path.to_path_buf(),
             ident,
             shutdown,
-            done,
+            done: std::sync::Mutex::new(done),
             thread: Some(thread),
             grace: options.shutdown_grace,
         })
@@ -201,14 +201,18 @@ impl ApiServer {
         };
         let _ = self.shutdown.send(true);
         // The thread stops accepting at once and waits up to `grace` for connections.
-        match self
+        let done = self
             .done
-            .recv_timeout(self.grace + Duration::from_millis(500))
-        {
-            Ok(()) => {
-                let _ = thread.join();
-            }
-            Err(_) => tracing::warn!("API: the server thread did not stop in time"),
+            .lock()
+            .map(|rx| {
+                rx.recv_timeout(self.grace + Duration::from_millis(500))
+                    .is_ok()
+            })
+            .unwrap_or(false);
+        if done {
+            let _ = thread.join();
+        } else {
+            tracing::warn!("API: the server thread did not stop in time");
         }
         let ours = fs::symlink_metadata(&self.path)
             .map(|m| (m.dev(), m.ino()) == self.ident)
