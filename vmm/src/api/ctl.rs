@@ -223,10 +223,11 @@ fn decode<T: DeserializeOwned>(r: &Response) -> Result<T, Failure> {
         .map_err(|e| broken(format!("unexpected answer from the API: {e}")))
 }
 
-/// The body as one line of JSON (for --json).
+/// The server's JSON body as it came (one line, fields in the server's order), after
+/// checking that it is JSON.
 fn compact(r: &Response) -> Result<String, Failure> {
-    let v: serde_json::Value = decode(r)?;
-    Ok(v.to_string())
+    let _: serde_json::Value = decode(r)?;
+    Ok(r.text().trim().to_string())
 }
 
 fn execute(ctl: &Ctl, client: &Client, err: &mut dyn Write) -> Result<String, Failure> {
