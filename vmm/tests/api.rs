@@ -590,6 +590,7 @@ fn unknown_paths_are_404_and_wrong_methods_405() {
     }
     let r = h.client().request("DELETE", "/balloon", None).unwrap();
     assert_fault(&r, 405, "allowed: GET, PATCH");
+    assert_eq!(r.header("allow"), Some("GET, PATCH"));
     h.assert_serving();
 }
 

@@ -318,15 +318,20 @@ async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(format!("no such resource: {}", uri.path()))
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let allowed: Vec<String> = ENDPOINTS
         .iter()
         .filter(|(p, _)| *p == uri.path())
         .map(|(_, m)| m.to_ascii_uppercase())
         .collect();
-    ApiError::method_not_allowed(format!(
-        "{method} is not allowed on {} (allowed: {})",
+    let allowed = allowed.join(", ");
+    let mut r = ApiError::method_not_allowed(format!(
+        "{method} is not allowed on {} (allowed: {allowed})",
         uri.path(),
-        allowed.join(", ")
     ))
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&allowed) {
+        r.headers_mut().insert(header::ALLOW, v);
+    }
+    r
 }
