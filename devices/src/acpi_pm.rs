@@ -54,6 +54,7 @@ impl BusDevice for AcpiPm {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
+        tracing::debug!("ACPI PM register {offset} <- {value:#x}");
         match offset {
             o if o == u64::from(SLEEP_CONTROL_OFFSET) => {
                 let sleep_type = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK;

@@ -52,6 +52,7 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         if let Some(&value) = data.first() {
+            tracing::debug!("i8042 register {} <- {value:#x}", self.register_offset);
             let Ok(()) = self.inner.write(self.register_offset, value);
         }
     }

@@ -268,10 +268,10 @@ pub fn write_tables(
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
         let addr = cursor;
         let end = addr + bytes.len() as u64;
-        if end > layout::ACPI_END {
+        if end > layout::RESET_VECTOR {
             return Err(AcpiError::TooLarge {
                 needed: end - layout::ACPI_START,
-                available: layout::ACPI_END - layout::ACPI_START,
+                available: layout::RESET_VECTOR - layout::ACPI_START,
             });
         }
         mem.write_slice(bytes, GuestAddress(addr))

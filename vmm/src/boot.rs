@@ -424,6 +424,34 @@ pub fn load(mem: &GuestMemoryMmap, setup: BootSetup<'_>) -> Result<BootEntry, Bo
     }
 }
 
+/// Real-mode code at the reset vector that asks for a reset through the ACPI reset
+/// register: `mov al, RESET_VALUE; mov dx, port; out dx, al; hlt; jmp $-1`.
+///
+/// Linux on a hardware-reduced ACPI machine without EFI reboots by jumping to the BIOS
+/// reset vector (its "BOOT_BIOS" method); with nothing there the guest would spin in
+/// zeroed memory instead of rebooting.
+pub fn reset_vector_stub() -> [u8; 9] {
+    let port =
+        (ebb_devices::acpi_pm::PM_PORT_BASE + ebb_devices::acpi_pm::RESET_OFFSET).to_le_bytes();
+    [
+        0xb0,
+        ebb_devices::acpi_pm::RESET_VALUE,
+        0xba,
+        port[0],
+        port[1],
+        0xee,
+        0xf4,
+        0xeb,
+        0xfd,
+    ]
+}
+
+/// Writes [`reset_vector_stub`] at the reset vector.
+pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    mem.write_slice(&reset_vector_stub(), GuestAddress(layout::RESET_VECTOR))
+        .map_err(|e| BootError::Load(format!("reset vector: {e}")))
+}
+
 /// A setup header for ELF kernels entered at their 64-bit entry, which have none.
 fn elf_setup_header() -> setup_header {
     setup_header {
@@ -657,6 +685,19 @@ mod tests {
             open_initramfs(Path::new("/nonexistent/initrd")),
             Err(BootError::InitramfsMissing(_))
         ));
+    }
+
+    #[test]
+    fn reset_stub_targets_the_acpi_reset_register() {
+        let stub = reset_vector_stub();
+        assert_eq!(stub[1], ebb_devices::acpi_pm::RESET_VALUE);
+        assert_eq!(u16::from_le_bytes([stub[3], stub[4]]), 0x602);
+        assert!(layout::RESET_VECTOR + stub.len() as u64 <= layout::ACPI_END);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        write_reset_vector(&mem).unwrap();
+        let mut back = [0u8; 9];
+        mem.read_slice(&mut back, GuestAddress(0xf_fff0)).unwrap();
+        assert_eq!(back, stub);
     }
 
     #[test]

@@ -44,8 +44,11 @@ pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
 /// Reserved area holding the ACPI tables; also scanned by guests for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
-/// End of the ACPI area.
+/// End of the reserved area below 1 MiB (ACPI tables and the reset vector).
 pub const ACPI_END: u64 = 0x10_0000;
+/// Where the x86 reset vector (F000:FFF0) lands; Ebb puts a reset stub there, so ACPI
+/// tables must end before it.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
 /// Start of high memory (1 MiB).
 pub const HIMEM_START: u64 = 0x10_0000;
 

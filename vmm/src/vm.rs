@@ -339,6 +339,7 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     mmio_bus.insert(ged.clone(), ged_info.base, layout::GED_MMIO_SIZE)?;
 
     // Boot structures.
+    boot::write_reset_vector(ram.memory())?;
     let rsdp = acpi::write_tables(ram.memory(), config.cpus, &mmio_devices, Some(ged_info))?;
     let virtio_cmdline: Vec<String> = mmio_devices
         .iter()
