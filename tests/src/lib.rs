@@ -6,8 +6,10 @@
 //! - [`guest`]: runs inside a scenario; spawns a VMM (Ebb or QEMU as the peer) with the
 //!   default guest and drives it over its serial console (resources/GUEST-PROTOCOL.md).
 //! - [`procfs`]: memory readings from /proc without forking.
+//! - [`density`]: the density benchmark (how many guests fit on a host).
 //! - [`paths`]: where the repository, the cargo target directory and the cache are.
 
+pub mod density;
 pub mod guest;
 pub mod paths;
 pub mod procfs;

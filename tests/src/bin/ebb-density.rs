@@ -1,0 +1,380 @@
+//! `ebb-density`: how many guests fit on a host of H GiB without swap, for Ebb with free
+//! page reporting on and off and for QEMU, each run on a fresh host of the same size.
+//!
+//! ```text
+//! ebb-density [--scale full|small] [--host-gib H] [--guest-gib G] [--touch-gib T]
+//!             [--max-guests N] [--runs ebb-on,ebb-off,qemu-on] [--out DIR]
+//! ```
+//! `--scale full` is the published setup (15 GiB host, 5 GiB guests touching 4.5 GiB),
+//! `--scale small` (the default) a quick one (3, 1, 0.9). Where the local KVM runs stock
+//! guests, each run is bounded by a memory cgroup; elsewhere each run boots the nested
+//! test host with H GiB of RAM. Prints a progress line per guest and a table; writes
+//! `density.json`, `density.svg` and `density.txt` to `--out` (default
+//! `target/density/<time>`).
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ebb_tests::density::live::{enter_memory_cgroup, protect_self, HostLimit, LiveLauncher};
+use ebb_tests::density::report::DensityReport;
+use ebb_tests::density::{run_density, DensityConfig, RunResult, RunSpec};
+use ebb_tests::guest::{build_default_guest, build_ebb_binary};
+use ebb_tests::paths;
+use ebb_tests::testhost::{self, HostMode, Scenario};
+
+const RESULT_MARK: &str = "DENSITY-RESULT ";
+
+struct Options {
+    cfg: DensityConfig,
+    runs: Vec<RunSpec>,
+    out: Option<PathBuf>,
+    mode: Option<HostMode>,
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("ebb-density: {msg}");
+    eprintln!(
+        "usage: ebb-density [--scale full|small] [--host-gib H] [--guest-gib G] [--touch-gib T] \
+         [--max-guests N] [--runs ebb-on,ebb-off,qemu-on] [--out DIR] [--mode direct|nested]"
+    );
+    ExitCode::from(2)
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut cfg = DensityConfig::small();
+    let mut overrides: Vec<(String, String)> = Vec::new();
+    let mut runs = vec![
+        RunSpec::parse("ebb-on").expect("label"),
+        RunSpec::parse("ebb-off").expect("label"),
+        RunSpec::parse("qemu-on").expect("label"),
+    ];
+    let mut out = None;
+    let mut mode = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--scale" => {
+                cfg = match value()?.as_str() {
+                    "full" => DensityConfig::full(),
+                    "small" => DensityConfig::small(),
+                    other => return Err(format!("unknown scale {other:?}: full or small")),
+                }
+            }
+            "--host-gib" | "--guest-gib" | "--touch-gib" | "--max-guests" => {
+                overrides.push((a.clone(), value()?))
+            }
+            "--runs" => {
+                runs = value()?
+                    .split(',')
+                    .map(|l| RunSpec::parse(l.trim()).ok_or(format!("unknown run {l:?}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--mode" => mode = Some(value()?.parse().map_err(|e| format!("{e}"))?),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    // Explicit sizes apply on top of the chosen scale, whatever the order.
+    for (k, v) in overrides {
+        let num = |v: &str| {
+            v.parse::<f64>()
+                .map_err(|_| format!("{k}: not a number: {v:?}"))
+        };
+        match k.as_str() {
+            "--host-gib" => cfg.host_gib = num(&v)?,
+            "--guest-gib" => cfg.guest_gib = num(&v)?,
+            "--touch-gib" => cfg.touch_gib = num(&v)?,
+            _ => cfg.max_guests = v.parse().map_err(|_| format!("{k}: not a count: {v:?}"))?,
+        }
+    }
+    if cfg.touch_gib >= cfg.guest_gib || cfg.touch_gib <= 0.0 {
+        return Err("--touch-gib must be positive and smaller than --guest-gib".into());
+    }
+    if cfg.host_gib <= cfg.guest_gib * 0.5 || cfg.max_guests == 0 || runs.is_empty() {
+        return Err(
+            "the host must be larger than half a guest, with at least one guest and one run".into(),
+        );
+    }
+    Ok(Options {
+        cfg,
+        runs,
+        out,
+        mode,
+    })
+}
+
+fn now_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let uname = std::process::Command::new("uname")
+        .arg("-srm")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = ebb_tests::procfs::meminfo_kib("MemTotal").unwrap_or(0) / (1 << 20);
+    format!("{uname}; {cpu}; {cores} cores; {mem} GiB")
+}
+
+/// The inside of one run: launch guests on this host and print the result line.
+fn inner(label: &str, cfg_json: &str, where_: &str) -> ExitCode {
+    let (Some(spec), Ok(cfg)) = (
+        RunSpec::parse(label),
+        serde_json::from_str::<DensityConfig>(cfg_json),
+    ) else {
+        eprintln!("ebb-density: bad inner arguments");
+        return ExitCode::from(2);
+    };
+    if let Err(e) = protect_self() {
+        eprintln!("ebb-density: cannot protect the benchmark from the OOM killer: {e}");
+        return ExitCode::FAILURE;
+    }
+    let limit = if where_ == "direct" {
+        match enter_memory_cgroup(cfg.host_gib, label) {
+            Ok(dir) => HostLimit::Cgroup(dir),
+            Err(e) => {
+                eprintln!("ebb-density: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        HostLimit::WholeHost
+    };
+    let mut launcher = match LiveLauncher::new(spec, &cfg, limit, where_) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ebb-density: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = run_density(
+        spec,
+        &cfg,
+        &mut launcher,
+        Duration::from_secs(1),
+        &mut |line| {
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+        },
+    );
+    match serde_json::to_string(&result) {
+        Ok(j) => {
+            println!("{RESULT_MARK}{j}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ebb-density: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Copies the progress of a nested run (its stdout file in the newest run directory)
+/// to our stdout while it runs.
+fn follow_progress(since: SystemTime, done: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let runs = paths::target_dir().join("testhost").join("runs");
+        let mut file: Option<(PathBuf, u64)> = None;
+        while !done.load(Ordering::Relaxed) {
+            if file.is_none() {
+                file = std::fs::read_dir(&runs).ok().and_then(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| {
+                            e.metadata()
+                                .and_then(|m| m.modified())
+                                .is_ok_and(|t| t >= since)
+                        })
+                        .map(|e| e.path().join("stdout"))
+                        .find(|p| p.exists())
+                        .map(|p| (p, 0))
+                });
+            }
+            if let Some((path, offset)) = file.as_mut() {
+                if let Ok(mut f) = std::fs::File::open(&*path) {
+                    if f.seek(SeekFrom::Start(*offset)).is_ok() {
+                        let mut reader = BufReader::new(f);
+                        let mut line = String::new();
+                        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                            if !line.ends_with('\n') {
+                                break;
+                            }
+                            *offset += line.len() as u64;
+                            if !line.starts_with(RESULT_MARK) {
+                                print!("  {line}");
+                            }
+                            line.clear();
+                        }
+                        let _ = std::io::stdout().flush();
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    })
+}
+
+fn run_one(spec: RunSpec, opts: &Options, mode: HostMode, me: &Path) -> Result<RunResult, String> {
+    let cfg_json = serde_json::to_string(&opts.cfg).map_err(|e| e.to_string())?;
+    let where_ = mode.as_str();
+    let per_guest =
+        opts.cfg.boot_timeout_s + opts.cfg.touch_timeout_s * 2 + opts.cfg.settle_timeout_s;
+    let mut scenario = Scenario::new([
+        me.to_string_lossy().into_owned(),
+        "--inner".into(),
+        spec.label(),
+        cfg_json,
+        where_.to_string(),
+    ]);
+    scenario.mode = Some(mode);
+    scenario.l1_memory_mib = (opts.cfg.host_gib * 1024.0).round() as u32;
+    scenario.timeout = Duration::from_secs(600 + per_guest * u64::from(opts.cfg.max_guests + 1));
+    let done = Arc::new(AtomicBool::new(false));
+    let follower =
+        (mode == HostMode::Nested).then(|| follow_progress(SystemTime::now(), done.clone()));
+    let out = testhost::run(&scenario);
+    done.store(true, Ordering::Relaxed);
+    if let Some(f) = follower {
+        let _ = f.join();
+    }
+    let out = out.map_err(|e| e.to_string())?;
+    if mode == HostMode::Direct {
+        for line in out.stdout.lines().filter(|l| !l.starts_with(RESULT_MARK)) {
+            println!("  {line}");
+        }
+    }
+    let line = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(RESULT_MARK))
+        .ok_or_else(|| {
+            format!(
+                "run {} produced no result (status {}):\n{}",
+                spec.label(),
+                out.status,
+                out.report()
+            )
+        })?;
+    serde_json::from_str(line).map_err(|e| format!("run {}: bad result: {e}", spec.label()))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--inner") {
+        if args.len() != 4 {
+            return usage("--inner LABEL CONFIG_JSON WHERE");
+        }
+        return inner(&args[1], &args[2], &args[3]);
+    }
+    let opts = match parse(&args) {
+        Ok(o) => o,
+        Err(e) => return usage(&e),
+    };
+    let mode = match opts.mode.map(Ok).unwrap_or_else(HostMode::detect) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("ebb-density: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Everything the runs need is built first: inside the test host the tree is read-only.
+    if let Err(e) = build_default_guest().and_then(|_| build_ebb_binary()) {
+        eprintln!("ebb-density: {e}");
+        return ExitCode::FAILURE;
+    }
+    let me = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ebb-density: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = now_utc();
+    let t0 = Instant::now();
+    let cfg = &opts.cfg;
+    println!(
+        "ebb-density: {:.1} GiB host, {:.1} GiB guests touching {:.1} GiB, up to {} guests, runs {}; host: {}",
+        cfg.host_gib,
+        cfg.guest_gib,
+        cfg.touch_gib,
+        cfg.max_guests,
+        opts.runs.iter().map(RunSpec::label).collect::<Vec<_>>().join(", "),
+        match mode {
+            HostMode::Direct => "this KVM host, a memory cgroup per run",
+            HostMode::Nested => "the nested test host, booted fresh for each run",
+        }
+    );
+    let mut results = Vec::new();
+    let mut failed = false;
+    for spec in &opts.runs {
+        println!("\n== run {}", spec.label());
+        match run_one(*spec, &opts, mode, &me) {
+            Ok(r) => {
+                println!(
+                    "   {} guests fit; stopped by: {}",
+                    r.guests_fit,
+                    r.failure
+                        .as_ref()
+                        .map(|f| format!("guest {} {:?}", f.guest, f.kind))
+                        .unwrap_or_else(|| "max guests".into())
+                );
+                results.push(r);
+            }
+            Err(e) => {
+                eprintln!("ebb-density: run {} failed: {e}", spec.label());
+                failed = true;
+            }
+        }
+    }
+    let report = DensityReport {
+        host_gib: cfg.host_gib,
+        guest_gib: cfg.guest_gib,
+        touch_gib: cfg.touch_gib,
+        runs: results,
+        config: cfg.clone(),
+        started_utc: started.clone(),
+        machine: format!("{}; guests: {}", machine(), mode.as_str()),
+        wall_s: t0.elapsed().as_secs_f64(),
+    };
+    let out = opts.out.clone().unwrap_or_else(|| {
+        paths::target_dir()
+            .join("density")
+            .join(started.replace(':', ""))
+    });
+    println!("\n{}", report.table());
+    match report.write(&out) {
+        Ok(()) => println!("wrote {}/density.{{json,svg,txt}}", out.display()),
+        Err(e) => {
+            eprintln!("ebb-density: writing results to {}: {e}", out.display());
+            failed = true;
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,736 @@
+//! The density benchmark: how many G GiB guests, each touching T GiB and then freeing it,
+//! fit on a host of H GiB without swap.
+//!
+//! The orchestration ([`run_density`]) launches guests one after another through a
+//! [`Launcher`] and classifies each one as fitting or failing; [`live`] provides the real
+//! launcher (Ebb or QEMU guests on this host), [`report`] the table, JSON and plot.
+//! Keeping the launcher behind a trait lets the classification and reporting be tested
+//! without guests.
+
+pub mod live;
+pub mod report;
+
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// What a density run measures.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DensityConfig {
+    /// Host memory (GiB).
+    pub host_gib: f64,
+    /// Memory of each guest (GiB).
+    pub guest_gib: f64,
+    /// Memory each guest touches and frees (GiB).
+    pub touch_gib: f64,
+    /// Stop after this many guests fit.
+    pub max_guests: u32,
+    /// Longest wait for a guest to boot.
+    pub boot_timeout_s: u64,
+    /// Longest wait for a guest's touch.
+    pub touch_timeout_s: u64,
+    /// Longest wait for memory to settle after a free.
+    pub settle_timeout_s: u64,
+    /// Settled: guest RAM RSS moved less than this fraction of guest memory over
+    /// `settle_window_s`.
+    pub settle_fraction: f64,
+    /// Window for the settle test.
+    pub settle_window_s: u64,
+}
+
+impl DensityConfig {
+    /// The published setup: 15 GiB host, 5 GiB guests touching 4.5 GiB.
+    pub fn full() -> Self {
+        Self {
+            host_gib: 15.0,
+            guest_gib: 5.0,
+            touch_gib: 4.5,
+            max_guests: 16,
+            boot_timeout_s: 300,
+            touch_timeout_s: 900,
+            settle_timeout_s: 180,
+            settle_fraction: 0.01,
+            settle_window_s: 8,
+        }
+    }
+
+    /// A quick check: 3 GiB host, 1 GiB guests touching 0.9 GiB.
+    pub fn small() -> Self {
+        Self {
+            host_gib: 3.0,
+            guest_gib: 1.0,
+            touch_gib: 0.9,
+            max_guests: 5,
+            boot_timeout_s: 240,
+            touch_timeout_s: 300,
+            settle_timeout_s: 60,
+            settle_fraction: 0.01,
+            settle_window_s: 6,
+        }
+    }
+
+    /// Guest memory in MiB.
+    pub fn guest_mib(&self) -> u64 {
+        (self.guest_gib * 1024.0).round() as u64
+    }
+
+    /// Touch size in MiB.
+    pub fn touch_mib(&self) -> u64 {
+        (self.touch_gib * 1024.0).round() as u64
+    }
+}
+
+/// Which VMM a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmName {
+    /// Ebb.
+    Ebb,
+    /// QEMU (`-M microvm,acpi=on`, virtio-balloon-device).
+    Qemu,
+}
+
+impl VmmName {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmName::Ebb => "ebb",
+            VmmName::Qemu => "qemu",
+        }
+    }
+}
+
+/// One run: a VMM with reporting on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// VMM.
+    pub vmm: VmmName,
+    /// Free page reporting.
+    pub reporting: bool,
+}
+
+impl RunSpec {
+    /// `ebb-on`, `ebb-off`, `qemu-on`, `qemu-off`.
+    pub fn label(&self) -> String {
+        format!(
+            "{}-{}",
+            self.vmm.as_str(),
+            if self.reporting { "on" } else { "off" }
+        )
+    }
+
+    /// Parses a label.
+    pub fn parse(label: &str) -> Option<RunSpec> {
+        let (vmm, rep) = label.split_once('-')?;
+        let vmm = match vmm {
+            "ebb" => VmmName::Ebb,
+            "qemu" => VmmName::Qemu,
+            _ => return None,
+        };
+        let reporting = match rep {
+            "on" => true,
+            "off" => false,
+            _ => return None,
+        };
+        Some(RunSpec { vmm, reporting })
+    }
+}
+
+/// Why a guest does not fit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// The VMM could not be started.
+    Launch,
+    /// The guest did not reach its ready marker (VMM exited or timed out).
+    Boot,
+    /// The guest could not complete its touch (guest OOM, VMM killed, timeout).
+    Touch,
+    /// A VMM that had fitted was killed later (the host ran out of memory).
+    Killed,
+}
+
+/// The first failure of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// 1-based guest number.
+    pub guest: u32,
+    /// What failed.
+    pub kind: FailureKind,
+    /// Exit statuses, kernel OOM messages, errors.
+    pub detail: String,
+}
+
+/// Per-guest figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuestRecord {
+    /// 1-based guest number.
+    pub guest: u32,
+    /// Seconds since the run started when the guest was launched.
+    pub launched_at_s: f64,
+    /// Launch to ready marker.
+    pub boot_s: Option<f64>,
+    /// Touch duration.
+    pub touch_s: Option<f64>,
+    /// Guest RAM RSS after the touch.
+    pub peak_rss_mib: Option<f64>,
+    /// Guest RAM RSS once settled after the free.
+    pub settled_rss_mib: Option<f64>,
+    /// From the free until RSS came within 5% of its settled value.
+    pub reclaim_s: Option<f64>,
+    /// Completed its touch and was alive when the run ended.
+    pub fits: bool,
+}
+
+/// One sample of the timeline.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the run started.
+    pub t_s: f64,
+    /// Host memory in use (MiB).
+    pub host_used_mib: f64,
+    /// Guest RAM RSS of each launched guest (MiB; 0 once gone).
+    pub guest_rss_mib: Vec<f64>,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// VMM.
+    pub vmm: VmmName,
+    /// Free page reporting.
+    pub reporting: bool,
+    /// Guests that booted, completed their touch and were alive at the end.
+    pub guests_fit: u32,
+    /// Mean settled guest RAM RSS of the fitting guests.
+    pub residual_mib_per_guest: Option<f64>,
+    /// Median time from free to settled RSS.
+    pub reclaim_s_median: Option<f64>,
+    /// The first failure; `None` when the run stopped at `max_guests`.
+    pub failure: Option<Failure>,
+    /// Per-guest figures.
+    pub guests: Vec<GuestRecord>,
+    /// Host memory over time.
+    pub timeline: Vec<Sample>,
+    /// Host memory in use before the first guest (MiB).
+    pub baseline_used_mib: f64,
+    /// Wall time of the run.
+    pub wall_s: f64,
+    /// Where it ran (`direct` or `nested`) and how the host was limited.
+    pub host: String,
+}
+
+/// Outcome of a touch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TouchOutcome {
+    /// Completed.
+    Done,
+    /// The guest itself could not allocate (its worker was killed).
+    GuestFailed(String),
+    /// The VMM died or did not answer.
+    VmmFailed(String),
+}
+
+/// Reads a memory figure in KiB without blocking on anything but /proc (`None`: gone).
+pub type Probe = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
+
+/// A running guest, as the orchestration sees it.
+pub trait GuestHandle: Send {
+    /// A reader of this guest's RAM RSS for the sampler thread.
+    fn rss_probe(&self) -> Probe;
+    /// Waits for the ready marker.
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), String>;
+    /// Touches `mib` MiB and keeps it.
+    fn touch(&mut self, mib: u64, timeout: Duration) -> TouchOutcome;
+    /// Frees what touch holds.
+    fn free(&mut self, timeout: Duration) -> Result<(), String>;
+    /// Guest RAM RSS in KiB (None once the VMM is gone).
+    fn ram_rss_kib(&self) -> Option<u64>;
+    /// `Some(description)` once the VMM has exited.
+    fn exited(&mut self) -> Option<String>;
+    /// Stops the VMM.
+    fn kill(&mut self);
+}
+
+/// Starts guests and reads the host.
+pub trait Launcher {
+    /// Starts guest number `index` (1-based).
+    fn launch(&mut self, index: u32) -> Result<Box<dyn GuestHandle>, String>;
+    /// Host memory in use, KiB.
+    fn host_used_kib(&self) -> u64;
+    /// A reader of host memory in use for the sampler thread.
+    fn host_probe(&self) -> Probe;
+    /// Kernel OOM-killer messages since the last call.
+    fn oom_messages(&mut self) -> Vec<String>;
+    /// How the host is set up (for the report).
+    fn describe(&self) -> String;
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Median of the values.
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
+}
+
+/// Runs `spec` with `launcher` and returns its figures; `progress` receives one line per
+/// step.
+pub fn run_density(
+    spec: RunSpec,
+    cfg: &DensityConfig,
+    launcher: &mut dyn Launcher,
+    sample_every: Duration,
+    progress: &mut dyn FnMut(&str),
+) -> RunResult {
+    let start = Instant::now();
+    let baseline = mib(launcher.host_used_kib());
+    let mut guests: Vec<Box<dyn GuestHandle>> = Vec::new();
+    let probes: Arc<Mutex<Vec<Probe>>> = Arc::new(Mutex::new(Vec::new()));
+    let timeline = Arc::new(Mutex::new(Vec::<Sample>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut records: Vec<GuestRecord> = Vec::new();
+    let mut failure: Option<Failure> = None;
+    let _ = launcher.oom_messages();
+
+    // The sampler reads /proc only; it never waits for a guest command.
+    let host_reader = launcher.host_probe();
+    let sampler = {
+        let probes = probes.clone();
+        let timeline = timeline.clone();
+        let stop = stop.clone();
+        thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let host = host_reader();
+                let current: Vec<Probe> = lock(&probes).clone();
+                let rss: Vec<f64> = current
+                    .iter()
+                    .map(|p| p().map(mib).unwrap_or(0.0))
+                    .collect();
+                lock(&timeline).push(Sample {
+                    t_s: start.elapsed().as_secs_f64(),
+                    host_used_mib: host.map(mib).unwrap_or(0.0),
+                    guest_rss_mib: rss,
+                });
+                thread::sleep(sample_every);
+            }
+        })
+    };
+
+    let boot_timeout = Duration::from_secs(cfg.boot_timeout_s);
+    let touch_timeout = Duration::from_secs(cfg.touch_timeout_s);
+    let mut index = 0u32;
+    while failure.is_none() && index < cfg.max_guests {
+        index += 1;
+        let mut rec = GuestRecord {
+            guest: index,
+            launched_at_s: start.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
+        progress(&format!(
+            "[{}] guest {index}: launching (host in use {:.0} MiB)",
+            spec.label(),
+            mib(launcher.host_used_kib())
+        ));
+        let handle = match launcher.launch(index) {
+            Ok(h) => h,
+            Err(e) => {
+                failure = Some(Failure {
+                    guest: index,
+                    kind: FailureKind::Launch,
+                    detail: e,
+                });
+                records.push(rec);
+                break;
+            }
+        };
+        lock(&probes).push(handle.rss_probe());
+        guests.push(handle);
+        let g = guests.last_mut().expect("just pushed");
+
+        let t0 = Instant::now();
+        if let Err(e) = g.wait_ready(boot_timeout) {
+            failure = Some(Failure {
+                guest: index,
+                kind: FailureKind::Boot,
+                detail: with_oom(e, launcher.oom_messages()),
+            });
+            records.push(rec);
+            break;
+        }
+        rec.boot_s = Some(t0.elapsed().as_secs_f64());
+        progress(&format!(
+            "[{}] guest {index}: ready after {:.1} s; touching {} MiB",
+            spec.label(),
+            rec.boot_s.unwrap_or(0.0),
+            cfg.touch_mib()
+        ));
+
+        let t1 = Instant::now();
+        match g.touch(cfg.touch_mib(), touch_timeout) {
+            TouchOutcome::Done => {}
+            TouchOutcome::GuestFailed(e) | TouchOutcome::VmmFailed(e) => {
+                failure = Some(Failure {
+                    guest: index,
+                    kind: FailureKind::Touch,
+                    detail: with_oom(e, launcher.oom_messages()),
+                });
+                records.push(rec);
+                break;
+            }
+        }
+        rec.touch_s = Some(t1.elapsed().as_secs_f64());
+        let peak = g.ram_rss_kib().map(mib);
+        rec.peak_rss_mib = peak;
+        if let Err(e) = g.free(touch_timeout) {
+            failure = Some(Failure {
+                guest: index,
+                kind: FailureKind::Touch,
+                detail: with_oom(format!("free failed: {e}"), launcher.oom_messages()),
+            });
+            records.push(rec);
+            break;
+        }
+        let freed_at = Instant::now();
+        let (settled, reclaim) = settle(g.as_ref(), cfg, peak.unwrap_or(0.0), freed_at);
+        rec.settled_rss_mib = settled;
+        rec.reclaim_s = reclaim;
+        progress(&format!(
+            "[{}] guest {index}: touched in {:.1} s (RSS {:.0} MiB), settled at {} MiB{}; host in use {:.0} MiB",
+            spec.label(),
+            rec.touch_s.unwrap_or(0.0),
+            peak.unwrap_or(0.0),
+            settled.map(|s| format!("{s:.0}")).unwrap_or_else(|| "?".into()),
+            reclaim
+                .map(|r| format!(" after {r:.1} s"))
+                .unwrap_or_default(),
+            mib(launcher.host_used_kib())
+        ));
+        records.push(rec);
+
+        // Did making room for this guest kill an earlier one?
+        let dead: Vec<(u32, String)> = guests
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, g)| g.exited().map(|why| (i as u32 + 1, why)))
+            .collect();
+        if let Some((guest, why)) = dead.into_iter().next() {
+            failure = Some(Failure {
+                guest,
+                kind: FailureKind::Killed,
+                detail: with_oom(why, launcher.oom_messages()),
+            });
+        }
+    }
+
+    // Final check: which guests are still alive?
+    thread::sleep(Duration::from_secs(1));
+    let mut alive: Vec<bool> = Vec::new();
+    for g in guests.iter_mut() {
+        alive.push(g.exited().is_none());
+    }
+    for rec in &mut records {
+        let i = (rec.guest - 1) as usize;
+        rec.fits = rec.touch_s.is_some()
+            && rec.settled_rss_mib.is_some()
+            && alive.get(i).copied().unwrap_or(false);
+    }
+    if failure.is_none() {
+        if let Some(rec) = records.iter().find(|r| r.touch_s.is_some() && !r.fits) {
+            failure = Some(Failure {
+                guest: rec.guest,
+                kind: FailureKind::Killed,
+                detail: with_oom(
+                    "the VMM was gone when the run ended".into(),
+                    launcher.oom_messages(),
+                ),
+            });
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sampler.join();
+    for g in guests.iter_mut() {
+        g.kill();
+    }
+
+    let fitting: Vec<&GuestRecord> = records.iter().filter(|r| r.fits).collect();
+    let residual = if fitting.is_empty() {
+        None
+    } else {
+        Some(
+            fitting
+                .iter()
+                .filter_map(|r| r.settled_rss_mib)
+                .sum::<f64>()
+                / fitting.len() as f64,
+        )
+    };
+    let mut reclaims: Vec<f64> = fitting.iter().filter_map(|r| r.reclaim_s).collect();
+    let timeline = std::mem::take(&mut *lock(&timeline));
+    RunResult {
+        vmm: spec.vmm,
+        reporting: spec.reporting,
+        guests_fit: fitting.len() as u32,
+        residual_mib_per_guest: residual,
+        reclaim_s_median: median(&mut reclaims),
+        failure,
+        guests: records,
+        timeline,
+        baseline_used_mib: baseline,
+        wall_s: start.elapsed().as_secs_f64(),
+        host: launcher.describe(),
+    }
+}
+
+fn with_oom(detail: String, oom: Vec<String>) -> String {
+    if oom.is_empty() {
+        detail
+    } else {
+        format!("{detail}; kernel: {}", oom.join(" | "))
+    }
+}
+
+/// Waits until guest `slot`'s RSS stops moving; returns (settled RSS, reclaim time).
+fn settle(
+    guest: &dyn GuestHandle,
+    cfg: &DensityConfig,
+    peak_mib: f64,
+    freed_at: Instant,
+) -> (Option<f64>, Option<f64>) {
+    let window = Duration::from_secs(cfg.settle_window_s);
+    let tolerance = cfg.settle_fraction * cfg.guest_gib * 1024.0;
+    let mut history: Vec<(Duration, f64)> = Vec::new();
+    loop {
+        let Some(rss) = guest.ram_rss_kib().map(mib) else {
+            return (None, None);
+        };
+        let now = freed_at.elapsed();
+        history.push((now, rss));
+        // Settled when the window behind us moved less than the tolerance (and at least
+        // a window has passed: reporting starts ~2 s after a free).
+        let in_window: Vec<f64> = history
+            .iter()
+            .filter(|(t, _)| now.saturating_sub(*t) <= window)
+            .map(|(_, r)| *r)
+            .collect();
+        let spread = in_window.iter().cloned().fold(f64::MIN, f64::max)
+            - in_window.iter().cloned().fold(f64::MAX, f64::min);
+        if now >= window && spread <= tolerance {
+            let settled = rss;
+            // Reclaim time: first moment RSS was within 5% of the freed amount above
+            // the settled value.
+            let threshold = settled + 0.05 * (peak_mib - settled).max(0.0);
+            let reached = history
+                .iter()
+                .find(|(_, r)| *r <= threshold)
+                .map(|(t, _)| t.as_secs_f64());
+            return (Some(settled), reached);
+        }
+        if now >= Duration::from_secs(cfg.settle_timeout_s) {
+            let threshold = rss + 0.05 * (peak_mib - rss).max(0.0);
+            let reached = history
+                .iter()
+                .find(|(_, r)| *r <= threshold)
+                .map(|(t, _)| t.as_secs_f64());
+            return (Some(rss), reached);
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A fake host: each guest adds `touch` to the host while touched, keeps `residual`
+    /// after the free, and the host kills the newest guest when it is full.
+    struct FakeHost {
+        capacity_mib: u64,
+        used: Arc<AtomicU64>,
+        residual_mib: u64,
+        killed: Arc<Mutex<Vec<u32>>>,
+        fail_boot_at: Option<u32>,
+    }
+
+    struct FakeGuest {
+        index: u32,
+        used: Arc<AtomicU64>,
+        capacity_mib: u64,
+        residual_mib: u64,
+        rss_mib: Arc<AtomicU64>,
+        killed: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl GuestHandle for FakeGuest {
+        fn rss_probe(&self) -> Probe {
+            let rss = self.rss_mib.clone();
+            Arc::new(move || Some(rss.load(Ordering::SeqCst) * 1024))
+        }
+        fn wait_ready(&mut self, _: Duration) -> Result<(), String> {
+            self.rss_mib.store(50, Ordering::SeqCst);
+            self.used.fetch_add(50, Ordering::SeqCst);
+            Ok(())
+        }
+        fn touch(&mut self, mib: u64, _: Duration) -> TouchOutcome {
+            if self.used.load(Ordering::SeqCst) + mib > self.capacity_mib {
+                lock(&self.killed).push(self.index);
+                return TouchOutcome::VmmFailed("killed by signal 9".into());
+            }
+            self.used.fetch_add(mib, Ordering::SeqCst);
+            self.rss_mib.store(50 + mib, Ordering::SeqCst);
+            TouchOutcome::Done
+        }
+        fn free(&mut self, _: Duration) -> Result<(), String> {
+            let before = self.rss_mib.load(Ordering::SeqCst);
+            self.used
+                .fetch_sub(before - self.residual_mib, Ordering::SeqCst);
+            self.rss_mib.store(self.residual_mib, Ordering::SeqCst);
+            Ok(())
+        }
+        fn ram_rss_kib(&self) -> Option<u64> {
+            if lock(&self.killed).contains(&self.index) {
+                None
+            } else {
+                Some(self.rss_mib.load(Ordering::SeqCst) * 1024)
+            }
+        }
+        fn exited(&mut self) -> Option<String> {
+            lock(&self.killed)
+                .contains(&self.index)
+                .then(|| "killed by signal 9".to_string())
+        }
+        fn kill(&mut self) {}
+    }
+
+    impl Launcher for FakeHost {
+        fn launch(&mut self, index: u32) -> Result<Box<dyn GuestHandle>, String> {
+            if self.fail_boot_at == Some(index) {
+                return Err("cannot start".into());
+            }
+            Ok(Box::new(FakeGuest {
+                index,
+                used: self.used.clone(),
+                capacity_mib: self.capacity_mib,
+                residual_mib: self.residual_mib,
+                rss_mib: Arc::new(AtomicU64::new(0)),
+                killed: self.killed.clone(),
+            }))
+        }
+        fn host_used_kib(&self) -> u64 {
+            self.used.load(Ordering::SeqCst) * 1024
+        }
+        fn host_probe(&self) -> Probe {
+            let used = self.used.clone();
+            Arc::new(move || Some(used.load(Ordering::SeqCst) * 1024))
+        }
+        fn oom_messages(&mut self) -> Vec<String> {
+            Vec::new()
+        }
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    fn cfg() -> DensityConfig {
+        DensityConfig {
+            host_gib: 1.0,
+            guest_gib: 0.5,
+            touch_gib: 0.4,
+            max_guests: 10,
+            boot_timeout_s: 1,
+            touch_timeout_s: 1,
+            settle_timeout_s: 2,
+            settle_fraction: 0.01,
+            settle_window_s: 1,
+        }
+    }
+
+    fn host(residual: u64) -> FakeHost {
+        FakeHost {
+            capacity_mib: 1024,
+            used: Arc::new(AtomicU64::new(0)),
+            residual_mib: residual,
+            killed: Arc::new(Mutex::new(Vec::new())),
+            fail_boot_at: None,
+        }
+    }
+
+    #[test]
+    fn small_residual_fits_many_and_stops_at_the_first_failure() {
+        let spec = RunSpec {
+            vmm: VmmName::Ebb,
+            reporting: true,
+        };
+        let mut lines = Vec::new();
+        let r = run_density(
+            spec,
+            &cfg(),
+            &mut host(60),
+            Duration::from_millis(50),
+            &mut |l| lines.push(l.to_string()),
+        );
+        // Each fitting guest leaves 60 MiB; a touch needs 410 MiB on top: (1024-410)/60.
+        assert_eq!(r.guests_fit, 10, "{:?}", r.failure);
+        assert!(r.failure.is_none(), "stopped at max_guests");
+        assert_eq!(r.residual_mib_per_guest, Some(60.0));
+        assert!(lines.iter().any(|l| l.contains("guest 3: ready")));
+        assert!(!r.timeline.is_empty());
+
+        let mut h = host(460);
+        let r = run_density(spec, &cfg(), &mut h, Duration::from_millis(50), &mut |_| {});
+        // Guests keep 460 MiB each after their free: the third touch does not fit.
+        assert_eq!(r.guests_fit, 2);
+        let f = r.failure.unwrap();
+        assert_eq!((f.guest, f.kind), (3, FailureKind::Touch));
+        assert!(f.detail.contains("signal 9"));
+        assert!(r
+            .guests
+            .iter()
+            .find(|g| g.guest == 3)
+            .unwrap()
+            .touch_s
+            .is_none());
+    }
+
+    #[test]
+    fn launch_failures_are_reported() {
+        let mut h = host(60);
+        h.fail_boot_at = Some(3);
+        let spec = RunSpec {
+            vmm: VmmName::Qemu,
+            reporting: false,
+        };
+        let r = run_density(spec, &cfg(), &mut h, Duration::from_millis(50), &mut |_| {});
+        assert_eq!(r.guests_fit, 2);
+        assert_eq!(r.failure.as_ref().unwrap().kind, FailureKind::Launch);
+        assert_eq!(r.vmm, VmmName::Qemu);
+    }
+
+    #[test]
+    fn labels_and_medians() {
+        for l in ["ebb-on", "ebb-off", "qemu-on", "qemu-off"] {
+            assert_eq!(RunSpec::parse(l).unwrap().label(), l);
+        }
+        assert!(RunSpec::parse("ebb").is_none());
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&mut []), None);
+    }
+}
