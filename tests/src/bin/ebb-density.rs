@@ -6,7 +6,7 @@
 //!             [--max-guests N] [--runs ebb-on,ebb-off,qemu-on] [--out DIR]
 //! ```
 //! `--scale full` is the published setup (15 GiB host, 5 GiB guests touching 4.5 GiB),
-//! `--scale small` (the default) a quick one (3, 1, 0.9). Where the local KVM runs stock
+//! `--scale small` (the default) a quick one (3, 1, 0.8). Where the local KVM runs stock
 //! guests, each run is bounded by a memory cgroup; elsewhere each run boots the nested
 //! test host with H GiB of RAM. Prints a progress line per guest and a table; writes
 //! `density.json`, `density.svg` and `density.txt` to `--out` (default

@@ -253,10 +253,19 @@ impl GuestHandle for LiveGuest {
     fn touch(&mut self, mib: u64, timeout: Duration) -> TouchOutcome {
         match self.vm.command(&format!("touch {mib}"), timeout) {
             Ok(v) if v["ok"].as_bool() == Some(true) => TouchOutcome::Done,
-            Ok(v) => TouchOutcome::GuestFailed(format!(
-                "the guest could not touch {mib} MiB: {}",
-                v["error"].as_str().unwrap_or("unknown error")
-            )),
+            Ok(v) => {
+                let available = self
+                    .vm
+                    .command_ok("meminfo", Duration::from_secs(60))
+                    .ok()
+                    .and_then(|m| m["mem_available_kib"].as_u64())
+                    .map(|k| format!(" (guest MemAvailable now {} MiB)", k / 1024))
+                    .unwrap_or_default();
+                TouchOutcome::GuestFailed(format!(
+                    "the guest could not touch {mib} MiB: {}{available}",
+                    v["error"].as_str().unwrap_or("unknown error")
+                ))
+            }
             Err(e) => {
                 let first = e.to_string().lines().next().unwrap_or("").to_string();
                 TouchOutcome::VmmFailed(format!("{first} ({})", self.exit_text()))
