@@ -226,6 +226,203 @@ fn add_virtio_mmio<D: VirtioDevice + 'static>(
     Ok(transport)
 }
 
+/// Legacy devices on the port I/O bus: COM1, the i8042 reset line, the CMOS clock and
+/// the ACPI power management registers.
+struct LegacyDevices {
+    io_bus: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_drained: EventFd,
+}
+
+fn legacy_devices(
+    vm: &VmFd,
+    config: &VmConfig,
+    exit: &Arc<ExitSignal>,
+) -> Result<LegacyDevices, VmError> {
+    let mut io_bus = Bus::new();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+    vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    let serial_output = match &config.serial {
+        SerialConfig::Stdio => SerialOutput::Stdout,
+        SerialConfig::File(path) => SerialOutput::File(File::create(path).map_err(io_err(
+            format!("cannot open serial output file '{}'", path.display()),
+        ))?),
+        SerialConfig::Off => SerialOutput::Sink,
+    };
+    let (serial_dev, serial_drained) =
+        SerialDevice::new(serial_irq, serial_output).map_err(io_err("creating the serial port"))?;
+    let serial = Arc::new(Mutex::new(serial_dev));
+    io_bus.insert(
+        serial.clone(),
+        u64::from(serial::COM1_PORT),
+        u64::from(serial::COM1_PORT_LEN),
+    )?;
+    for port in [i8042::I8042_DATA_PORT, i8042::I8042_COMMAND_PORT] {
+        io_bus.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone(), port))),
+            u64::from(port),
+            1,
+        )?;
+    }
+    io_bus.insert(
+        Arc::new(Mutex::new(Cmos::new())),
+        u64::from(cmos::CMOS_PORT),
+        u64::from(cmos::CMOS_PORT_LEN),
+    )?;
+    io_bus.insert(
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        u64::from(acpi_pm::PM_PORT_BASE),
+        u64::from(acpi_pm::PM_PORT_LEN),
+    )?;
+    Ok(LegacyDevices {
+        io_bus,
+        serial,
+        serial_drained,
+    })
+}
+
+/// Devices on the MMIO bus: virtio-mmio devices and the ACPI power button.
+struct MmioDevices {
+    mmio_bus: Bus,
+    virtio: Vec<MmioDeviceInfo>,
+    handlers: Vec<Box<dyn MutEventSubscriber + Send>>,
+    balloon: Option<Arc<Mutex<MmioTransport<Balloon>>>>,
+    ged: Arc<Mutex<Ged>>,
+    ged_info: GedInfo,
+}
+
+fn mmio_devices(vm: &VmFd, ram: &GuestRam, config: &VmConfig) -> Result<MmioDevices, VmError> {
+    let mut mmio_bus = Bus::new();
+    let mut virtio = Vec::new();
+    let mut handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
+    let mut balloon = None;
+    if let Some(balloon_cfg) = &config.balloon {
+        let info = MmioDeviceInfo {
+            base: layout::VIRTIO_MMIO_START,
+            size: layout::VIRTIO_MMIO_SIZE,
+            irq: layout::VIRTIO_FIRST_IRQ,
+        };
+        let target_pages = u32::try_from(balloon_cfg.size / PAGE_SIZE)
+            .map_err(|_| VmError::Config("--balloon size is too large".into()))?;
+        let device = Balloon::new(
+            BalloonOptions {
+                target_pages,
+                deflate_on_oom: balloon_cfg.deflate_on_oom,
+                free_page_reporting: balloon_cfg.free_page_reporting,
+                stats_interval_s: balloon_cfg.stats_interval_s,
+            },
+            ram.size(),
+            layout::ram_end(ram.size()),
+        )
+        .map_err(|e| VmError::Config(e.to_string()))?;
+        let transport = add_virtio_mmio(vm, &mut mmio_bus, ram, device, info)?;
+        balloon = Some(transport.clone());
+        handlers.push(Box::new(
+            VirtioHandler::new(transport).map_err(io_err("balloon event handler"))?,
+        ));
+        virtio.push(info);
+    }
+    // The Generic Event Device (ACPI power button) on the first GSI after the virtio ones.
+    let ged_info = GedInfo {
+        base: layout::GED_MMIO_START,
+        irq: layout::VIRTIO_FIRST_IRQ + virtio.len() as u32,
+    };
+    if ged_info.irq > layout::MAX_GSI {
+        return Err(VmError::Config(
+            "no interrupt left for the ACPI power button".into(),
+        ));
+    }
+    let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+    vm.register_irqfd(&ged_irq, ged_info.irq)
+        .map_err(kvm_err("KVM_IRQFD (GED)"))?;
+    let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
+    mmio_bus.insert(ged.clone(), ged_info.base, layout::GED_MMIO_SIZE)?;
+    Ok(MmioDevices {
+        mmio_bus,
+        virtio,
+        handlers,
+        balloon,
+        ged,
+        ged_info,
+    })
+}
+
+/// Writes the firmware-like structures, the kernel, the initramfs and the command line.
+fn load_guest(
+    ram: &GuestRam,
+    config: &VmConfig,
+    kernel: &boot::KernelInfo,
+    initramfs: Option<(File, u64)>,
+    devices: &MmioDevices,
+) -> Result<boot::BootEntry, VmError> {
+    boot::write_reset_vector(ram.memory())?;
+    let rsdp = acpi::write_tables(
+        ram.memory(),
+        config.cpus,
+        &devices.virtio,
+        Some(devices.ged_info),
+    )?;
+    // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; others use the DSDT.
+    let virtio_cmdline: Vec<String> = devices
+        .virtio
+        .iter()
+        .map(|d| {
+            format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                d.size / 1024,
+                d.base,
+                d.irq
+            )
+        })
+        .collect();
+    let cmdline = boot::build_cmdline(&config.cmdline, &virtio_cmdline, kernel.cmdline_max)?;
+    let entry = boot::load(
+        ram.memory(),
+        BootSetup {
+            kernel,
+            initramfs,
+            cmdline: &cmdline,
+            memory_bytes: ram.size(),
+            rsdp,
+        },
+    )?;
+    tracing::info!("kernel entry: {entry:x?}");
+    Ok(entry)
+}
+
+/// Creates and configures the vCPUs: all get CPUID/MSRs/LAPIC; the boot vCPU also gets
+/// registers. The others wait for the guest's INIT/SIPI in the in-kernel LAPIC.
+fn create_vcpus(
+    vm: &VmFd,
+    config: &VmConfig,
+    supported: &kvm_bindings::CpuId,
+    ram: &GuestRam,
+    entry: boot::BootEntry,
+    buses: (Arc<Bus>, Arc<Bus>),
+    exit: &Arc<ExitSignal>,
+) -> Result<Vec<Vcpu>, VmError> {
+    let (io_bus, mmio_bus) = buses;
+    let mut vcpus = Vec::new();
+    for id in 0..config.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        cpu::configure_vcpu(&fd, id, config.cpus, supported)?;
+        if id == 0 {
+            cpu::configure_boot_vcpu(&fd, ram.memory(), entry)?;
+        }
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            io_bus: io_bus.clone(),
+            mmio_bus: mmio_bus.clone(),
+            exit: exit.clone(),
+        });
+    }
+    Ok(vcpus)
+}
+
 /// Builds the VM, runs it until it stops, and returns why it stopped.
 pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     let (kernel, initramfs) = validate(config)?;
@@ -256,136 +453,14 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     );
     let vm = create_vm(&kvm, &ram)?;
     let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
-
-    // Legacy devices on the port I/O bus.
-    let mut io_bus = Bus::new();
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
-    vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
-        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-    let serial_output = match &config.serial {
-        SerialConfig::Stdio => SerialOutput::Stdout,
-        SerialConfig::File(path) => SerialOutput::File(File::create(path).map_err(io_err(
-            format!("cannot open serial output file '{}'", path.display()),
-        ))?),
-        SerialConfig::Off => SerialOutput::Sink,
-    };
-    let (serial_dev, serial_drained) =
-        SerialDevice::new(serial_irq, serial_output).map_err(io_err("creating the serial port"))?;
-    let serial_dev = Arc::new(Mutex::new(serial_dev));
-    io_bus.insert(
-        serial_dev.clone(),
-        u64::from(serial::COM1_PORT),
-        u64::from(serial::COM1_PORT_LEN),
-    )?;
-    for port in [i8042::I8042_DATA_PORT, i8042::I8042_COMMAND_PORT] {
-        io_bus.insert(
-            Arc::new(Mutex::new(I8042::new(exit.clone(), port))),
-            u64::from(port),
-            1,
-        )?;
-    }
-    io_bus.insert(
-        Arc::new(Mutex::new(Cmos::new())),
-        u64::from(cmos::CMOS_PORT),
-        u64::from(cmos::CMOS_PORT_LEN),
-    )?;
-    io_bus.insert(
-        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
-        u64::from(acpi_pm::PM_PORT_BASE),
-        u64::from(acpi_pm::PM_PORT_LEN),
-    )?;
-    let mut mmio_bus = Bus::new();
-    let mut mmio_devices: Vec<MmioDeviceInfo> = Vec::new();
-    let mut device_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
-    let mut balloon_transport = None;
-    if let Some(balloon_cfg) = &config.balloon {
-        let info = MmioDeviceInfo {
-            base: layout::VIRTIO_MMIO_START,
-            size: layout::VIRTIO_MMIO_SIZE,
-            irq: layout::VIRTIO_FIRST_IRQ,
-        };
-        let balloon = Balloon::new(
-            BalloonOptions {
-                target_pages: (balloon_cfg.size / PAGE_SIZE) as u32,
-                deflate_on_oom: balloon_cfg.deflate_on_oom,
-                free_page_reporting: balloon_cfg.free_page_reporting,
-                stats_interval_s: balloon_cfg.stats_interval_s,
-            },
-            ram.size(),
-            layout::ram_end(ram.size()),
-        )
-        .map_err(|e| VmError::Config(e.to_string()))?;
-        let transport = add_virtio_mmio(&vm, &mut mmio_bus, &ram, balloon, info)?;
-        balloon_transport = Some(transport.clone());
-        device_handlers.push(Box::new(
-            VirtioHandler::new(transport).map_err(io_err("balloon event handler"))?,
-        ));
-        mmio_devices.push(info);
-    }
-    // The Generic Event Device (ACPI power button) on the first GSI after the virtio ones.
-    let ged_info = GedInfo {
-        base: layout::GED_MMIO_START,
-        irq: layout::VIRTIO_FIRST_IRQ + mmio_devices.len() as u32,
-    };
-    if ged_info.irq > layout::MAX_GSI {
-        return Err(VmError::Config(
-            "no interrupt left for the ACPI power button".into(),
-        ));
-    }
-    let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
-    vm.register_irqfd(&ged_irq, ged_info.irq)
-        .map_err(kvm_err("KVM_IRQFD (GED)"))?;
-    let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
-    mmio_bus.insert(ged.clone(), ged_info.base, layout::GED_MMIO_SIZE)?;
-
-    // Boot structures.
-    boot::write_reset_vector(ram.memory())?;
-    let rsdp = acpi::write_tables(ram.memory(), config.cpus, &mmio_devices, Some(ged_info))?;
-    let virtio_cmdline: Vec<String> = mmio_devices
-        .iter()
-        .map(|d| {
-            format!(
-                "virtio_mmio.device={}K@{:#x}:{}",
-                d.size / 1024,
-                d.base,
-                d.irq
-            )
-        })
-        .collect();
-    let cmdline = boot::build_cmdline(&config.cmdline, &virtio_cmdline, kernel.cmdline_max)?;
-    let entry = boot::load(
-        ram.memory(),
-        BootSetup {
-            kernel: &kernel,
-            initramfs,
-            cmdline: &cmdline,
-            memory_bytes: ram.size(),
-            rsdp,
-        },
-    )?;
-    tracing::info!("kernel entry: {entry:x?}");
-
-    // vCPUs: all get CPUID/MSRs/LAPIC; the boot vCPU also gets registers. The others wait
-    // for the guest's INIT/SIPI in the in-kernel LAPIC.
-    let io_bus = Arc::new(io_bus);
-    let mmio_bus = Arc::new(mmio_bus);
-    let mut vcpus = Vec::new();
-    for id in 0..config.cpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        cpu::configure_vcpu(&fd, id, config.cpus, &supported)?;
-        if id == 0 {
-            cpu::configure_boot_vcpu(&fd, ram.memory(), entry)?;
-        }
-        vcpus.push(Vcpu {
-            id,
-            fd,
-            io_bus: io_bus.clone(),
-            mmio_bus: mmio_bus.clone(),
-            exit: exit.clone(),
-        });
-    }
+    let legacy = legacy_devices(&vm, config, &exit)?;
+    let mut mmio = mmio_devices(&vm, &ram, config)?;
+    let entry = load_guest(&ram, config, &kernel, initramfs, &mmio)?;
+    let buses = (
+        Arc::new(legacy.io_bus),
+        Arc::new(std::mem::take(&mut mmio.mmio_bus)),
+    );
+    let vcpus = create_vcpus(&vm, config, &supported, &ram, entry, buses, &exit)?;
 
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
         .map_err(|e| VmError::Io {
@@ -394,14 +469,14 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
         })?;
     events.add_subscriber(Box::new(ExitWatcher(exit.clone())));
     events.add_subscriber(Box::new(SignalWatcher::new(signal_fd, exit.clone())));
-    for handler in device_handlers {
+    for handler in std::mem::take(&mut mmio.handlers) {
         events.add_subscriber(handler);
     }
     if let Some(queue) = api_queue {
         let backend = LiveVm::new(LiveVmParts {
             exit: exit.clone(),
-            balloon: balloon_transport,
-            ged: Some(ged),
+            balloon: mmio.balloon.clone(),
+            ged: Some(mmio.ged.clone()),
             started,
             config: config.clone(),
             ram_host_start: ram.host_start(),
@@ -411,8 +486,8 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     }
     if config.serial == SerialConfig::Stdio {
         events.add_subscriber(Box::new(ConsoleInput::new(
-            serial_dev.clone(),
-            serial_drained,
+            legacy.serial.clone(),
+            legacy.serial_drained,
         )));
     }
 
@@ -433,7 +508,7 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     // a moment to reach their clients before the socket is removed.
     drop(events);
     drop(api_server);
-    lock(&serial_dev).flush();
+    lock(&legacy.serial).flush();
     // Guest RAM is never unmapped, so vCPU threads still in KVM_RUN stay safe until the
     // process exits.
     Ok(exit.reason().unwrap_or(VmExit::Stopped("unknown".into())))
