@@ -44,7 +44,7 @@ impl DensityReport {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "Density: {:.1} GiB host, {:.1} GiB guests touching {:.1} GiB ({})",
+            "Density: {} GiB host, {} GiB guests touching {} GiB ({})",
             self.host_gib, self.guest_gib, self.touch_gib, self.started_utc
         );
         t.push_str(
@@ -102,7 +102,7 @@ impl DensityReport {
         let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
         let _ = writeln!(
             s,
-            r#"<text x="{}" y="22" font-size="15">Host memory in use: {:.0} GiB host, {:.0} GiB guests touching {:.1} GiB</text>"#,
+            r#"<text x="{}" y="22" font-size="15">Host memory in use: {} GiB host, {} GiB guests touching {} GiB</text>"#,
             left, self.host_gib, self.guest_gib, self.touch_gib
         );
         // Axes and grid.
