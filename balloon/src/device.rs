@@ -277,6 +277,11 @@ impl Balloon {
         };
         let counters = &mut self.counters;
         let pages = &mut self.pages;
+        // Inflated ranges are discarded after the buffers go back to the guest, so the
+        // guest allocates its next batch while the host works. This is safe for inflate
+        // (not for reporting): the guest does not touch a ballooned page again until a
+        // deflate names it, and deflates are handled on this thread after this returns.
+        let mut to_discard = Vec::new();
         let used_any = drain_queue(queue, mem, counters, |chain, mem, counters| {
             let Some(mut pfns) = read_pfns(chain, mem, counters) else {
                 return;
@@ -295,20 +300,7 @@ impl Balloon {
                         counters.repeated_inflates += 1;
                     }
                 }
-                for range in pfns_to_host_ranges(mem, &mut pfns) {
-                    counters.madvise_calls += 1;
-                    match discard(range) {
-                        Ok(()) => counters.inflate_discarded_bytes += range.len as u64,
-                        Err(e) => {
-                            counters.madvise_failures += 1;
-                            tracing::warn!(
-                                "balloon: discarding {:#x}+{:#x}: {e}",
-                                range.gpa,
-                                range.len
-                            );
-                        }
-                    }
-                }
+                to_discard.extend(pfns_to_host_ranges(mem, &mut pfns));
             } else {
                 for &pfn in &pfns {
                     counters.deflated_pages += 1;
@@ -320,6 +312,16 @@ impl Balloon {
         });
         if used_any {
             notify(queue, mem, interrupt.as_ref());
+        }
+        for range in to_discard {
+            counters.madvise_calls += 1;
+            match discard(range) {
+                Ok(()) => counters.inflate_discarded_bytes += range.len as u64,
+                Err(e) => {
+                    counters.madvise_failures += 1;
+                    tracing::warn!("balloon: discarding {:#x}+{:#x}: {e}", range.gpa, range.len);
+                }
+            }
         }
     }
 

@@ -217,6 +217,8 @@ pub struct GuestConfig {
     /// Copy the console to stderr as it arrives. Default: `EBB_GUEST_ECHO` is set to
     /// something other than `0`.
     pub echo_console: bool,
+    /// Ebb only: `--memory SIZE,thp=on|off` (`None`: the host's default).
+    pub thp: Option<bool>,
 }
 
 impl Default for GuestConfig {
@@ -232,6 +234,7 @@ impl Default for GuestConfig {
             kernel: None,
             initramfs: None,
             echo_console: std::env::var("EBB_GUEST_ECHO").is_ok_and(|v| !v.is_empty() && v != "0"),
+            thp: None,
         }
     }
 }
@@ -376,7 +379,12 @@ pub fn vmm_command(
             argv.extend(["--kernel".into(), s(&kernel)]);
             argv.extend(["--initramfs".into(), s(&initramfs)]);
             argv.extend(["--cmdline".into(), config.cmdline()]);
-            argv.extend(["--memory".into(), format!("{}M", config.memory_mib)]);
+            let thp = match config.thp {
+                Some(true) => ",thp=on",
+                Some(false) => ",thp=off",
+                None => "",
+            };
+            argv.extend(["--memory".into(), format!("{}M{thp}", config.memory_mib)]);
             argv.extend(["--cpus".into(), config.cpus.to_string()]);
             argv.extend(["--serial".into(), "stdio".into()]);
             if let Some(b) = &config.balloon {
@@ -914,6 +922,29 @@ impl GuestVm {
                 self.exit = Some((st, Instant::now()));
             }
         }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the VMM process.
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        // SAFETY: kill(2) on our own child's pid (not yet reaped: `Drop` reaps it).
+        if unsafe { libc::kill(self.pid() as libc::pid_t, signal) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// The guest RAM mapping of the VMM (see [`procfs::guest_ram_rss_kib`]).
+    pub fn guest_ram_mapping(&self) -> io::Result<procfs::Mapping> {
+        let maps = procfs::smaps(self.pid())?;
+        procfs::find_guest_ram(&maps, self.memory_bytes())
+            .cloned()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no guest RAM mapping in process {}", self.pid()),
+                )
+            })
     }
 
     /// VmRSS of the VMM process (KiB).

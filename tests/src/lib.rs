@@ -7,11 +7,18 @@
 //!   default guest and drives it over its serial console (resources/GUEST-PROTOCOL.md).
 //! - [`procfs`]: memory readings from /proc without forking.
 //! - [`density`]: the density benchmark (how many guests fit on a host).
+//! - [`scenarios`]: the end-to-end scenarios (boot, CLI limits, balloon, reporting,
+//!   benchmarks) that the runners (`ebb-scenario`, `ebb-bench`) and the integration
+//!   tests run inside the test host.
+//! - [`qmp`], [`madvise`]: driving QEMU over QMP; counting a VMM's discards with perf.
 //! - [`paths`]: where the repository, the cargo target directory and the cache are.
 
 pub mod density;
 pub mod guest;
+pub mod madvise;
 pub mod paths;
 pub mod procfs;
+pub mod qmp;
+pub mod scenarios;
 pub mod testhost;
 mod text;

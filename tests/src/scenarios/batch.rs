@@ -1,0 +1,135 @@
+//! Running a batch of scenarios from the outer machine: builds what they need first (the
+//! default guest and the Ebb binary: inside the test host the cache and target directory
+//! are read-only), runs the runner through [`crate::testhost::run`] (one L1 boot for the
+//! whole batch in nested mode) and parses the result lines.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::guest;
+use crate::testhost::{self, RunOutput, Scenario};
+
+/// A batch to run.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Items as the runner takes them: `name` or `name:key=value:key=value`.
+    pub items: Vec<String>,
+    /// Memory of the nested test host (guest sizes + ~300 MiB; guests run one at a time).
+    pub l1_memory_mib: u32,
+    /// Limit for the whole run (boot of L1 included).
+    pub timeout: Duration,
+    /// Extra environment for the runner.
+    pub env: Vec<(String, String)>,
+}
+
+/// What a batch produced.
+pub struct BatchOutput {
+    pub run: RunOutput,
+    /// One JSON object per scenario that reported (see [`crate::scenarios`]).
+    pub results: Vec<Value>,
+}
+
+impl BatchOutput {
+    /// The result line of scenario `name` (the first one when it ran several times).
+    pub fn result(&self, name: &str) -> Option<&Value> {
+        self.results.iter().find(|r| r["scenario"] == name)
+    }
+
+    /// A readable list of the scenarios that failed or did not report, with their
+    /// errors; empty when all of `expected` passed.
+    pub fn failures(&self, expected: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        for name in expected {
+            match self.result(name) {
+                None => out.push(format!("{name}: no result line (the runner died?)")),
+                Some(r) if r["ok"] != true => out.push(format!(
+                    "{name}: FAILED: {}",
+                    r["error"].as_str().unwrap_or("(no error text)")
+                )),
+                Some(_) => {}
+            }
+        }
+        out
+    }
+}
+
+/// Parses the runner's `--json` result lines out of its stdout.
+pub fn parse_results(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("scenario").is_some())
+        .collect()
+}
+
+/// Builds the default guest (or, with `EBB_GUEST_PREBUILT=1`, only checks it is in the
+/// cache) and the Ebb binary of this build profile. Call on the outer machine.
+pub fn prepare() -> Result<(), String> {
+    let artifacts = if std::env::var("EBB_GUEST_PREBUILT").is_ok_and(|v| v == "1") {
+        guest::GuestArtifacts::locate()
+    } else {
+        guest::build_default_guest()
+    }
+    .map_err(|e| e.to_string())?;
+    eprintln!("[batch] default guest: {}", artifacts.dir.display());
+    let ebb = guest::build_ebb_binary().map_err(|e| e.to_string())?;
+    eprintln!("[batch] ebb: {}", ebb.display());
+    Ok(())
+}
+
+/// Runs `runner --json batch ITEMS...` on the test host (after [`prepare`]). `runner_prefix`
+/// goes before `--json` (e.g. `--inside` for a binary that is its own runner).
+pub fn run(runner: &Path, runner_prefix: &[&str], batch: &Batch) -> Result<BatchOutput, String> {
+    prepare()?;
+    let mut argv = vec![runner.to_string_lossy().into_owned()];
+    argv.extend(runner_prefix.iter().map(|s| s.to_string()));
+    argv.push("--json".into());
+    argv.push("batch".into());
+    argv.extend(batch.items.iter().cloned());
+    let scenario = Scenario {
+        argv,
+        env: batch.env.clone(),
+        l1_memory_mib: batch.l1_memory_mib,
+        timeout: batch.timeout,
+        ..Scenario::default()
+    };
+    let (probed, why) = testhost::HostMode::probe();
+    eprintln!("[batch] host mode probe: {probed} ({why})");
+    let run = testhost::run(&scenario).map_err(|e| e.to_string())?;
+    eprintln!(
+        "[batch] mode {} status {} attempts {} run dir {}\n[batch] timings {:?}",
+        run.mode,
+        run.status,
+        run.attempts,
+        run.out_dir.display(),
+        run.timings
+    );
+    let results = parse_results(&run.stdout);
+    Ok(BatchOutput { run, results })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_result_lines() {
+        let out = "noise\n{\"scenario\":\"a\",\"ok\":true}\n{\"other\":1}\n{broken\n\
+                   {\"scenario\":\"b\",\"ok\":false,\"error\":\"boom\"}\n";
+        let results = parse_results(out);
+        assert_eq!(results.len(), 2);
+        let fake = results.clone();
+        let failures: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .filter_map(|n| match fake.iter().find(|r| r["scenario"] == *n) {
+                None => Some(format!("{n}: none")),
+                Some(r) if r["ok"] != true => Some(format!("{n}: {}", r["error"])),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(failures.len(), 2);
+    }
+}

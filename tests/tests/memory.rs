@@ -1,0 +1,84 @@
+//! Balloon and free page reporting end to end, in ONE test-host run (~8 min nested):
+//! - `reporting-on`: touch 768 MiB, free: guest-RAM RSS back within 150 MiB of its
+//!   pre-touch value within 30 s;
+//! - `reporting-off`: the same stays high (proves the check can fail);
+//! - `reporting-init-on-free`: `init_on_free=1` guests still give memory back
+//!   (PAGE_POISON negotiated, poison 0);
+//! - `reporting-page-poison`: `page_poison=1` guests keep working and Ebb keeps their
+//!   reported pages;
+//! - `balloon-size`: `--balloon size=256M` reaches 65536 pages, MemTotal drops 256 MiB;
+//! - `balloon-deflate-on-oom`: 768 MiB balloon, then `alloc 600` succeeds and the
+//!   balloon shrinks.
+//!
+//! Run: `cargo test --release -p ebb-tests --test memory -- --nocapture`
+
+use std::path::Path;
+use std::time::Duration;
+
+use ebb_tests::scenarios::batch::{self, Batch};
+
+/// In this order: reporting-on measures the reclaim time the "stays high" windows use and
+/// the MemTotal of the 1 GiB guest the balloon checks compare against.
+const SCENARIOS: &[&str] = &[
+    "reporting-on",
+    "reporting-off",
+    "reporting-init-on-free",
+    "reporting-page-poison",
+    "balloon-size",
+    "balloon-deflate-on-oom",
+];
+
+#[test]
+fn balloon_and_reporting_in_one_test_host() {
+    let b = Batch {
+        items: SCENARIOS.iter().map(|s| s.to_string()).collect(),
+        // One 1 GiB guest at a time, fully touched, plus L1 itself.
+        l1_memory_mib: 2048,
+        timeout: Duration::from_secs(30 * 60),
+        env: Vec::new(),
+    };
+    let out = batch::run(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &[], &b)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("results:\n{}", out.run.stdout);
+    let failures = out.failures(SCENARIOS);
+    assert!(
+        failures.is_empty(),
+        "{} scenario(s) failed:\n{}\n\nrun dir {}\n{}",
+        failures.len(),
+        failures.join("\n\n"),
+        out.run.out_dir.display(),
+        out.run.report()
+    );
+    out.run.ensure_success().unwrap_or_else(|e| panic!("{e}"));
+
+    let on = &out.result("reporting-on").unwrap()["data"];
+    assert!(
+        on["reclaimed_within_ms"].as_u64().unwrap() <= 30_000,
+        "{on}"
+    );
+    let off = &out.result("reporting-off").unwrap()["data"];
+    assert!(
+        off["rss_min_in_window_mib"].as_f64().unwrap()
+            > on["rss_after_mib"].as_f64().unwrap() + 300.0,
+        "reporting off should keep far more than reporting on: off {off}\non {on}"
+    );
+    let poison = &out.result("reporting-page-poison").unwrap()["data"];
+    assert!(
+        poison["vmm_stderr"]
+            .as_str()
+            .unwrap()
+            .contains("poisons free pages"),
+        "{poison}"
+    );
+    let size = &out.result("balloon-size").unwrap()["data"];
+    assert_eq!(size["balloon"]["inflated_pages"], 65536, "{size}");
+    let oom = &out.result("balloon-deflate-on-oom").unwrap()["data"];
+    assert!(oom["deflated_pages"].as_u64().unwrap() > 0, "{oom}");
+    eprintln!(
+        "TIMINGS mode={} total={:?} l1_boot_to_scenario={:?} scenario={:?}",
+        out.run.mode,
+        out.run.timings.total,
+        out.run.timings.l1_boot_to_scenario,
+        out.run.timings.scenario
+    );
+}
