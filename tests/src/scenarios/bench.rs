@@ -7,10 +7,10 @@
 //!   QEMU: `-M microvm,acpi=on`, same kernel image, initramfs and command line.
 //! - `bench-inflate`: a 1 GiB guest's balloon going to 768 MiB. Observed from the host
 //!   with `perf` on the VMM's `madvise(MADV_DONTNEED)` calls inside guest RAM (count and
-//!   first-to-last time), and by polling the guest's balloon counter (Ebb) or QMP
-//!   `query-balloon` (QEMU). Ebb gets its target on the command line, so its guest
-//!   inflates while it boots; QEMU gets it over QMP once the guest is ready.
-//!   Free page reporting is off for both so that only inflation discards.
+//!   first-to-last time), and from the target being set once the guest is ready (Ebb:
+//!   `PATCH /balloon` on its REST API; QEMU: QMP `balloon`) to the balloon being full
+//!   (`GET /balloon` `actual_mib`; QMP `query-balloon`). Same ELF kernel for both; free
+//!   page reporting off for both so that only inflation discards.
 //! - `bench-reclaim`: a guest touches N MiB and frees it; time until guest-RAM RSS is back
 //!   within 5% of its pre-touch value (and until 95% of the touched memory is back), and
 //!   what stays resident. Free page reporting on for both (QEMU:
@@ -27,7 +27,7 @@ use super::support::{
     settled_rss, u64_field, wait_balloon, watch_rss, OrStr,
 };
 use super::{ms, progress, Args, Ctx, ScenarioDef};
-use crate::guest::{BalloonConfig, GuestConfig, GuestVm, VmmKind};
+use crate::guest::{BalloonConfig, GuestConfig, GuestVm, KernelImage, VmmKind};
 use crate::madvise::{self, MadviseTrace};
 use crate::qmp::Qmp;
 
@@ -166,6 +166,8 @@ fn inflate_config(memory_mib: u64, size_mib: u64, extra: Vec<String>) -> GuestCo
         }),
     );
     c.extra_args = extra;
+    // The same kernel image for both VMMs.
+    c.kernel = Some(KernelImage::Elf);
     c
 }
 
@@ -175,18 +177,46 @@ fn bench_inflate(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let size_mib: u64 = args.get("size_mib", 768)?;
     let target = size_mib * 256;
     crate::guest::find_qemu().s()?;
-    let artifacts = super::support::artifacts()?;
     let mut out = serde_json::Map::new();
 
-    // Ebb: the target is set on the command line; the guest inflates while booting.
+    // Ebb: the target goes over the REST API once the guest is ready.
     {
-        let c = inflate_config(memory_mib, size_mib, Vec::new());
-        let kind = ebb()?;
-        let mut vm = GuestVm::spawn_with(kind, &c, &artifacts).s()?;
+        let dir = super::support::scratch_dir("inflate-api")?;
+        let socket = dir.join("api.sock");
+        let c = inflate_config(
+            memory_mib,
+            0,
+            vec!["--api-socket".into(), socket.to_string_lossy().into_owned()],
+        );
+        let (mut vm, r) = boot(&ebb()?, &c)?;
+        let client = ebb_vmm::api::client::Client::new(&socket, Duration::from_secs(30));
+        let rss_before = ram_rss(&vm)?;
         let trace = MadviseTrace::start(vm.pid(), &trace_path("ebb"));
-        let r = vm.wait_ready(super::support::READY_TIMEOUT).s()?;
-        let (b, after_ready) = wait_balloon(&mut vm, Duration::from_secs(300), |p| p >= target)?;
-        let full_ms = ms(vm.spawned_at().elapsed());
+        let t0 = Instant::now();
+        let resp = client
+            .request(
+                "PATCH",
+                "/balloon",
+                Some(format!("{{\"amount_mib\": {size_mib}}}").as_bytes()),
+            )
+            .ctx("PATCH /balloon")?;
+        ensure(resp.status == 204, || {
+            format!("PATCH /balloon: {} {}", resp.status, resp.text())
+        })?;
+        let mut polls = 0u32;
+        let api_to_full = loop {
+            let b = client.get("/balloon").ctx("GET /balloon")?;
+            let b = b.json().ctx("GET /balloon body")?;
+            polls += 1;
+            if b["actual_mib"].as_u64() >= Some(size_mib) {
+                break t0.elapsed();
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                return Err(format!("ebb: balloon not full after 600 s: {b}"));
+            }
+            thread::sleep(Duration::from_millis(250));
+        };
+        let (b, _) = wait_balloon(&mut vm, Duration::from_secs(60), |p| p >= target)?;
         thread::sleep(Duration::from_secs(1));
         let mad = match trace {
             Ok(t) => madvise_json(&vm, t.stop()),
@@ -194,15 +224,17 @@ fn bench_inflate(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         };
         let rss = ram_rss(&vm)?;
         poweroff_any(&mut vm)?;
+        let _ = std::fs::remove_dir_all(&dir);
         out.insert(
             "ebb".into(),
             json!({
                 "argv": vm.argv(),
                 "ready_ms": ms(r.elapsed),
-                "spawn_to_full_ms": full_ms,
-                "ready_to_full_ms": ms(after_ready),
+                "api_to_full_ms": ms(api_to_full),
+                "api_polls": polls,
                 "balloon": b,
                 "madvise": mad,
+                "guest_ram_rss_before_mib": mib(rss_before),
                 "guest_ram_rss_full_mib": mib(rss),
             }),
         );
@@ -324,6 +356,7 @@ fn reclaim_one(
         }),
     );
     c.thp = thp;
+    c.kernel = Some(KernelImage::Elf);
     // Ebb's report latency comes from its metrics.
     let api_dir = super::support::scratch_dir("reclaim-api")?;
     let socket = api_dir.join("api.sock");
@@ -542,7 +575,7 @@ pub fn table(result: &Value) -> String {
                 let set_to_full = if v == "qemu" {
                     format!("{} (QMP)", secs(&x["qmp_to_full_ms"]))
                 } else {
-                    format!("{} (spawn)", secs(&x["spawn_to_full_ms"]))
+                    format!("{} (API)", secs(&x["api_to_full_ms"]))
                 };
                 let (span, calls, per) = if m.get("error").is_some() {
                     ("perf n/a".to_string(), "-".to_string(), "-".to_string())
