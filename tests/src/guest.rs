@@ -287,10 +287,13 @@ pub fn build_ebb_binary() -> Result<PathBuf> {
         .unwrap_or(false);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "ebb-vmm", "--bin", "ebb"])
-        .current_dir(paths::repo_root())
-        .env("CARGO_TARGET_DIR", paths::target_dir())
-        .stdin(Stdio::null());
+    // ebb-ctl too: the API benchmark drives a running Ebb with it.
+    cmd.args([
+        "build", "--quiet", "-p", "ebb-vmm", "--bin", "ebb", "--bin", "ebb-ctl",
+    ])
+    .current_dir(paths::repo_root())
+    .env("CARGO_TARGET_DIR", paths::target_dir())
+    .stdin(Stdio::null());
     if release {
         cmd.arg("--release");
     }

@@ -2,7 +2,7 @@
 //! tables (see [`ebb_tests::scenarios::bench`] for what each measures and how).
 //!
 //! ```text
-//! cargo run --release -p ebb-tests --bin ebb-bench -- [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|all]... [--runs N]
+//! cargo run --release -p ebb-tests --bin ebb-bench -- [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|all]... [--runs N]
 //! ```
 //! Runs directly on a KVM host, in the nested test host elsewhere (one L1 boot for all the
 //! benchmarks asked for). Figures, not pass/fail: the exit status is 0 when every
@@ -20,12 +20,13 @@ const FAMILIES: &[&[ScenarioDef]] = &[bench::SCENARIOS];
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ebb-bench [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|all]... [--runs N]\n\
+        "usage: ebb-bench [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|all]... [--runs N]\n\
          \n  boot     spawn to EBB-READY (median of N, default 5) and VMM memory overhead\
          \n  inflate  balloon 768 MiB of a 1 GiB guest: time, madvise calls per GiB\
          \n  reclaim  free page reporting: 1 GiB guest freeing 768 MiB, 5 GiB freeing 4.5 GiB\
          \n           (reclaim-1g, reclaim-5g: one of them)\
          \n  thp      Ebb's touch and reclaim with guest RAM in huge pages (thp=on) and not (thp=off)\
+         \n  api      REST API latency with the guest busy, VMM CPU use when idle\
          \n  all      everything (default)"
     );
     ExitCode::from(2)
@@ -46,9 +47,8 @@ fn main() -> ExitCode {
                 Some(n) => runs = n,
                 None => return usage(),
             },
-            "boot" | "inflate" | "reclaim" | "reclaim-1g" | "reclaim-5g" | "thp" | "all" => {
-                which.push(a)
-            }
+            "boot" | "inflate" | "reclaim" | "reclaim-1g" | "reclaim-5g" | "thp" | "api"
+            | "all" => which.push(a),
             _ => return usage(),
         }
     }
@@ -58,6 +58,7 @@ fn main() -> ExitCode {
             "inflate".into(),
             "reclaim".into(),
             "thp".into(),
+            "api".into(),
         ];
     }
     let mut items = Vec::new();
@@ -75,8 +76,8 @@ fn main() -> ExitCode {
             }
             "reclaim" | "reclaim-1g" | "reclaim-5g" => {
                 if w != "reclaim-5g" {
-                    items.push("bench-reclaim:memory_mib=1024:touch_mib=768".to_string());
-                    minutes += 10;
+                    items.push("bench-reclaim:memory_mib=1024:touch_mib=768:runs=3".to_string());
+                    minutes += 25;
                 }
                 if w != "reclaim-1g" {
                     items.push("bench-reclaim:memory_mib=5120:touch_mib=4608".to_string());
@@ -84,6 +85,10 @@ fn main() -> ExitCode {
                     l1_memory_mib = 6144;
                     minutes += 30;
                 }
+            }
+            "api" => {
+                items.push(format!("bench-api:requests={}", 1000));
+                minutes += 5;
             }
             "thp" => {
                 for thp in ["on", "off"] {
