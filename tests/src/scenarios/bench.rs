@@ -546,7 +546,12 @@ fn bench_api(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "(while :; do :; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/busy.pid",
     )?;
     let busy = ebb_ctl_bench(&socket, requests, 0)?;
-    super::support::sh(&mut vm, "kill $(cat /tmp/busy.pid)")?;
+    // SIGKILL: the guest's init ignores SIGTERM and its children inherit that.
+    super::support::sh(
+        &mut vm,
+        "p=$(cat /tmp/busy.pid); kill -9 $p; sleep 1; ! kill -0 $p 2>/dev/null",
+    )
+    .map_err(|e| format!("stopping the guest's busy loop: {e}"))?;
     thread::sleep(Duration::from_secs(3));
     let idle = ebb_ctl_bench(&socket, 10, idle_s)?;
     let rss = vm.process_rss_kib().ctx("VmRSS")?;
