@@ -40,19 +40,8 @@ fn boot_scenarios_in_one_test_host() {
         timeout: Duration::from_secs(25 * 60),
         env: Vec::new(),
     };
-    let out = batch::run(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &[], &b)
+    let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
         .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("results:\n{}", out.run.stdout);
-    let failures = out.failures(SCENARIOS);
-    assert!(
-        failures.is_empty(),
-        "{} scenario(s) failed:\n{}\n\nrun dir {}\n{}",
-        failures.len(),
-        failures.join("\n\n"),
-        out.run.out_dir.display(),
-        out.run.report()
-    );
-    out.run.ensure_success().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.run.mode, mode);
 
     // The facts the scenarios rest on.

@@ -145,6 +145,30 @@ pub fn run(runner: &Path, runner_prefix: &[&str], batch: &Batch) -> Result<Batch
     Ok(BatchOutput { run, results })
 }
 
+/// [`run`] for an integration test: every item must report success and the runner
+/// must exit 0; the error lists each failure, the run directory and the console tail.
+pub fn run_all_ok(runner: &Path, batch: &Batch) -> Result<BatchOutput, String> {
+    let out = run(runner, &[], batch)?;
+    eprintln!("results:\n{}", out.run.stdout);
+    let names: Vec<&str> = batch
+        .items
+        .iter()
+        .map(|i| i.split(':').next().unwrap_or(""))
+        .collect();
+    let failures = out.failures(&names);
+    if !failures.is_empty() {
+        return Err(format!(
+            "{} scenario(s) failed:\n{}\n\nrun dir {}\n{}",
+            failures.len(),
+            failures.join("\n\n"),
+            out.run.out_dir.display(),
+            out.run.report()
+        ));
+    }
+    out.run.ensure_success().map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
 /// The items whose scenario failed because its guest triple-faulted.
 fn emulation_crashes(results: &[Value], items: &[String]) -> Vec<String> {
     items

@@ -566,7 +566,7 @@ fn boot_triple_fault(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let dir = scratch_dir("triple")?;
     let kernel = dir.join("triple-fault.elf");
     std::fs::write(&kernel, triple_fault_elf()).ctx("writing the test kernel")?;
-    let argv = [
+    let argv = vec![
         super::support::ebb_binary()?.to_string_lossy().into_owned(),
         "--kernel".into(),
         kernel.to_string_lossy().into_owned(),
@@ -575,40 +575,13 @@ fn boot_triple_fault(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "--serial".into(),
         "off".into(),
     ];
-    let t0 = Instant::now();
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ctx("spawning ebb")?;
-    let mut err = child.stderr.take().ok_or("no stderr pipe")?;
-    let t_err = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().ctx("waiting for ebb")? {
-            break st;
-        }
-        if t0.elapsed() > EXIT_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(format!(
-                "{argv:?}: still running {EXIT_TIMEOUT:?} after a triple fault"
-            ));
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = t_err.join().unwrap_or_default();
+    let finished = super::support::run_with_limit(&argv, EXIT_TIMEOUT);
     let _ = std::fs::remove_dir_all(&dir);
+    let f = finished.map_err(|e| format!("after a triple fault: {e}"))?;
     let exit = crate::guest::GuestExit {
-        status,
-        stderr,
-        elapsed: t0.elapsed(),
+        status: f.status,
+        stderr: f.stderr,
+        elapsed: f.elapsed,
     };
     expect_exit(
         &exit,
@@ -618,7 +591,7 @@ fn boot_triple_fault(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     Ok(json!({
         "argv": argv,
         "exit_status": exit.status.code(),
-        "exit_ms": ms(t0.elapsed()),
+        "exit_ms": ms(exit.elapsed),
         "stderr_last_line": exit.stderr.lines().last(),
     }))
 }

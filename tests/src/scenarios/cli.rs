@@ -3,16 +3,13 @@
 //! Each must give exit status 1, one `ebb: error:` line naming the problem, nothing on
 //! stdout, and no hang.
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::support::{artifacts, ebb_binary, ensure, scratch_dir, OrStr};
+use super::support::{artifacts, ebb_binary, ensure, run_with_limit, scratch_dir, OrStr};
 use super::{Args, Ctx, ScenarioDef};
 
 /// The scenarios of this family.
@@ -33,41 +30,11 @@ struct Outcome {
 }
 
 fn run(argv: &[String]) -> Result<Outcome, String> {
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ctx(&format!("spawning {argv:?}"))?;
-    let mut out = child.stdout.take().ok_or("no stdout")?;
-    let mut err = child.stderr.take().ok_or("no stderr")?;
-    let t_out = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().ctx("waiting for ebb")? {
-            break st;
-        }
-        if t0.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{argv:?} still running after {LIMIT:?}: ebb hangs"));
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
+    let f = run_with_limit(argv, LIMIT)?;
     Ok(Outcome {
-        code: status.code(),
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
+        code: f.status.code(),
+        stdout: f.stdout,
+        stderr: f.stderr,
     })
 }
 

@@ -349,6 +349,58 @@ pub fn median(v: &[f64]) -> f64 {
 
 /// A fresh scratch directory on a filesystem the scenario may write (`/tmp` is a tmpfs
 /// inside the test host).
+/// A command that ran to its end.
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// Runs `argv` with stdin closed, collecting stdout and stderr; kills it and fails when it
+/// is still running after `limit` (a hang is a failure, never a wait without end).
+pub fn run_with_limit(argv: &[String], limit: Duration) -> Result<Finished, String> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ctx(&format!("spawning {argv:?}"))?;
+    let mut out = child.stdout.take().ok_or("no stdout")?;
+    let mut err = child.stderr.take().ok_or("no stderr")?;
+    let t_out = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().ctx("waiting for the child")? {
+            break st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{argv:?} still running after {limit:?}: it hangs"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Finished {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+        elapsed: t0.elapsed(),
+    })
+}
+
 pub fn scratch_dir(tag: &str) -> Result<PathBuf, String> {
     let dir = std::env::temp_dir().join(format!("ebb-scenario-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
