@@ -1,8 +1,76 @@
 //! Giving guest pages back to the host.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::pages::HostRange;
+
+/// Why a range is discarded (for the counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscardReason {
+    /// The guest put the pages in the balloon.
+    Inflate,
+    /// The guest reported the pages free.
+    Report,
+}
+
+/// madvise calls and their results, shared between the device and the discard work it
+/// hands to the event loop to run without the device lock.
+#[derive(Debug, Default)]
+pub struct DiscardTally {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    inflate_bytes: AtomicU64,
+    reported_bytes: AtomicU64,
+}
+
+/// A snapshot of a [`DiscardTally`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiscardCounts {
+    /// madvise calls made.
+    pub calls: u64,
+    /// madvise calls that failed.
+    pub failures: u64,
+    /// Bytes discarded for inflated pages.
+    pub inflate_bytes: u64,
+    /// Bytes discarded for reported pages.
+    pub reported_bytes: u64,
+}
+
+impl DiscardTally {
+    /// Discards `range` and counts the outcome; failures are logged, not returned, since
+    /// the guest's buffer is handled either way (the memory just stays with the host).
+    pub fn discard(&self, range: HostRange, reason: DiscardReason) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match discard(range) {
+            Ok(()) => {
+                let bytes = match reason {
+                    DiscardReason::Inflate => &self.inflate_bytes,
+                    DiscardReason::Report => &self.reported_bytes,
+                };
+                bytes.fetch_add(range.len as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "balloon: discarding {reason:?} range {:#x}+{:#x}: {e}",
+                    range.gpa,
+                    range.len
+                );
+            }
+        }
+    }
+
+    /// The counts so far.
+    pub fn counts(&self) -> DiscardCounts {
+        DiscardCounts {
+            calls: self.calls.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            inflate_bytes: self.inflate_bytes.load(Ordering::Relaxed),
+            reported_bytes: self.reported_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
 
 /// Drops the host pages behind `range` with `madvise(MADV_DONTNEED)`: guest RAM is a
 /// private anonymous mapping, so the pages are freed at once and read back as zeros.

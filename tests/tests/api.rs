@@ -5,7 +5,8 @@
 //!   `PUT /vm/shutdown` powers the guest off;
 //! - `api-runtime-inflate`: a 2 GiB guest that touched and freed 1.7 GiB gives 1 GiB back
 //!   through `PATCH /balloon` (actual within 60 s, RSS down >= 800 MiB), then deflates and
-//!   allocates 1.5 GiB.
+//!   allocates 1.5 GiB. The guest runs with `init_on_alloc=0`: its zeroing of every
+//!   ballooned page, emulated, would otherwise take most of the 60 s (see the scenario).
 //!
 //! Run: `cargo test --release -p ebb-tests --test api -- --nocapture`
 
