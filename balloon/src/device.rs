@@ -193,7 +193,7 @@ impl Balloon {
         self.pages.len()
     }
 
-    /// Counters.
+    /// Counters (the discard figures come from the tally shared with the discard work).
     pub fn counters(&self) -> BalloonCounters {
         let discards = self.discards.counts();
         BalloonCounters {

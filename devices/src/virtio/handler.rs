@@ -62,10 +62,10 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioHandler<D> {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let data = events.data();
-        let work = if data >= DEVICE_EVENT_BASE {
+        let mut t = if data >= DEVICE_EVENT_BASE {
             let mut t = lock(&self.transport);
             t.device_mut().process_event(data - DEVICE_EVENT_BASE);
-            t.device_mut().take_unlocked_work()
+            t
         } else {
             let Some(evt) = self.notifiers.get(data as usize) else {
                 return;
@@ -76,8 +76,10 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioHandler<D> {
             if t.is_activated() {
                 t.device_mut().process_queue(data as u16);
             }
-            t.device_mut().take_unlocked_work()
+            t
         };
+        let work = t.device_mut().take_unlocked_work();
+        drop(t);
         // The lock is released: vCPUs can read and write the device meanwhile.
         if let Some(work) = work {
             work();

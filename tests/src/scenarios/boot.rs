@@ -10,10 +10,7 @@
 //! the check allows max(1.5% of RAM, 8 MiB): it still catches a guest that lost a few
 //! percent of its RAM, and the exact RAM map is checked separately through /proc/iomem.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 
@@ -22,7 +19,7 @@ use super::support::{
     ram_rss, scratch_dir, sh, u64_field, OrStr, EXIT_TIMEOUT, READY_TIMEOUT,
 };
 use super::{ms, progress, Args, Ctx, ScenarioDef};
-use crate::guest::{vmm_command, GuestConfig, GuestVm, KernelImage};
+use crate::guest::{vmm_command, GuestConfig, GuestVm, KernelImage, Ready};
 
 /// The scenarios of this family.
 pub const SCENARIOS: &[ScenarioDef] = &[
@@ -169,6 +166,19 @@ fn info_config(memory_mib: u64, cpus: u32, kernel: KernelImage) -> GuestConfig {
     c
 }
 
+/// The guest sees exactly `cpus` CPUs, online and possible (and said so when ready);
+/// returns its `cpus` answer.
+fn check_cpus(vm: &mut GuestVm, ready: &Ready, cpus: u32) -> Result<Value, String> {
+    ensure(ready.cpus == cpus, || {
+        format!("EBB-READY reports {} CPUs", ready.cpus)
+    })?;
+    let cpu = cmd(vm, "cpus")?;
+    ensure(cpu["online"] == cpus && cpu["possible"] == cpus, || {
+        format!("guest `cpus`: {cpu}, expected {cpus} online and possible")
+    })?;
+    Ok(cpu)
+}
+
 fn boot_basic(ctx: &Ctx, args: &Args) -> Result<Value, String> {
     args.check_known(&["memory_mib", "cpus", "kernel"])?;
     let memory_mib: u64 = args.get("memory_mib", 1024)?;
@@ -178,13 +188,7 @@ fn boot_basic(ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let c = info_config(memory_mib, cpus, kernel.clone());
     let (mut vm, ready) = boot(&ebb()?, &c)?;
 
-    ensure(ready.cpus == cpus, || {
-        format!("EBB-READY reports {} CPUs", ready.cpus)
-    })?;
-    let cpu = cmd(&mut vm, "cpus")?;
-    ensure(cpu["online"] == cpus && cpu["possible"] == cpus, || {
-        format!("guest `cpus`: {cpu}, expected {cpus} online and possible")
-    })?;
+    let cpu = check_cpus(&mut vm, &ready, cpus)?;
     let meminfo = cmd(&mut vm, "meminfo")?;
     let mem_total = u64_field(&meminfo, "mem_total_kib")?;
     ensure(mem_total == ready.memtotal_kib, || {
@@ -234,13 +238,7 @@ fn boot_smp_reboot(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     ensure(cpus >= 2, || "boot-smp-reboot needs cpus >= 2".into())?;
     let c = info_config(memory_mib, cpus, kernel);
     let (mut vm, ready) = boot(&ebb()?, &c)?;
-    ensure(ready.cpus == cpus, || {
-        format!("EBB-READY reports {} CPUs", ready.cpus)
-    })?;
-    let cpu = cmd(&mut vm, "cpus")?;
-    ensure(cpu["online"] == cpus && cpu["possible"] == cpus, || {
-        format!("guest `cpus`: {cpu}, expected {cpus}")
-    })?;
+    let cpu = check_cpus(&mut vm, &ready, cpus)?;
     // Every vCPU has run: each has taken local timer interrupts.
     let stat = sh(&mut vm, "grep '^cpu[0-9]' /proc/stat")?;
     let busy: Vec<u64> = stat
@@ -311,44 +309,19 @@ fn boot_elf_serial_file(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "ebb with the console in a file: {}",
         argv.join(" ")
     ));
-    let t0 = Instant::now();
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ctx("spawning ebb")?;
-    let mut out = child.stdout.take().ok_or("no stdout pipe")?;
-    let mut err = child.stderr.take().ok_or("no stderr pipe")?;
-    let t_out = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
     let limit = READY_TIMEOUT + EXIT_TIMEOUT;
-    let status = loop {
-        if let Some(st) = child.try_wait().ctx("waiting for ebb")? {
-            break st;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            let text = std::fs::read_to_string(&console).unwrap_or_default();
-            return Err(format!(
-                "ebb did not power off within {limit:?}; console file tail:\n{}",
-                crate::text::tail(&text, 30)
-            ));
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
-    let stdout = t_out.join().unwrap_or_default();
-    let stderr = t_err.join().unwrap_or_default();
+    let super::support::Finished {
+        status,
+        stdout,
+        stderr,
+        elapsed,
+    } = super::support::run_with_limit(&argv, limit).map_err(|e| {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        format!(
+            "ebb did not power off: {e}; console file tail:\n{}",
+            crate::text::tail(&text, 30)
+        )
+    })?;
     let text = std::fs::read_to_string(&console).ctx(&format!("reading {}", console.display()))?;
     let _ = std::fs::remove_dir_all(&dir);
     let tail = crate::text::tail(&text, 30);
@@ -386,7 +359,7 @@ fn boot_elf_serial_file(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "boot_protocol": protocol,
         "console_bytes": text.len(),
         "memtotal": memtotal,
-        "total_ms": ms(t0.elapsed()),
+        "total_ms": ms(elapsed),
     }))
 }
 

@@ -283,15 +283,22 @@ fn reporting_on(ctx: &Ctx, args: &Args) -> Result<Value, String> {
 }
 
 fn reporting_init_on_free(ctx: &Ctx, args: &Args) -> Result<Value, String> {
-    let r = reclaim_scenario(ctx, args, "init_on_free=1")?;
-    Ok(r)
+    reclaim_scenario(ctx, args, "init_on_free=1")
+}
+
+/// Arguments of the scenarios that expect freed memory to stay: guest size, how much it
+/// touches, and how long the RSS is watched.
+fn keep_args(ctx: &Ctx, args: &Args) -> Result<(u64, u64, Duration), String> {
+    args.check_known(&["memory_mib", "touch_mib", "window_s"])?;
+    Ok((
+        args.get("memory_mib", 1024)?,
+        args.get("touch_mib", 768)?,
+        keep_window(ctx, args)?,
+    ))
 }
 
 fn reporting_off(ctx: &Ctx, args: &Args) -> Result<Value, String> {
-    args.check_known(&["memory_mib", "touch_mib", "window_s"])?;
-    let memory_mib: u64 = args.get("memory_mib", 1024)?;
-    let touch_mib: u64 = args.get("touch_mib", 768)?;
-    let window = keep_window(ctx, args)?;
+    let (memory_mib, touch_mib, window) = keep_args(ctx, args)?;
     let c = reporting_config(memory_mib, false, "");
     let (mut vm, ready) = boot(&ebb()?, &c)?;
     let (round, canary) = touch_and_free(ctx, &mut vm, memory_mib, touch_mib, true, true)?;
@@ -312,10 +319,7 @@ fn reporting_off(ctx: &Ctx, args: &Args) -> Result<Value, String> {
 }
 
 fn reporting_page_poison(ctx: &Ctx, args: &Args) -> Result<Value, String> {
-    args.check_known(&["memory_mib", "touch_mib", "window_s"])?;
-    let memory_mib: u64 = args.get("memory_mib", 1024)?;
-    let touch_mib: u64 = args.get("touch_mib", 768)?;
-    let window = keep_window(ctx, args)?;
+    let (memory_mib, touch_mib, window) = keep_args(ctx, args)?;
     let c = reporting_config(memory_mib, true, "page_poison=1");
     let (mut vm, ready) = boot(&ebb()?, &c)?;
     let (round, canary) = touch_and_free(ctx, &mut vm, memory_mib, touch_mib, false, false)?;

@@ -347,8 +347,6 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// A fresh scratch directory on a filesystem the scenario may write (`/tmp` is a tmpfs
-/// inside the test host).
 /// A command that ran to its end.
 pub struct Finished {
     pub status: std::process::ExitStatus,
@@ -401,6 +399,8 @@ pub fn run_with_limit(argv: &[String], limit: Duration) -> Result<Finished, Stri
     })
 }
 
+/// A fresh scratch directory on a filesystem the scenario may write (`/tmp` is a tmpfs
+/// inside the test host).
 pub fn scratch_dir(tag: &str) -> Result<PathBuf, String> {
     let dir = std::env::temp_dir().join(format!("ebb-scenario-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
