@@ -31,6 +31,11 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
 /// - `initcall_blacklist=cmos_init`: without an RTC described in ACPI the kernel still
 ///   registers a legacy CMOS RTC and its probe spins on port 0x70/0x71 for ~10 s.
 pub const BOOT_SPEEDUPS: &str = "pci=noearly initcall_blacklist=cmos_init";
+
+/// What Ebb says when its guest triple-faults. In the emulated test host this also
+/// happens at random to healthy guests (QEMU's TCG emulation of SVM), which the batch
+/// runner and the density run retry once.
+pub const TRIPLE_FAULT_EXIT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
 /// Lines of transcript/stderr in error messages.
 const TAIL_LINES: usize = 40;
 

@@ -95,6 +95,8 @@ pub struct LiveLauncher {
     limit: HostLimit,
     kmsg: Option<File>,
     describe: String,
+    /// Running inside the emulated (nested) test host.
+    emulated: bool,
 }
 
 impl LiveLauncher {
@@ -153,11 +155,16 @@ impl LiveLauncher {
             limit,
             kmsg,
             describe,
+            emulated: where_ == "nested",
         })
     }
 }
 
 impl Launcher for LiveLauncher {
+    fn emulated(&self) -> bool {
+        self.emulated
+    }
+
     fn launch(&mut self, _index: u32) -> Result<Box<dyn GuestHandle>, String> {
         let vm = GuestVm::spawn_with(self.kind.clone(), &self.config, &self.artifacts)
             .map_err(|e| e.to_string())?;

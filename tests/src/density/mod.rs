@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::guest::TRIPLE_FAULT_EXIT;
+
 /// What a density run measures.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DensityConfig {
@@ -184,6 +186,9 @@ pub struct GuestRecord {
     pub reclaim_s: Option<f64>,
     /// Completed its touch and was alive when the run ended.
     pub fits: bool,
+    /// Why its first boot was retried (the emulated host crashed the guest), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_retry: Option<String>,
 }
 
 /// One sample of the timeline.
@@ -268,6 +273,36 @@ pub trait Launcher {
     fn oom_messages(&mut self) -> Vec<String>;
     /// How the host is set up (for the report).
     fn describe(&self) -> String;
+    /// True in the emulated test host, where a guest occasionally triple-faults at random
+    /// (QEMU's TCG emulation of SVM): such a boot is retried once rather than counted as
+    /// the host being full.
+    fn emulated(&self) -> bool {
+        false
+    }
+}
+
+/// Why a guest did not come up.
+enum BootError {
+    /// The VMM could not be started.
+    Launch(String),
+    /// It started but the guest did not reach its ready marker.
+    NotReady(String),
+}
+
+/// Starts guest `index`, adds it (and its RSS probe) to the running guests and waits for
+/// its ready marker.
+fn launch_and_wait(
+    launcher: &mut dyn Launcher,
+    index: u32,
+    probes: &Mutex<Vec<Probe>>,
+    guests: &mut Vec<Box<dyn GuestHandle>>,
+    timeout: Duration,
+) -> Result<(), BootError> {
+    let handle = launcher.launch(index).map_err(BootError::Launch)?;
+    lock(probes).push(handle.rss_probe());
+    guests.push(handle);
+    let g = guests.last_mut().expect("just pushed");
+    g.wait_ready(timeout).map_err(BootError::NotReady)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -350,32 +385,38 @@ pub fn run_density(
             spec.label(),
             mib(launcher.host_used_kib())
         ));
-        let handle = match launcher.launch(index) {
-            Ok(h) => h,
-            Err(e) => {
-                failure = Some(Failure {
-                    guest: index,
-                    kind: FailureKind::Launch,
-                    detail: e,
-                });
-                records.push(rec);
-                break;
+        let mut t0 = Instant::now();
+        let mut boot = launch_and_wait(launcher, index, &probes, &mut guests, boot_timeout);
+        if let Err(BootError::NotReady(e)) = &boot {
+            if launcher.emulated() && e.contains(TRIPLE_FAULT_EXIT) {
+                progress(&format!(
+                    "[{}] guest {index}: crashed while booting in the emulated host ({e}); \
+                     launching it once more",
+                    spec.label()
+                ));
+                rec.boot_retry = Some(e.clone());
+                if let Some(mut crashed) = guests.pop() {
+                    crashed.kill();
+                }
+                lock(&probes).pop();
+                t0 = Instant::now();
+                boot = launch_and_wait(launcher, index, &probes, &mut guests, boot_timeout);
             }
-        };
-        lock(&probes).push(handle.rss_probe());
-        guests.push(handle);
-        let g = guests.last_mut().expect("just pushed");
-
-        let t0 = Instant::now();
-        if let Err(e) = g.wait_ready(boot_timeout) {
+        }
+        if let Err(e) = boot {
+            let (kind, detail) = match e {
+                BootError::Launch(e) => (FailureKind::Launch, e),
+                BootError::NotReady(e) => (FailureKind::Boot, with_oom(e, launcher.oom_messages())),
+            };
             failure = Some(Failure {
                 guest: index,
-                kind: FailureKind::Boot,
-                detail: with_oom(e, launcher.oom_messages()),
+                kind,
+                detail,
             });
             records.push(rec);
             break;
         }
+        let g = guests.last_mut().expect("launched");
         rec.boot_s = Some(t0.elapsed().as_secs_f64());
         progress(&format!(
             "[{}] guest {index}: ready after {:.1} s; touching {} MiB",
@@ -569,6 +610,10 @@ mod tests {
         residual_mib: u64,
         killed: Arc<Mutex<Vec<u32>>>,
         fail_boot_at: Option<u32>,
+        /// Launches that triple-fault while booting: one entry per crash, by guest number.
+        crash_boot_of: Vec<u32>,
+        emulated: bool,
+        launches: u32,
     }
 
     struct FakeGuest {
@@ -578,6 +623,7 @@ mod tests {
         residual_mib: u64,
         rss_mib: Arc<AtomicU64>,
         killed: Arc<Mutex<Vec<u32>>>,
+        crashes: bool,
     }
 
     impl GuestHandle for FakeGuest {
@@ -586,6 +632,11 @@ mod tests {
             Arc::new(move || Some(rss.load(Ordering::SeqCst) * 1024))
         }
         fn wait_ready(&mut self, _: Duration) -> Result<(), String> {
+            if self.crashes {
+                return Err(format!(
+                    "VMM exited: ebb: guest stopped: vCPU 0: {TRIPLE_FAULT_EXIT}"
+                ));
+            }
             self.rss_mib.store(50, Ordering::SeqCst);
             self.used.fetch_add(50, Ordering::SeqCst);
             Ok(())
@@ -626,6 +677,9 @@ mod tests {
             if self.fail_boot_at == Some(index) {
                 return Err("cannot start".into());
             }
+            self.launches += 1;
+            let crash = self.crash_boot_of.iter().position(|&i| i == index);
+            let crashes = crash.map(|at| self.crash_boot_of.remove(at)).is_some();
             Ok(Box::new(FakeGuest {
                 index,
                 used: self.used.clone(),
@@ -633,6 +687,7 @@ mod tests {
                 residual_mib: self.residual_mib,
                 rss_mib: Arc::new(AtomicU64::new(0)),
                 killed: self.killed.clone(),
+                crashes,
             }))
         }
         fn host_used_kib(&self) -> u64 {
@@ -647,6 +702,9 @@ mod tests {
         }
         fn describe(&self) -> String {
             "fake".into()
+        }
+        fn emulated(&self) -> bool {
+            self.emulated
         }
     }
 
@@ -671,6 +729,9 @@ mod tests {
             residual_mib: residual,
             killed: Arc::new(Mutex::new(Vec::new())),
             fail_boot_at: None,
+            crash_boot_of: Vec::new(),
+            emulated: false,
+            launches: 0,
         }
     }
 
@@ -723,6 +784,60 @@ mod tests {
         assert_eq!(r.guests_fit, 2);
         assert_eq!(r.failure.as_ref().unwrap().kind, FailureKind::Launch);
         assert_eq!(r.vmm, VmmName::Qemu);
+    }
+
+    #[test]
+    fn a_guest_crash_at_boot_is_retried_once_only_in_the_emulated_host() {
+        let spec = RunSpec {
+            vmm: VmmName::Ebb,
+            reporting: true,
+        };
+        let mut cfg = cfg();
+        cfg.max_guests = 4;
+        // Emulated host: guest 2 crashes once, boots on its second launch, all four fit.
+        let mut h = host(60);
+        h.emulated = true;
+        h.crash_boot_of = vec![2];
+        let mut lines = Vec::new();
+        let r = run_density(spec, &cfg, &mut h, Duration::from_millis(50), &mut |l| {
+            lines.push(l.to_string())
+        });
+        assert_eq!(r.guests_fit, 4, "{:?}", r.failure);
+        assert_eq!(h.launches, 5);
+        let g2 = &r.guests[1];
+        assert!(
+            g2.fits
+                && g2
+                    .boot_retry
+                    .as_deref()
+                    .unwrap()
+                    .contains(TRIPLE_FAULT_EXIT)
+        );
+        assert!(r.guests.iter().filter(|g| g.boot_retry.is_some()).count() == 1);
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("guest 2: crashed while booting")));
+        assert!(r.timeline.iter().all(|s| s.guest_rss_mib.len() <= 4));
+
+        // A second crash of the same guest stands.
+        let mut h = host(60);
+        h.emulated = true;
+        h.crash_boot_of = vec![2, 2];
+        let r = run_density(spec, &cfg, &mut h, Duration::from_millis(50), &mut |_| {});
+        assert_eq!(r.guests_fit, 1);
+        assert_eq!(h.launches, 3);
+        let f = r.failure.unwrap();
+        assert_eq!((f.guest, f.kind), (2, FailureKind::Boot));
+        assert!(r.guests[1].boot_retry.is_some());
+
+        // On a real host the same crash is a boot failure at once.
+        let mut h = host(60);
+        h.crash_boot_of = vec![2];
+        let r = run_density(spec, &cfg, &mut h, Duration::from_millis(50), &mut |_| {});
+        assert_eq!(r.guests_fit, 1);
+        assert_eq!(r.failure.unwrap().kind, FailureKind::Boot);
+        assert_eq!(h.launches, 2);
+        assert!(r.guests[1].boot_retry.is_none());
     }
 
     #[test]

@@ -180,7 +180,7 @@ fn emulation_crashes(results: &[Value], items: &[String]) -> Vec<String> {
                     && r["ok"] != true
                     && r["error"]
                         .as_str()
-                        .is_some_and(|e| e.contains("triple fault (KVM_EXIT_SHUTDOWN)"))
+                        .is_some_and(|e| e.contains(crate::guest::TRIPLE_FAULT_EXIT))
             })
         })
         .cloned()
