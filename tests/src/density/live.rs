@@ -281,10 +281,13 @@ impl GuestHandle for LiveGuest {
     }
 
     fn free(&mut self, timeout: Duration) -> Result<(), String> {
-        self.vm
-            .command_ok("free", timeout)
-            .map(|_| ())
-            .map_err(|e| e.to_string().lines().next().unwrap_or("").to_string())
+        match self.vm.command_ok("free", timeout) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let first = e.to_string().lines().next().unwrap_or("").to_string();
+                Err(format!("{first} ({})", self.exit_text()))
+            }
+        }
     }
 
     fn ram_rss_kib(&self) -> Option<u64> {

@@ -186,9 +186,9 @@ pub struct GuestRecord {
     pub reclaim_s: Option<f64>,
     /// Completed its touch and was alive when the run ended.
     pub fits: bool,
-    /// Why its first boot was retried (the emulated host crashed the guest), if it was.
+    /// Why it was launched a second time (the emulated host crashed its first launch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot_retry: Option<String>,
+    pub crash_retry: Option<String>,
 }
 
 /// One sample of the timeline.
@@ -281,28 +281,70 @@ pub trait Launcher {
     }
 }
 
-/// Why a guest did not come up.
-enum BootError {
-    /// The VMM could not be started.
-    Launch(String),
-    /// It started but the guest did not reach its ready marker.
-    NotReady(String),
-}
-
-/// Starts guest `index`, adds it (and its RSS probe) to the running guests and waits for
-/// its ready marker.
-fn launch_and_wait(
+/// Launches guest `index`, waits for it, has it touch and free its memory and waits for
+/// its RSS to settle, filling `rec`; the first failure is returned.
+#[allow(clippy::too_many_arguments)]
+fn bring_up(
     launcher: &mut dyn Launcher,
+    cfg: &DensityConfig,
+    spec: RunSpec,
     index: u32,
     probes: &Mutex<Vec<Probe>>,
     guests: &mut Vec<Box<dyn GuestHandle>>,
-    timeout: Duration,
-) -> Result<(), BootError> {
-    let handle = launcher.launch(index).map_err(BootError::Launch)?;
+    rec: &mut GuestRecord,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), Failure> {
+    let fail = |kind: FailureKind, detail: String, launcher: &mut dyn Launcher| Failure {
+        guest: index,
+        kind,
+        detail: with_oom(detail, launcher.oom_messages()),
+    };
+    let touch_timeout = Duration::from_secs(cfg.touch_timeout_s);
+    let t0 = Instant::now();
+    let handle = launcher
+        .launch(index)
+        .map_err(|e| fail(FailureKind::Launch, e, launcher))?;
     lock(probes).push(handle.rss_probe());
     guests.push(handle);
     let g = guests.last_mut().expect("just pushed");
-    g.wait_ready(timeout).map_err(BootError::NotReady)
+    g.wait_ready(Duration::from_secs(cfg.boot_timeout_s))
+        .map_err(|e| fail(FailureKind::Boot, e, launcher))?;
+    rec.boot_s = Some(t0.elapsed().as_secs_f64());
+    progress(&format!(
+        "[{}] guest {index}: ready after {:.1} s; touching {} MiB",
+        spec.label(),
+        rec.boot_s.unwrap_or(0.0),
+        cfg.touch_mib()
+    ));
+
+    let t1 = Instant::now();
+    match g.touch(cfg.touch_mib(), touch_timeout) {
+        TouchOutcome::Done => {}
+        TouchOutcome::GuestFailed(e) | TouchOutcome::VmmFailed(e) => {
+            return Err(fail(FailureKind::Touch, e, launcher));
+        }
+    }
+    rec.touch_s = Some(t1.elapsed().as_secs_f64());
+    let peak = g.ram_rss_kib().map(mib);
+    rec.peak_rss_mib = peak;
+    g.free(touch_timeout)
+        .map_err(|e| fail(FailureKind::Touch, format!("free failed: {e}"), launcher))?;
+    let freed_at = Instant::now();
+    let (settled, reclaim) = settle(g.as_ref(), cfg, peak.unwrap_or(0.0), freed_at);
+    rec.settled_rss_mib = settled;
+    rec.reclaim_s = reclaim;
+    progress(&format!(
+        "[{}] guest {index}: touched in {:.1} s (RSS {:.0} MiB), settled at {} MiB{}; host in use {:.0} MiB",
+        spec.label(),
+        rec.touch_s.unwrap_or(0.0),
+        peak.unwrap_or(0.0),
+        settled.map(|s| format!("{s:.0}")).unwrap_or_else(|| "?".into()),
+        reclaim
+            .map(|r| format!(" after {r:.1} s"))
+            .unwrap_or_default(),
+        mib(launcher.host_used_kib())
+    ));
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -370,8 +412,6 @@ pub fn run_density(
         })
     };
 
-    let boot_timeout = Duration::from_secs(cfg.boot_timeout_s);
-    let touch_timeout = Duration::from_secs(cfg.touch_timeout_s);
     let mut index = 0u32;
     while failure.is_none() && index < cfg.max_guests {
         index += 1;
@@ -385,87 +425,53 @@ pub fn run_density(
             spec.label(),
             mib(launcher.host_used_kib())
         ));
-        let mut t0 = Instant::now();
-        let mut boot = launch_and_wait(launcher, index, &probes, &mut guests, boot_timeout);
-        if let Err(BootError::NotReady(e)) = &boot {
-            if launcher.emulated() && e.contains(TRIPLE_FAULT_EXIT) {
+        let mut outcome = bring_up(
+            launcher,
+            cfg,
+            spec,
+            index,
+            &probes,
+            &mut guests,
+            &mut rec,
+            progress,
+        );
+        if let Err(f) = &outcome {
+            if launcher.emulated()
+                && f.kind != FailureKind::Launch
+                && f.detail.contains(TRIPLE_FAULT_EXIT)
+            {
                 progress(&format!(
-                    "[{}] guest {index}: crashed while booting in the emulated host ({e}); \
-                     launching it once more",
-                    spec.label()
+                    "[{}] guest {index}: crashed in the emulated host ({}); launching it once more",
+                    spec.label(),
+                    f.detail
                 ));
-                rec.boot_retry = Some(e.clone());
                 if let Some(mut crashed) = guests.pop() {
                     crashed.kill();
                 }
                 lock(&probes).pop();
-                t0 = Instant::now();
-                boot = launch_and_wait(launcher, index, &probes, &mut guests, boot_timeout);
-            }
-        }
-        if let Err(e) = boot {
-            let (kind, detail) = match e {
-                BootError::Launch(e) => (FailureKind::Launch, e),
-                BootError::NotReady(e) => (FailureKind::Boot, with_oom(e, launcher.oom_messages())),
-            };
-            failure = Some(Failure {
-                guest: index,
-                kind,
-                detail,
-            });
-            records.push(rec);
-            break;
-        }
-        let g = guests.last_mut().expect("launched");
-        rec.boot_s = Some(t0.elapsed().as_secs_f64());
-        progress(&format!(
-            "[{}] guest {index}: ready after {:.1} s; touching {} MiB",
-            spec.label(),
-            rec.boot_s.unwrap_or(0.0),
-            cfg.touch_mib()
-        ));
-
-        let t1 = Instant::now();
-        match g.touch(cfg.touch_mib(), touch_timeout) {
-            TouchOutcome::Done => {}
-            TouchOutcome::GuestFailed(e) | TouchOutcome::VmmFailed(e) => {
-                failure = Some(Failure {
+                rec = GuestRecord {
                     guest: index,
-                    kind: FailureKind::Touch,
-                    detail: with_oom(e, launcher.oom_messages()),
-                });
-                records.push(rec);
-                break;
+                    launched_at_s: start.elapsed().as_secs_f64(),
+                    crash_retry: Some(f.detail.clone()),
+                    ..Default::default()
+                };
+                outcome = bring_up(
+                    launcher,
+                    cfg,
+                    spec,
+                    index,
+                    &probes,
+                    &mut guests,
+                    &mut rec,
+                    progress,
+                );
             }
         }
-        rec.touch_s = Some(t1.elapsed().as_secs_f64());
-        let peak = g.ram_rss_kib().map(mib);
-        rec.peak_rss_mib = peak;
-        if let Err(e) = g.free(touch_timeout) {
-            failure = Some(Failure {
-                guest: index,
-                kind: FailureKind::Touch,
-                detail: with_oom(format!("free failed: {e}"), launcher.oom_messages()),
-            });
-            records.push(rec);
+        records.push(rec);
+        if let Err(f) = outcome {
+            failure = Some(f);
             break;
         }
-        let freed_at = Instant::now();
-        let (settled, reclaim) = settle(g.as_ref(), cfg, peak.unwrap_or(0.0), freed_at);
-        rec.settled_rss_mib = settled;
-        rec.reclaim_s = reclaim;
-        progress(&format!(
-            "[{}] guest {index}: touched in {:.1} s (RSS {:.0} MiB), settled at {} MiB{}; host in use {:.0} MiB",
-            spec.label(),
-            rec.touch_s.unwrap_or(0.0),
-            peak.unwrap_or(0.0),
-            settled.map(|s| format!("{s:.0}")).unwrap_or_else(|| "?".into()),
-            reclaim
-                .map(|r| format!(" after {r:.1} s"))
-                .unwrap_or_default(),
-            mib(launcher.host_used_kib())
-        ));
-        records.push(rec);
 
         // Did making room for this guest kill an earlier one?
         let dead: Vec<(u32, String)> = guests
@@ -612,6 +618,8 @@ mod tests {
         fail_boot_at: Option<u32>,
         /// Launches that triple-fault while booting: one entry per crash, by guest number.
         crash_boot_of: Vec<u32>,
+        /// Launches whose VMM dies with a triple fault during the touch.
+        crash_touch_of: Vec<u32>,
         emulated: bool,
         launches: u32,
     }
@@ -624,6 +632,7 @@ mod tests {
         rss_mib: Arc<AtomicU64>,
         killed: Arc<Mutex<Vec<u32>>>,
         crashes: bool,
+        crashes_in_touch: bool,
     }
 
     impl GuestHandle for FakeGuest {
@@ -642,6 +651,11 @@ mod tests {
             Ok(())
         }
         fn touch(&mut self, mib: u64, _: Duration) -> TouchOutcome {
+            if self.crashes_in_touch {
+                // (This handle is dropped; the guest number lives on in its relaunch.)
+                self.rss_mib.store(0, Ordering::SeqCst);
+                return TouchOutcome::VmmFailed(format!("ebb: guest stopped: {TRIPLE_FAULT_EXIT}"));
+            }
             if self.used.load(Ordering::SeqCst) + mib > self.capacity_mib {
                 lock(&self.killed).push(self.index);
                 return TouchOutcome::VmmFailed("killed by signal 9".into());
@@ -680,6 +694,8 @@ mod tests {
             self.launches += 1;
             let crash = self.crash_boot_of.iter().position(|&i| i == index);
             let crashes = crash.map(|at| self.crash_boot_of.remove(at)).is_some();
+            let crash = self.crash_touch_of.iter().position(|&i| i == index);
+            let crashes_in_touch = crash.map(|at| self.crash_touch_of.remove(at)).is_some();
             Ok(Box::new(FakeGuest {
                 index,
                 used: self.used.clone(),
@@ -688,6 +704,7 @@ mod tests {
                 rss_mib: Arc::new(AtomicU64::new(0)),
                 killed: self.killed.clone(),
                 crashes,
+                crashes_in_touch,
             }))
         }
         fn host_used_kib(&self) -> u64 {
@@ -730,6 +747,7 @@ mod tests {
             killed: Arc::new(Mutex::new(Vec::new())),
             fail_boot_at: None,
             crash_boot_of: Vec::new(),
+            crash_touch_of: Vec::new(),
             emulated: false,
             launches: 0,
         }
@@ -787,7 +805,7 @@ mod tests {
     }
 
     #[test]
-    fn a_guest_crash_at_boot_is_retried_once_only_in_the_emulated_host() {
+    fn a_guest_crash_is_retried_once_only_in_the_emulated_host() {
         let spec = RunSpec {
             vmm: VmmName::Ebb,
             reporting: true,
@@ -808,16 +826,25 @@ mod tests {
         assert!(
             g2.fits
                 && g2
-                    .boot_retry
+                    .crash_retry
                     .as_deref()
                     .unwrap()
                     .contains(TRIPLE_FAULT_EXIT)
         );
-        assert!(r.guests.iter().filter(|g| g.boot_retry.is_some()).count() == 1);
+        assert!(r.guests.iter().filter(|g| g.crash_retry.is_some()).count() == 1);
         assert!(lines
             .iter()
-            .any(|l| l.contains("guest 2: crashed while booting")));
+            .any(|l| l.contains("guest 2: crashed in the emulated host")));
         assert!(r.timeline.iter().all(|s| s.guest_rss_mib.len() <= 4));
+
+        // A crash during the touch: that guest starts over.
+        let mut h = host(60);
+        h.emulated = true;
+        h.crash_touch_of = vec![3];
+        let r = run_density(spec, &cfg, &mut h, Duration::from_millis(50), &mut |_| {});
+        assert_eq!(r.guests_fit, 4, "{:?}", r.failure);
+        assert_eq!(h.launches, 5);
+        assert!(r.guests[2].crash_retry.is_some() && r.guests[2].touch_s.is_some());
 
         // A second crash of the same guest stands.
         let mut h = host(60);
@@ -828,7 +855,7 @@ mod tests {
         assert_eq!(h.launches, 3);
         let f = r.failure.unwrap();
         assert_eq!((f.guest, f.kind), (2, FailureKind::Boot));
-        assert!(r.guests[1].boot_retry.is_some());
+        assert!(r.guests[1].crash_retry.is_some());
 
         // On a real host the same crash is a boot failure at once.
         let mut h = host(60);
@@ -837,7 +864,7 @@ mod tests {
         assert_eq!(r.guests_fit, 1);
         assert_eq!(r.failure.unwrap().kind, FailureKind::Boot);
         assert_eq!(h.launches, 2);
-        assert!(r.guests[1].boot_retry.is_none());
+        assert!(r.guests[1].crash_retry.is_none());
     }
 
     #[test]
