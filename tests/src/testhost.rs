@@ -16,6 +16,7 @@
 //! Only one L1 fits the machine (2 cores): nested runs are serialized across processes
 //! with `flock` on `<target>/testhost/lock`. Batch scenarios into one run where possible.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -39,13 +40,14 @@ pub const ENV_SCENARIO_HOST: &str = "EBB_SCENARIO_HOST";
 /// Set for the scenario command: the cargo target directory.
 pub const ENV_TARGET_DIR: &str = "EBB_TARGET_DIR";
 
-/// A lockup or stall of L1 seen on its console: the run is killed this long after it
-/// unless the scenario finished, and retried once. (Seen: an L1 CPU that stopped
-/// answering IPIs, with the other one stuck in smp_call_function_many_cond for good.)
+/// A lockup or stall of L1 seen on its console: the attempt is killed when the scenario
+/// has written nothing for this long since, and retried. (Seen: an L1 CPU that stopped
+/// answering IPIs, with the other one stuck in smp_call_function_many_cond for good; and a
+/// single "stuck for 110s" report, which is what a CPU that froze and came back leaves.)
 const STALL_GRACE: Duration = Duration::from_secs(120);
-/// A soft lockup reported as lasting this long (the watchdog's second report of the same
-/// lockup) ends the attempt at once.
-const PERSISTENT_LOCKUP_S: u64 = 45;
+/// Attempts of one nested run at most. Beyond the second, an attempt is only made while
+/// each one gets further than the one before (see [`Scenario::resume`]).
+const MAX_ATTEMPTS: u32 = 4;
 /// How long L1 may take to power off after the scenario's status was written.
 const POWEROFF_GRACE: Duration = Duration::from_secs(30);
 /// Run directories kept under `<target>/testhost/runs`.
@@ -157,7 +159,14 @@ pub struct Scenario {
     pub timeout: Duration,
     /// Forces the mode; `None`: [`HostMode::detect`].
     pub mode: Option<HostMode>,
+    /// Nested mode: what the next attempt runs after L1 died or stalled, given this
+    /// attempt's scenario and the stdout it left (e.g. a batch without the items that
+    /// already reported). `None`: the same scenario again.
+    pub resume: Option<Resume>,
 }
+
+/// See [`Scenario::resume`].
+pub type Resume = fn(&Scenario, &str) -> Scenario;
 
 impl Scenario {
     pub fn new<I, S>(argv: I) -> Self
@@ -181,6 +190,7 @@ impl Default for Scenario {
             l1_memory_mib: 2048,
             timeout: Duration::from_secs(600),
             mode: None,
+            resume: None,
         }
     }
 }
@@ -214,7 +224,8 @@ pub struct RunOutput {
     pub console_log: String,
     /// The run directory (scenario.sh, stdout, stderr, status, console.log).
     pub out_dir: PathBuf,
-    /// 1, or 2 when the first attempt died without an exit status and was retried.
+    /// 1, or more when attempts died without an exit status and were retried (their
+    /// stdout comes first in `stdout`).
     pub attempts: u32,
     pub timings: RunTimings,
 }
@@ -685,8 +696,12 @@ fn check_visible_in_l1(what: &str, p: &Path) -> Result<(), Error> {
 enum Attempt {
     /// The scenario ran and left its status.
     Done(RunOutput),
-    /// Worth one retry (no status: crash, stall, L1 that never reached the scenario).
-    Retry(String),
+    /// Worth a retry (no status: crash, stall, L1 that never reached the scenario).
+    Retry {
+        why: String,
+        /// What the scenario wrote to stdout before the attempt ended.
+        stdout: String,
+    },
     /// Final.
     Fail(Error),
 }
@@ -705,15 +720,19 @@ fn run_nested(scenario: &Scenario) -> Result<RunOutput, Error> {
     let files = prepare_test_host_files()?;
     let prepare = t_prep.elapsed();
 
-    let env = nested_env(scenario);
-    let script = scenario_script(scenario, &env)?;
-    let mut first_failure = None;
-    for attempt in 1..=2u32 {
+    let mut current = scenario.clone();
+    let mut earlier_stdout = String::new();
+    let mut failures: Vec<String> = Vec::new();
+    let mut fruitless = 0;
+    for attempt in 1..=MAX_ATTEMPTS {
+        let script = scenario_script(&current, &nested_env(&current))?;
         let dir = new_run_dir(&format!("nested-a{attempt}"))?;
         check_visible_in_l1("the run directory", &dir)?;
-        match nested_attempt(scenario, &qemu, &files, &dir, &script) {
+        match nested_attempt(&current, &qemu, &files, &dir, &script) {
             Attempt::Done(mut out) => {
                 drop(lock);
+                earlier_stdout.push_str(&out.stdout);
+                out.stdout = earlier_stdout;
                 out.attempts = attempt;
                 out.timings.lock_wait = lock_wait;
                 out.timings.prepare = prepare;
@@ -721,24 +740,59 @@ fn run_nested(scenario: &Scenario) -> Result<RunOutput, Error> {
                 return Ok(out);
             }
             Attempt::Fail(e) => return Err(e),
-            Attempt::Retry(why) => {
-                if attempt == 1 {
-                    eprintln!(
-                        "[testhost] attempt 1 ended without an exit status; retrying once. \
-                         Reason:\n{why}"
-                    );
-                    first_failure = Some(why);
+            Attempt::Retry { why, stdout } => {
+                let next = match scenario.resume {
+                    Some(resume) => resume(&current, &stdout),
+                    None => current.clone(),
+                };
+                fruitless = if next.argv != current.argv {
+                    0
                 } else {
-                    return Err(Error::Failed(format!(
-                        "the test host died without an exit status twice.\n\
-                         == attempt 1 ==\n{}\n== attempt 2 ==\n{why}",
-                        first_failure.unwrap_or_default()
-                    )));
+                    fruitless + 1
+                };
+                earlier_stdout.push_str(&stdout);
+                if !earlier_stdout.is_empty() && !earlier_stdout.ends_with('\n') {
+                    earlier_stdout.push('\n');
                 }
+                failures.push(why);
+                if fruitless >= 2 || attempt == MAX_ATTEMPTS {
+                    return Err(Error::Failed(attempts_failed(&failures)));
+                }
+                eprintln!(
+                    "[testhost] attempt {attempt} ended without an exit status; retrying{}. \
+                     Reason:\n{}",
+                    if next.argv != current.argv {
+                        " with what had not finished"
+                    } else {
+                        ""
+                    },
+                    failures.last().map(String::as_str).unwrap_or_default()
+                );
+                current = next;
             }
         }
     }
-    unreachable!("two attempts at most")
+    unreachable!("the last attempt returns")
+}
+
+/// The error for a run whose every attempt died: one line per attempt first (error
+/// output gets cut short), then each attempt's details.
+fn attempts_failed(failures: &[String]) -> String {
+    let mut s = format!(
+        "the test host died without an exit status {} times in a row:\n",
+        failures.len()
+    );
+    for (i, why) in failures.iter().enumerate() {
+        s.push_str(&format!(
+            "  attempt {}: {}\n",
+            i + 1,
+            why.lines().next().unwrap_or_default()
+        ));
+    }
+    for (i, why) in failures.iter().enumerate().rev() {
+        s.push_str(&format!("== attempt {} ==\n{why}\n", i + 1));
+    }
+    s
 }
 
 /// Reads a growing file incrementally, line by line.
@@ -786,10 +840,23 @@ impl Follow {
     }
 }
 
-/// Seconds in a soft lockup report (`... soft lockup - CPU#0 stuck for 52s! ...`).
-fn lockup_seconds(line: &str) -> Option<u64> {
+/// Whether `line` reports a soft lockup that an earlier report (in `lockups`: CPU ->
+/// seconds) already saw, now longer: the watchdog repeats itself while a lockup lasts.
+/// One long report alone is a CPU that froze and came back.
+fn lockup_persists(lockups: &mut HashMap<u32, u64>, line: &str) -> bool {
+    soft_lockup(line).is_some_and(|(cpu, secs)| {
+        lockups
+            .insert(cpu, secs)
+            .is_some_and(|before| before < secs)
+    })
+}
+
+/// CPU and seconds of a soft lockup report (`... soft lockup - CPU#0 stuck for 52s! ...`).
+fn soft_lockup(line: &str) -> Option<(u32, u64)> {
+    let cpu = &line[line.find("soft lockup - CPU#")? + "soft lockup - CPU#".len()..];
+    let cpu = cpu[..cpu.find(' ')?].parse().ok()?;
     let rest = &line[line.find("stuck for ")? + "stuck for ".len()..];
-    rest[..rest.find("s!")?].parse().ok()
+    Some((cpu, rest[..rest.find("s!")?].parse().ok()?))
 }
 
 fn l1_command(
@@ -884,6 +951,9 @@ fn nested_attempt(
     let mut t_exit: Option<Instant> = None;
     let mut t_finished: Option<Instant> = None;
     let mut stall: Option<(Instant, String)> = None;
+    // Soft lockups reported so far: CPU -> seconds.
+    let mut lockups: HashMap<u32, u64> = HashMap::new();
+    let mut output_len = 0;
     let mut fatal = false;
     let mut timed_out = false;
     let mut stalled = false;
@@ -899,17 +969,24 @@ fn nested_attempt(
             if line.contains(CONSOLE_FATAL) {
                 fatal = true;
             }
-            if lockup_seconds(&line).is_some_and(|s| s >= PERSISTENT_LOCKUP_S) {
-                // The watchdog reports the same lockup again: it is not going away.
+            if lockup_persists(&mut lockups, &line) {
                 persistent_stall = true;
             }
             if stall.is_none() && STALL_PATTERNS.iter().any(|p| line.contains(p)) {
                 eprintln!(
-                    "[testhost] L1 console: `{}`: giving up on this attempt in {STALL_GRACE:?} \
-                     unless the scenario finishes",
+                    "[testhost] L1 console: `{}`: giving up on this attempt if the scenario \
+                     writes nothing for {STALL_GRACE:?}",
                     line.trim()
                 );
                 stall = Some((Instant::now(), line.trim().to_string()));
+            }
+        }
+        if let Some((since, _)) = stall.as_mut() {
+            // A scenario that still writes is still running: L1 recovered.
+            let len = file_len(&dir.join("stdout")) + file_len(&dir.join("stderr"));
+            if len > output_len {
+                output_len = len;
+                *since = Instant::now();
             }
         }
         match child.try_wait() {
@@ -998,16 +1075,24 @@ fn nested_attempt(
     }
     if stalled {
         let what = stall.map(|s| s.1).unwrap_or_default();
-        return Attempt::Retry(format!(
-            "L1 stalled (`{what}` on its console) and the scenario did not finish\n{details}"
-        ));
+        return Attempt::Retry {
+            why: format!(
+                "L1 stalled (`{what}` on its console) and the scenario did not finish; last \
+                 scenario output: `{}`\n{details}",
+                stderr.lines().last().unwrap_or_default().trim()
+            ),
+            stdout,
+        };
     }
     if timed_out {
         if t_start.is_none() {
-            return Attempt::Retry(format!(
-                "L1 did not reach the scenario within {:?}\n{details}",
-                scenario.timeout
-            ));
+            return Attempt::Retry {
+                why: format!(
+                    "L1 did not reach the scenario within {:?}\n{details}",
+                    scenario.timeout
+                ),
+                stdout,
+            };
         }
         return Attempt::Fail(Error::Timeout(format!(
             "no exit status within {:?} (L1 boot and scenario; the limit is \
@@ -1015,9 +1100,18 @@ fn nested_attempt(
             scenario.timeout
         )));
     }
-    Attempt::Retry(format!(
-        "L1 ended without writing the scenario's exit status\n{details}"
-    ))
+    Attempt::Retry {
+        why: format!(
+            "L1 ended without writing the scenario's exit status; last scenario output: \
+             `{}`\n{details}",
+            stderr.lines().last().unwrap_or_default().trim()
+        ),
+        stdout,
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -1072,8 +1166,24 @@ mod tests {
     #[test]
     fn lockup_reports_parse() {
         let l = "[  148.644770] watchdog: BUG: soft lockup - CPU#0 stuck for 52s! [qemu-system-x86:148]";
-        assert_eq!(lockup_seconds(l), Some(52));
-        assert_eq!(lockup_seconds("nothing"), None);
+        assert_eq!(soft_lockup(l), Some((0, 52)));
+        assert_eq!(soft_lockup("nothing"), None);
+    }
+
+    #[test]
+    fn only_a_repeated_lockup_report_is_persistent() {
+        let report = |cpu: u32, s: u64| {
+            format!(
+                "[  550.658926] watchdog: BUG: soft lockup - CPU#{cpu} stuck for {s}s! [vcpu0:185]"
+            )
+        };
+        let mut seen = HashMap::new();
+        // A CPU that froze for 110 s and came back reports once.
+        assert!(!lockup_persists(&mut seen, &report(0, 110)));
+        assert!(!lockup_persists(&mut seen, &report(1, 23)));
+        assert!(!lockup_persists(&mut seen, "an ordinary line"));
+        // Still stuck: the same CPU again, longer.
+        assert!(lockup_persists(&mut seen, &report(1, 49)));
     }
 
     #[test]

@@ -29,6 +29,7 @@ fn api_scenarios_in_one_test_host() {
         l1_memory_mib: 3072,
         timeout: Duration::from_secs(30 * 60),
         env: Vec::new(),
+        mode: None,
     };
     let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
         .unwrap_or_else(|e| panic!("{e}"));

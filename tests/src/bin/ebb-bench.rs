@@ -113,6 +113,7 @@ fn main() -> ExitCode {
         l1_memory_mib,
         timeout: Duration::from_secs(minutes * 60),
         env: Vec::new(),
+        mode: None,
     };
     eprintln!(
         "ebb-bench: running {} in one test-host run (L1 {} MiB, limit {} min)",

@@ -18,10 +18,12 @@ pub struct Batch {
     pub items: Vec<String>,
     /// Memory of the nested test host (guest sizes + ~300 MiB; guests run one at a time).
     pub l1_memory_mib: u32,
-    /// Limit for the whole run (boot of L1 included).
+    /// Limit for one test-host attempt (boot of L1 included).
     pub timeout: Duration,
     /// Extra environment for the runner.
     pub env: Vec<(String, String)>,
+    /// Forces the mode; `None`: detected ([`testhost::HostMode::detect`]).
+    pub mode: Option<testhost::HostMode>,
 }
 
 /// What a batch produced.
@@ -94,6 +96,8 @@ pub fn run(runner: &Path, runner_prefix: &[&str], batch: &Batch) -> Result<Batch
         env: batch.env.clone(),
         l1_memory_mib: batch.l1_memory_mib,
         timeout: batch.timeout,
+        mode: batch.mode,
+        resume: Some(resume_batch),
         ..Scenario::default()
     };
     let (probed, why) = testhost::HostMode::probe();
@@ -150,11 +154,7 @@ pub fn run(runner: &Path, runner_prefix: &[&str], batch: &Batch) -> Result<Batch
 pub fn run_all_ok(runner: &Path, batch: &Batch) -> Result<BatchOutput, String> {
     let out = run(runner, &[], batch)?;
     eprintln!("results:\n{}", out.run.stdout);
-    let names: Vec<&str> = batch
-        .items
-        .iter()
-        .map(|i| i.split(':').next().unwrap_or(""))
-        .collect();
+    let names: Vec<&str> = batch.items.iter().map(|i| item_name(i)).collect();
     let failures = out.failures(&names);
     if !failures.is_empty() {
         return Err(format!(
@@ -169,12 +169,46 @@ pub fn run_all_ok(runner: &Path, batch: &Batch) -> Result<BatchOutput, String> {
     Ok(out)
 }
 
+/// [`Scenario::resume`] for a batch: after a test host that died, the next attempt runs
+/// the items that did not report, starting from the facts the reported ones noted. The
+/// same batch again when nothing reported (or the lines do not match the items).
+fn resume_batch(attempt: &Scenario, stdout: &str) -> Scenario {
+    let Some(at) = attempt.argv.iter().position(|a| a == "batch") else {
+        return attempt.clone();
+    };
+    let items = &attempt.argv[at + 1..];
+    let reported = parse_results(stdout);
+    // The runner reports items in order, one line each.
+    let in_order = reported
+        .iter()
+        .zip(items)
+        .all(|(r, item)| r["scenario"] == item_name(item));
+    if reported.is_empty() || reported.len() >= items.len() || !in_order {
+        return attempt.clone();
+    }
+    let mut next = attempt.clone();
+    next.argv = attempt.argv[..=at]
+        .iter()
+        .chain(&items[reported.len()..])
+        .cloned()
+        .collect();
+    if let Some(notes) = reported.last().and_then(|r| r.get("notes")) {
+        next.env.retain(|(k, _)| k != super::ENV_NOTES);
+        next.env.push((super::ENV_NOTES.into(), notes.to_string()));
+    }
+    next
+}
+
+fn item_name(item: &str) -> &str {
+    item.split(':').next().unwrap_or("")
+}
+
 /// The items whose scenario failed because its guest triple-faulted.
 fn emulation_crashes(results: &[Value], items: &[String]) -> Vec<String> {
     items
         .iter()
         .filter(|item| {
-            let name = item.split(':').next().unwrap_or("");
+            let name = item_name(item);
             results.iter().any(|r| {
                 r["scenario"] == name
                     && r["ok"] != true
@@ -207,6 +241,59 @@ mod tests {
             })
             .collect();
         assert_eq!(failures.len(), 2);
+    }
+
+    fn batch_of(items: &[&str]) -> Scenario {
+        let mut argv = vec!["/r".to_string(), "--json".into(), "batch".into()];
+        argv.extend(items.iter().map(|s| s.to_string()));
+        Scenario {
+            argv,
+            env: vec![("K".into(), "v".into())],
+            ..Scenario::default()
+        }
+    }
+
+    #[test]
+    fn a_resumed_batch_runs_what_did_not_report_with_the_notes_so_far() {
+        let first = batch_of(&["a", "b:x=1", "c"]);
+        // L1 died in the middle of b (its result line cut short).
+        let stdout = "{\"scenario\":\"a\",\"ok\":true,\"notes\":{\"m\":5}}\n{\"scen";
+        let next = resume_batch(&first, stdout);
+        assert_eq!(next.argv, batch_of(&["b:x=1", "c"]).argv);
+        assert!(next.env.contains(&("K".into(), "v".into())));
+        assert!(next
+            .env
+            .contains(&(crate::scenarios::ENV_NOTES.into(), "{\"m\":5}".into())));
+        // Resumed again after c died too: the newest notes replace the old ones.
+        let again = resume_batch(
+            &next,
+            "{\"scenario\":\"b\",\"ok\":false,\"notes\":{\"m\":6}}\n",
+        );
+        assert_eq!(again.argv, batch_of(&["c"]).argv);
+        let notes: Vec<_> = again
+            .env
+            .iter()
+            .filter(|(k, _)| k == crate::scenarios::ENV_NOTES)
+            .collect();
+        assert_eq!(
+            notes,
+            [&(crate::scenarios::ENV_NOTES.into(), "{\"m\":6}".into())]
+        );
+    }
+
+    #[test]
+    fn a_batch_without_usable_progress_is_run_again_whole() {
+        let first = batch_of(&["a", "b"]);
+        let same = |stdout: &str| resume_batch(&first, stdout).argv == first.argv;
+        assert!(same(""), "nothing reported");
+        assert!(
+            same("{\"scenario\":\"b\",\"ok\":true}\n"),
+            "not in item order"
+        );
+        assert!(
+            same("{\"scenario\":\"a\",\"ok\":true}\n{\"scenario\":\"b\",\"ok\":true}\n"),
+            "everything reported: only the exit status is missing"
+        );
     }
 
     #[test]

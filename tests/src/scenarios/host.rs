@@ -1,6 +1,7 @@
 //! Scenarios about the test host itself and the QEMU peer: `smoke-shell` (KVM/CPU facts),
 //! `qemu-boot`/`ebb-boot` (the default guest boots, answers, powers off; timed) and
-//! `qemu-cycle` (repeated QEMU boots: reliability of the test host).
+//! `qemu-cycle` (repeated QEMU boots: reliability of the test host); `testhost-note-boot`
+//! and `testhost-crash-once` (a batch goes on in a fresh test host after L1 died).
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -38,7 +39,60 @@ pub const SCENARIOS: &[ScenarioDef] = &[
                those of qemu-boot)",
         run: qemu_cycle,
     },
+    ScenarioDef {
+        name: "testhost-note-boot",
+        help: "notes this test host's boot id for testhost-crash-once",
+        run: testhost_note_boot,
+    },
+    ScenarioDef {
+        name: "testhost-crash-once",
+        help: "nested test host only: crashes L1's kernel (sysrq) when it still runs in the \
+               L1 that testhost-note-boot noted; passes in any other, i.e. when the harness \
+               resumed the batch in a fresh test host with the notes of its first part",
+        run: testhost_crash_once,
+    },
 ];
+
+// ---------------------------------------------------------------------------------------
+// testhost-note-boot, testhost-crash-once
+
+const NOTE_BOOT_ID: &str = "testhost_boot_id";
+
+fn boot_id() -> Result<String, String> {
+    read_trim("/proc/sys/kernel/random/boot_id")
+        .ok_or_else(|| "cannot read /proc/sys/kernel/random/boot_id".to_string())
+}
+
+fn testhost_note_boot(ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    args.check_known(&[])?;
+    let id = boot_id()?;
+    ctx.note(NOTE_BOOT_ID, json!(id));
+    Ok(json!({ "boot_id": id }))
+}
+
+fn testhost_crash_once(ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    args.check_known(&[])?;
+    if ctx.host != "nested" {
+        return Err(format!(
+            "runs only in the nested test host (it crashes the kernel it runs on); host: {}",
+            ctx.host
+        ));
+    }
+    let noted = ctx
+        .recall(NOTE_BOOT_ID)
+        .and_then(|v| v.as_str().map(String::from))
+        .ok_or("no boot id noted: run testhost-note-boot earlier in the batch")?;
+    let id = boot_id()?;
+    if id != noted {
+        return Ok(json!({ "noted_boot_id": noted, "boot_id": id }));
+    }
+    progress("crashing this test host's kernel (sysrq c)");
+    std::fs::write("/proc/sys/kernel/sysrq", "1")
+        .and_then(|_| std::fs::write("/proc/sysrq-trigger", "c"))
+        .map_err(|e| format!("cannot crash L1 through /proc/sysrq-trigger: {e}"))?;
+    std::thread::sleep(Duration::from_secs(30));
+    Err("L1 is still up 30 s after sysrq c".into())
+}
 
 // ---------------------------------------------------------------------------------------
 // smoke-shell

@@ -20,7 +20,9 @@
 //!
 //! Scenarios of one batch run in order in one process and may pass facts on through
 //! [`Ctx::note`] / [`Ctx::recall`] (e.g. a baseline measured by an earlier scenario);
-//! each must still work alone.
+//! each must still work alone. JSON result lines carry the facts noted so far
+//! (`"notes"`), and a runner started with them in `EBB_SCENARIO_NOTES` begins with them:
+//! that is how a batch resumed in a fresh test host keeps what its first part measured.
 
 pub mod api;
 pub mod balloon;
@@ -41,6 +43,9 @@ use serde_json::{json, Value};
 
 use crate::testhost;
 
+/// Facts noted by earlier scenarios (a JSON object), for a runner that continues a batch.
+pub const ENV_NOTES: &str = "EBB_SCENARIO_NOTES";
+
 /// What every scenario gets.
 pub struct Ctx {
     /// `direct`, `nested`, or `unknown` (not started through the harness).
@@ -56,9 +61,32 @@ impl Ctx {
         }
     }
 
-    /// The context of a runner started by the harness (`EBB_SCENARIO_HOST`).
+    /// The context of a runner started by the harness (`EBB_SCENARIO_HOST`, and
+    /// [`ENV_NOTES`] when it continues a batch).
     pub fn from_env() -> Ctx {
-        Ctx::new(std::env::var(testhost::ENV_SCENARIO_HOST).unwrap_or_else(|_| "unknown".into()))
+        let ctx = Ctx::new(
+            std::env::var(testhost::ENV_SCENARIO_HOST).unwrap_or_else(|_| "unknown".into()),
+        );
+        if let Ok(text) = std::env::var(ENV_NOTES) {
+            if let Err(e) = ctx.load_notes(&text) {
+                // Only costs the later scenarios a re-measurement.
+                progress(&format!("ignoring {ENV_NOTES}: {e}"));
+            }
+        }
+        ctx
+    }
+
+    /// Starts from the notes in `text` (a JSON object, as result lines carry them).
+    fn load_notes(&self, text: &str) -> Result<(), String> {
+        let notes: BTreeMap<String, Value> =
+            serde_json::from_str(text).map_err(|e| format!("not a JSON object: {e}"))?;
+        *self.notes.borrow_mut() = notes;
+        Ok(())
+    }
+
+    /// Everything noted so far.
+    pub fn notes(&self) -> Value {
+        json!(*self.notes.borrow())
     }
 
     /// Leaves a fact for later scenarios of the same batch.
@@ -193,6 +221,9 @@ pub fn run_one(
             line["error"] = Value::String(e);
         }
     }
+    if !ctx.notes.borrow().is_empty() {
+        line["notes"] = ctx.notes();
+    }
     if json_out {
         println!("{line}");
     } else if ok {
@@ -286,5 +317,22 @@ mod tests {
         assert!(!run_one(&ctx, &[FAMILY], "missing", &[], true));
         ctx.note("k", json!(5));
         assert_eq!(ctx.recall("k"), Some(json!(5)));
+    }
+
+    #[test]
+    fn notes_pass_on_to_a_fresh_runner() {
+        let first = Ctx::new("unit");
+        first.note("k", json!(5));
+        first.note("s", json!("x"));
+        let later = Ctx::new("unit");
+        later.load_notes(&first.notes().to_string()).unwrap();
+        assert_eq!(later.recall("k"), Some(json!(5)));
+        assert_eq!(later.recall("s"), Some(json!("x")));
+        assert!(later.load_notes("[1]").is_err());
+        assert_eq!(
+            later.recall("k"),
+            Some(json!(5)),
+            "a bad text changes nothing"
+        );
     }
 }

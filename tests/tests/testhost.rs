@@ -1,0 +1,41 @@
+//! The nested test host's recovery, end to end (~2 min): a batch whose test host dies
+//! part-way goes on in a fresh one with only what had not finished, and with the facts
+//! the first part noted. `testhost-crash-once` crashes L1's kernel the first time.
+//!
+//! Always nested (the direct mode has no L1 to lose; the nested one runs on any machine).
+//!
+//! Run: `cargo test --release -p ebb-tests --test testhost -- --nocapture`
+
+use std::path::Path;
+use std::time::Duration;
+
+use ebb_tests::scenarios::batch::{self, Batch};
+use ebb_tests::testhost::HostMode;
+
+#[test]
+fn a_batch_resumes_in_a_fresh_test_host_after_l1_dies() {
+    let b = Batch {
+        items: vec!["testhost-note-boot".into(), "testhost-crash-once".into()],
+        l1_memory_mib: 1024,
+        timeout: Duration::from_secs(5 * 60),
+        env: Vec::new(),
+        mode: Some(HostMode::Nested),
+    };
+    let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.run.mode, HostMode::Nested);
+    assert_eq!(out.run.attempts, 2, "{}", out.run.stdout);
+    let noted = out
+        .results
+        .iter()
+        .filter(|r| r["scenario"] == "testhost-note-boot")
+        .collect::<Vec<_>>();
+    assert_eq!(noted.len(), 1, "the part that finished ran once: {noted:?}");
+    let crash = &out.result("testhost-crash-once").unwrap()["data"];
+    // The second part recalled the first part's note, in another boot of L1.
+    assert_eq!(
+        crash["noted_boot_id"], noted[0]["data"]["boot_id"],
+        "{crash}"
+    );
+    assert_ne!(crash["boot_id"], crash["noted_boot_id"], "{crash}");
+}
