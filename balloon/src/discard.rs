@@ -14,8 +14,7 @@ pub enum DiscardReason {
     Report,
 }
 
-/// madvise calls and their results, shared between the device and the discard work it
-/// hands to the event loop to run without the device lock.
+/// madvise calls and their results.
 #[derive(Debug, Default)]
 pub struct DiscardTally {
     calls: AtomicU64,

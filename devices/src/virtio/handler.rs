@@ -62,27 +62,20 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioHandler<D> {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let data = events.data();
-        let mut t = if data >= DEVICE_EVENT_BASE {
-            let mut t = lock(&self.transport);
-            t.device_mut().process_event(data - DEVICE_EVENT_BASE);
-            t
-        } else {
-            let Some(evt) = self.notifiers.get(data as usize) else {
-                return;
-            };
-            // Drain the kick counter; several kicks are one pass over the queue.
-            let _ = evt.read();
-            let mut t = lock(&self.transport);
-            if t.is_activated() {
-                t.device_mut().process_queue(data as u16);
-            }
-            t
+        if data >= DEVICE_EVENT_BASE {
+            lock(&self.transport)
+                .device_mut()
+                .process_event(data - DEVICE_EVENT_BASE);
+            return;
+        }
+        let Some(evt) = self.notifiers.get(data as usize) else {
+            return;
         };
-        let work = t.device_mut().take_unlocked_work();
-        drop(t);
-        // The lock is released: vCPUs can read and write the device meanwhile.
-        if let Some(work) = work {
-            work();
+        // Drain the kick counter; several kicks are one pass over the queue.
+        let _ = evt.read();
+        let mut t = lock(&self.transport);
+        if t.is_activated() {
+            t.device_mut().process_queue(data as u16);
         }
     }
 }

@@ -133,9 +133,6 @@ pub struct Activation {
     pub interrupt: Arc<dyn VirtioInterrupt>,
 }
 
-/// Slow host-side work a device hands back to run after the transport lock is released.
-pub type UnlockedWork = Box<dyn FnOnce() + Send>;
-
 /// Why a device refused activation.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
@@ -168,11 +165,4 @@ pub trait VirtioDevice: Send {
     }
     /// Handles an event on one of [`VirtioDevice::event_fds`].
     fn process_event(&mut self, _id: u32) {}
-    /// Slow host-side work queued by the last call (such as returning memory to the
-    /// host), for the event loop to run without the transport lock: a vCPU reading the
-    /// device's registers (the guest's interrupt handler) then does not wait for it. The
-    /// event loop runs it before it handles the device's next event, so events stay ordered.
-    fn take_unlocked_work(&mut self) -> Option<UnlockedWork> {
-        None
-    }
 }
