@@ -7,7 +7,7 @@
 //! - `reporting-page-poison`: `page_poison=1` guests keep working and Ebb keeps their
 //!   reported pages;
 //! - `balloon-size`: `--balloon size=256M` reaches 65536 pages, MemTotal drops 256 MiB;
-//! - `balloon-deflate-on-oom`: 768 MiB balloon, then `alloc 600` succeeds and the
+//! - `balloon-deflate-on-oom`: 512 MiB balloon, then `alloc 600` succeeds and the
 //!   balloon shrinks.
 //!
 //! Run: `cargo test --release -p ebb-tests --test memory -- --nocapture`
