@@ -840,6 +840,13 @@ impl Follow {
     }
 }
 
+/// Whether an L1 console shows a lockup or stall report.
+pub fn console_shows_stall(console: &str) -> bool {
+    console
+        .lines()
+        .any(|l| STALL_PATTERNS.iter().any(|p| l.contains(p)))
+}
+
 /// Whether `line` reports a soft lockup that an earlier report (in `lockups`: CPU ->
 /// seconds) already saw, now longer: the watchdog repeats itself while a lockup lasts.
 /// One long report alone is a CPU that froze and came back.

@@ -113,14 +113,19 @@ pub fn run(runner: &Path, runner_prefix: &[&str], batch: &Batch) -> Result<Batch
     );
     let mut results = parse_results(&run.stdout);
     let mut run = run;
-    let crashed = emulation_crashes(&results, &batch.items);
+    let mut crashed = emulation_crashes(&results, &batch.items);
+    if crashed.is_empty() && testhost::console_shows_stall(&run.console_log) {
+        // L1 locked up for a while and came back; a scenario that failed meanwhile (its
+        // guest stopped answering) gets the same second chance as a crashed guest.
+        crashed = failed_items(&results, &batch.items);
+    }
     if run.mode == testhost::HostMode::Nested && !crashed.is_empty() {
         // The emulated host occasionally crashes an L2 guest outright (a triple fault with
         // no panic message, with or without Ebb's devices at work: QEMU's TCG emulation of
         // SVM). Those scenarios run once more in a fresh test host; a second failure
         // stands, and the first one stays on record in the result (`first_attempt`).
         eprintln!(
-            "[batch] guest triple fault in the emulated host: running {} again in a fresh \
+            "[batch] the emulated host crashed a guest or stalled: running {} again in a fresh \
              test host",
             crashed.join(" ")
         );
@@ -201,6 +206,19 @@ fn resume_batch(attempt: &Scenario, stdout: &str) -> Scenario {
 
 fn item_name(item: &str) -> &str {
     item.split(':').next().unwrap_or("")
+}
+
+/// The items whose scenario reported a failure.
+fn failed_items(results: &[Value], items: &[String]) -> Vec<String> {
+    items
+        .iter()
+        .filter(|item| {
+            results
+                .iter()
+                .any(|r| r["scenario"] == item_name(item) && r["ok"] != true)
+        })
+        .cloned()
+        .collect()
 }
 
 /// The items whose scenario failed because its guest triple-faulted.
