@@ -842,9 +842,11 @@ impl Follow {
 
 /// Whether an L1 console shows a lockup or stall report.
 pub fn console_shows_stall(console: &str) -> bool {
-    console
-        .lines()
-        .any(|l| STALL_PATTERNS.iter().any(|p| l.contains(p)))
+    console.lines().any(is_stall_line)
+}
+
+fn is_stall_line(line: &str) -> bool {
+    STALL_PATTERNS.iter().any(|p| line.contains(p))
 }
 
 /// Whether `line` reports a soft lockup that an earlier report (in `lockups`: CPU ->
@@ -979,7 +981,7 @@ fn nested_attempt(
             if lockup_persists(&mut lockups, &line) {
                 persistent_stall = true;
             }
-            if stall.is_none() && STALL_PATTERNS.iter().any(|p| line.contains(p)) {
+            if stall.is_none() && is_stall_line(&line) {
                 eprintln!(
                     "[testhost] L1 console: `{}`: giving up on this attempt if the scenario \
                      writes nothing for {STALL_GRACE:?}",
