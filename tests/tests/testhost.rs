@@ -1,6 +1,8 @@
 //! The nested test host's recovery, end to end (~2 min): a batch whose test host dies
 //! part-way goes on in a fresh one with only what had not finished, and with the facts
-//! the first part noted. `testhost-crash-once` crashes L1's kernel the first time.
+//! the first part noted (`testhost-crash-once` crashes L1's kernel the first time); a
+//! scenario whose guest the emulation crashed is rerun alone in a fresh one, with the
+//! batch's notes (`testhost-guest-crash-once` fails as if so the first time).
 //!
 //! Always nested (the direct mode has no L1 to lose; the nested one runs on any machine).
 //!
@@ -38,4 +40,38 @@ fn a_batch_resumes_in_a_fresh_test_host_after_l1_dies() {
         "{crash}"
     );
     assert_ne!(crash["boot_id"], crash["noted_boot_id"], "{crash}");
+}
+
+#[test]
+fn a_scenario_whose_guest_crashed_is_rerun_in_a_fresh_test_host() {
+    let b = Batch {
+        items: vec![
+            "testhost-note-boot".into(),
+            "testhost-guest-crash-once".into(),
+            "smoke-shell".into(),
+        ],
+        l1_memory_mib: 1024,
+        timeout: Duration::from_secs(5 * 60),
+        env: Vec::new(),
+        mode: Some(HostMode::Nested),
+    };
+    let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.results.len(), 3, "{}", out.run.stdout);
+    let rerun = out.result("testhost-guest-crash-once").unwrap();
+    let earlier = rerun["earlier_attempts"].as_array().unwrap();
+    assert_eq!(earlier.len(), 1, "{rerun}");
+    assert_eq!(earlier[0]["ok"], false, "{rerun}");
+    // Only the crashed scenario ran again, elsewhere, knowing the first boot's note.
+    assert_eq!(
+        out.run
+            .stdout
+            .matches("\"scenario\":\"smoke-shell\"")
+            .count(),
+        1
+    );
+    let data = &rerun["data"];
+    let noted = &out.result("testhost-note-boot").unwrap()["data"]["boot_id"];
+    assert_eq!(&data["noted_boot_id"], noted, "{rerun}");
+    assert_ne!(data["boot_id"], data["noted_boot_id"], "{rerun}");
 }

@@ -35,6 +35,29 @@ impl Vcpu {
         }
     }
 
+    /// The registers that locate a crash: instruction and stack pointers, paging state and
+    /// the last page-fault address.
+    fn state_summary(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} \
+                 efer {:#x} cs {:#x} idt {:#x}/{:#x}",
+                r.rip,
+                r.rsp,
+                r.rflags,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector,
+                s.idt.base,
+                s.idt.limit
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
+        }
+    }
+
     /// One KVM_RUN; returns why the VM must stop, if it must.
     fn run_once(&mut self) -> Option<VmExit> {
         let id = self.id;
@@ -70,9 +93,13 @@ impl Vcpu {
                 }
                 None
             }
-            Ok(VcpuExit::Shutdown) => Some(VmExit::Crash(format!(
-                "vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)"
-            ))),
+            Ok(VcpuExit::Shutdown) => {
+                // Where the guest was is the first thing anyone debugging a crash asks.
+                tracing::error!("vCPU {id}: triple fault; {}", self.state_summary());
+                Some(VmExit::Crash(format!(
+                    "vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)"
+                )))
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(VmExit::PowerOff),
                 KVM_SYSTEM_EVENT_RESET => Some(VmExit::Reset),

@@ -1,7 +1,8 @@
 //! Scenarios about the test host itself and the QEMU peer: `smoke-shell` (KVM/CPU facts),
 //! `qemu-boot`/`ebb-boot` (the default guest boots, answers, powers off; timed) and
 //! `qemu-cycle` (repeated QEMU boots: reliability of the test host); `testhost-note-boot`
-//! and `testhost-crash-once` (a batch goes on in a fresh test host after L1 died).
+//! and `testhost-crash-once` (a batch goes on in a fresh test host after L1 died),
+//! `testhost-guest-crash-once` (a scenario whose guest crashed is rerun in a fresh one).
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -51,6 +52,13 @@ pub const SCENARIOS: &[ScenarioDef] = &[
                resumed the batch in a fresh test host with the notes of its first part",
         run: testhost_crash_once,
     },
+    ScenarioDef {
+        name: "testhost-guest-crash-once",
+        help: "fails as if its guest had triple-faulted when it runs in the test host that \
+               testhost-note-boot noted; passes in any other, i.e. when the harness reran it \
+               in a fresh test host with the batch's notes",
+        run: testhost_guest_crash_once,
+    },
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -70,6 +78,25 @@ fn testhost_note_boot(ctx: &Ctx, args: &Args) -> Result<Value, String> {
     Ok(json!({ "boot_id": id }))
 }
 
+fn testhost_guest_crash_once(ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    args.check_known(&[])?;
+    let noted = noted_boot_id(ctx)?;
+    let id = boot_id()?;
+    if id == noted {
+        return Err(format!(
+            "(simulated) ebb: guest stopped: vCPU 0: {}",
+            crate::guest::TRIPLE_FAULT_EXIT
+        ));
+    }
+    Ok(json!({ "noted_boot_id": noted, "boot_id": id }))
+}
+
+fn noted_boot_id(ctx: &Ctx) -> Result<String, String> {
+    ctx.recall(NOTE_BOOT_ID)
+        .and_then(|v| v.as_str().map(String::from))
+        .ok_or_else(|| "no boot id noted: run testhost-note-boot earlier in the batch".into())
+}
+
 fn testhost_crash_once(ctx: &Ctx, args: &Args) -> Result<Value, String> {
     args.check_known(&[])?;
     if ctx.host != "nested" {
@@ -78,10 +105,7 @@ fn testhost_crash_once(ctx: &Ctx, args: &Args) -> Result<Value, String> {
             ctx.host
         ));
     }
-    let noted = ctx
-        .recall(NOTE_BOOT_ID)
-        .and_then(|v| v.as_str().map(String::from))
-        .ok_or("no boot id noted: run testhost-note-boot earlier in the batch")?;
+    let noted = noted_boot_id(ctx)?;
     let id = boot_id()?;
     if id != noted {
         return Ok(json!({ "noted_boot_id": noted, "boot_id": id }));
