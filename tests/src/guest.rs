@@ -565,9 +565,12 @@ fn console_reader(mut src: impl Read, shared: Shared, spawned: Instant, echo: bo
         let mut st = lock(&shared);
         if n == 0 {
             if !st.partial.is_empty() {
+                // A line without its newline was cut off (the guest or the VMM died while
+                // printing it): keep it in the transcript, but it is no marker. A cut
+                // `EBB-READY` line would otherwise read as a guest without a balloon and
+                // hide the crash.
                 let rest = String::from_utf8_lossy(&std::mem::take(&mut st.partial)).into_owned();
                 st.transcript.push_str(&rest);
-                handle_line(&mut st, rest.trim_end_matches('\r'), spawned);
             }
             st.stdout_eof = true;
             shared.1.notify_all();
@@ -1012,6 +1015,18 @@ mod tests {
         assert_eq!(st.results[0].value["cmd"], "meminfo");
         assert_eq!(st.events[0].value["event"], "shutdown");
         assert_eq!(st.malformed.len(), 1);
+    }
+
+    #[test]
+    fn a_line_cut_off_by_the_end_of_output_is_no_marker() {
+        let shared: Shared = Arc::default();
+        let out = b"[ 1.2] boot\nEBB-RESULT {\"cmd\":\"x\"}\nEBB-READY kernel=6.1.0-48-a";
+        console_reader(&out[..], shared.clone(), Instant::now(), false);
+        let st = lock(&shared);
+        assert!(st.ready.is_none(), "{:?}", st.ready);
+        assert_eq!(st.results.len(), 1);
+        assert!(st.stdout_eof);
+        assert!(st.transcript.ends_with("EBB-READY kernel=6.1.0-48-a"));
     }
 
     #[test]

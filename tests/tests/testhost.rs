@@ -14,17 +14,22 @@ use std::time::Duration;
 use ebb_tests::scenarios::batch::{self, Batch};
 use ebb_tests::testhost::HostMode;
 
-#[test]
-fn a_batch_resumes_in_a_fresh_test_host_after_l1_dies() {
+/// Runs `items` as one batch in the nested test host; all must pass.
+fn run_nested(items: &[&str]) -> batch::BatchOutput {
     let b = Batch {
-        items: vec!["testhost-note-boot".into(), "testhost-crash-once".into()],
+        items: items.iter().map(|s| s.to_string()).collect(),
         l1_memory_mib: 1024,
         timeout: Duration::from_secs(5 * 60),
         env: Vec::new(),
         mode: Some(HostMode::Nested),
     };
-    let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
-        .unwrap_or_else(|e| panic!("{e}"));
+    batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_batch_resumes_in_a_fresh_test_host_after_l1_dies() {
+    let out = run_nested(&["testhost-note-boot", "testhost-crash-once"]);
     assert_eq!(out.run.mode, HostMode::Nested);
     assert_eq!(out.run.attempts, 2, "{}", out.run.stdout);
     let noted = out
@@ -44,19 +49,11 @@ fn a_batch_resumes_in_a_fresh_test_host_after_l1_dies() {
 
 #[test]
 fn a_scenario_whose_guest_crashed_is_rerun_in_a_fresh_test_host() {
-    let b = Batch {
-        items: vec![
-            "testhost-note-boot".into(),
-            "testhost-guest-crash-once".into(),
-            "smoke-shell".into(),
-        ],
-        l1_memory_mib: 1024,
-        timeout: Duration::from_secs(5 * 60),
-        env: Vec::new(),
-        mode: Some(HostMode::Nested),
-    };
-    let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let out = run_nested(&[
+        "testhost-note-boot",
+        "testhost-guest-crash-once",
+        "smoke-shell",
+    ]);
     assert_eq!(out.results.len(), 3, "{}", out.run.stdout);
     let rerun = out.result("testhost-guest-crash-once").unwrap();
     let earlier = rerun["earlier_attempts"].as_array().unwrap();

@@ -39,6 +39,11 @@ impl Vcpu {
     /// the last page-fault address.
     fn state_summary(&self) -> String {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
+            // kvm-amd reinitialises the vCPU on a shutdown intercept: what is left is the
+            // reset vector, not where the guest died.
+            (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => {
+                "registers lost: KVM reset the vCPU on shutdown (kvm-amd does)".to_string()
+            }
             (Ok(r), Ok(s)) => format!(
                 "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} \
                  efer {:#x} cs {:#x} idt {:#x}/{:#x}",
