@@ -23,14 +23,8 @@ const SCENARIOS: &[&str] = &[
 
 #[test]
 fn api_scenarios_in_one_test_host() {
-    let b = Batch {
-        items: SCENARIOS.iter().map(|s| s.to_string()).collect(),
-        // The 2 GiB guest touches 1.7 GiB, plus L1 itself.
-        l1_memory_mib: 3072,
-        timeout: Duration::from_secs(30 * 60),
-        env: Vec::new(),
-        mode: None,
-    };
+    // The 2 GiB guest touches 1.7 GiB, plus L1 itself.
+    let b = Batch::new(SCENARIOS, 3072, Duration::from_secs(30 * 60));
     let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
         .unwrap_or_else(|e| panic!("{e}"));
     let inflate = &out.result("api-runtime-inflate").unwrap()["data"];

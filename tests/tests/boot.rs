@@ -33,14 +33,8 @@ const SCENARIOS: &[&str] = &[
 #[test]
 fn boot_scenarios_in_one_test_host() {
     let mode = HostMode::detect().expect("EBB_TEST_HOST");
-    let b = Batch {
-        items: SCENARIOS.iter().map(|s| s.to_string()).collect(),
-        // Guests run one at a time; the 5 GiB one is populated lazily and touches 512 MiB.
-        l1_memory_mib: 2048,
-        timeout: Duration::from_secs(25 * 60),
-        env: Vec::new(),
-        mode: None,
-    };
+    // Guests run one at a time; the 5 GiB one is populated lazily and touches 512 MiB.
+    let b = Batch::new(SCENARIOS, 2048, Duration::from_secs(25 * 60));
     let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.run.mode, mode);

@@ -29,14 +29,8 @@ const SCENARIOS: &[&str] = &[
 
 #[test]
 fn balloon_and_reporting_in_one_test_host() {
-    let b = Batch {
-        items: SCENARIOS.iter().map(|s| s.to_string()).collect(),
-        // One 1 GiB guest at a time, fully touched, plus L1 itself.
-        l1_memory_mib: 2048,
-        timeout: Duration::from_secs(30 * 60),
-        env: Vec::new(),
-        mode: None,
-    };
+    // One 1 GiB guest at a time, fully touched, plus L1 itself.
+    let b = Batch::new(SCENARIOS, 2048, Duration::from_secs(30 * 60));
     let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
         .unwrap_or_else(|e| panic!("{e}"));
 
@@ -78,13 +72,11 @@ fn balloon_and_reporting_in_one_test_host() {
 #[test]
 #[ignore = "the emulated test host crashes DEFLATE_ON_OOM guests (QEMU's too); run with --ignored"]
 fn deflate_on_oom_gives_the_balloon_back_under_memory_pressure() {
-    let b = Batch {
-        items: vec!["balloon-deflate-on-oom".into()],
-        l1_memory_mib: 2048,
-        timeout: Duration::from_secs(15 * 60),
-        env: Vec::new(),
-        mode: None,
-    };
+    let b = Batch::new(
+        &["balloon-deflate-on-oom"],
+        2048,
+        Duration::from_secs(15 * 60),
+    );
     let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
         .unwrap_or_else(|e| panic!("{e}"));
     let oom = &out.result("balloon-deflate-on-oom").unwrap()["data"];

@@ -17,11 +17,8 @@ use ebb_tests::testhost::HostMode;
 /// Runs `items` as one batch in the nested test host; all must pass.
 fn run_nested(items: &[&str]) -> batch::BatchOutput {
     let b = Batch {
-        items: items.iter().map(|s| s.to_string()).collect(),
-        l1_memory_mib: 1024,
-        timeout: Duration::from_secs(5 * 60),
-        env: Vec::new(),
         mode: Some(HostMode::Nested),
+        ..Batch::new(items, 1024, Duration::from_secs(5 * 60))
     };
     batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
         .unwrap_or_else(|e| panic!("{e}"))

@@ -26,6 +26,20 @@ pub struct Batch {
     pub mode: Option<testhost::HostMode>,
 }
 
+impl Batch {
+    /// `items` in a test host of `l1_memory_mib`, each attempt limited to `timeout`; no
+    /// extra environment, mode detected.
+    pub fn new(items: &[&str], l1_memory_mib: u32, timeout: Duration) -> Batch {
+        Batch {
+            items: items.iter().map(|s| s.to_string()).collect(),
+            l1_memory_mib,
+            timeout,
+            env: Vec::new(),
+            mode: None,
+        }
+    }
+}
+
 /// What a batch produced.
 pub struct BatchOutput {
     pub run: RunOutput,
@@ -78,26 +92,21 @@ fn error_text(result: &Value) -> &str {
 /// failed batch, which the long report before it can push out of sight.
 pub fn attempt_summary(results: &[Value]) -> String {
     let mut s = String::new();
+    let first_line = |t: &str| t.lines().next().unwrap_or_default().to_string();
     for r in results.iter().filter(|r| r["ok"] != true) {
+        let name = r["scenario"].as_str().unwrap_or("?");
         let earlier = r["earlier_attempts"]
             .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let attempts = earlier.iter().chain(std::iter::once(r));
-        for (i, a) in attempts.enumerate() {
+            .map_or(&[][..], Vec::as_slice);
+        for (i, a) in earlier.iter().chain([r]).enumerate() {
             s.push_str(&format!(
-                "{} attempt {}: {}\n",
-                r["scenario"].as_str().unwrap_or("?"),
+                "{name} attempt {}: {}\n",
                 i + 1,
-                error_text(a).lines().next().unwrap_or_default()
+                first_line(error_text(a))
             ));
         }
         if let Some(e) = r["rerun_error"].as_str() {
-            s.push_str(&format!(
-                "{} rerun: {}\n",
-                r["scenario"].as_str().unwrap_or("?"),
-                e.lines().next().unwrap_or_default()
-            ));
+            s.push_str(&format!("{name} rerun: {}\n", first_line(e)));
         }
     }
     s
@@ -170,13 +179,9 @@ pub fn run(runner: &Path, runner_prefix: &[&str], batch: &Batch) -> Result<Batch
              fresh test host",
             crashed.join(" ")
         );
-        let mut again = scenario.clone();
-        again.argv.truncate(again.argv.len() - batch.items.len());
-        again.argv.extend(crashed.iter().cloned());
         // A rerun scenario may recall what the batch's earlier scenarios noted.
-        if let Some(notes) = results.iter().rev().find_map(|r| r.get("notes")) {
-            with_notes(&mut again, notes);
-        }
+        let notes = results.iter().rev().find_map(|r| r.get("notes"));
+        let again = follow_up(&scenario, &crashed, notes);
         run.stdout.push_str(&format!("\n--- rerun {rerun} ---\n"));
         reran = true;
         match testhost::run(&again) {
@@ -278,59 +283,60 @@ fn resume_batch(attempt: &Scenario, stdout: &str) -> Scenario {
     if reported.is_empty() || reported.len() >= items.len() || !in_order {
         return attempt.clone();
     }
-    let mut next = attempt.clone();
-    next.argv = attempt.argv[..=at]
-        .iter()
-        .chain(&items[reported.len()..])
-        .cloned()
-        .collect();
-    if let Some(notes) = reported.last().and_then(|r| r.get("notes")) {
-        with_notes(&mut next, notes);
-    }
-    next
+    let notes = reported.last().and_then(|r| r.get("notes"));
+    follow_up(attempt, &items[reported.len()..], notes)
 }
 
-/// Seeds a run's notes (replacing any it had).
-fn with_notes(scenario: &mut Scenario, notes: &Value) {
-    scenario.env.retain(|(k, _)| k != super::ENV_NOTES);
-    scenario
-        .env
-        .push((super::ENV_NOTES.into(), notes.to_string()));
+/// The batch run `attempt` again with only `items`, starting from `notes` (replacing any
+/// it had) when given: the shape of both a resumed batch and a rerun.
+fn follow_up(attempt: &Scenario, items: &[String], notes: Option<&Value>) -> Scenario {
+    let mut next = attempt.clone();
+    // Both callers run batches, so "batch" is there; the items follow it.
+    let at = next
+        .argv
+        .iter()
+        .position(|a| a == "batch")
+        .map_or(next.argv.len(), |i| i + 1);
+    next.argv.truncate(at);
+    next.argv.extend(items.iter().cloned());
+    if let Some(notes) = notes {
+        next.env.retain(|(k, _)| k != super::ENV_NOTES);
+        next.env.push((super::ENV_NOTES.into(), notes.to_string()));
+    }
+    next
 }
 
 fn item_name(item: &str) -> &str {
     item.split(':').next().unwrap_or("")
 }
 
-/// The items whose scenario reported a failure.
-fn failed_items(results: &[Value], items: &[String]) -> Vec<String> {
+/// The items whose scenario reported a failure for which `why` holds.
+fn failed_items_where(
+    results: &[Value],
+    items: &[String],
+    why: impl Fn(&Value) -> bool,
+) -> Vec<String> {
     items
         .iter()
         .filter(|item| {
             results
                 .iter()
-                .any(|r| r["scenario"] == item_name(item) && r["ok"] != true)
+                .any(|r| r["scenario"] == item_name(item) && r["ok"] != true && why(r))
         })
         .cloned()
         .collect()
 }
 
+/// The items whose scenario reported a failure.
+fn failed_items(results: &[Value], items: &[String]) -> Vec<String> {
+    failed_items_where(results, items, |_| true)
+}
+
 /// The items whose scenario failed because its guest triple-faulted.
 fn emulation_crashes(results: &[Value], items: &[String]) -> Vec<String> {
-    items
-        .iter()
-        .filter(|item| {
-            let name = item_name(item);
-            results.iter().any(|r| {
-                r["scenario"] == name
-                    && r["ok"] != true
-                    && r["error"]
-                        .as_str()
-                        .is_some_and(|e| e.contains(crate::guest::TRIPLE_FAULT_EXIT))
-            })
-        })
-        .cloned()
-        .collect()
+    failed_items_where(results, items, |r| {
+        error_text(r).contains(crate::guest::TRIPLE_FAULT_EXIT)
+    })
 }
 
 #[cfg(test)]
