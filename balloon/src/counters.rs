@@ -59,9 +59,10 @@ pub struct BalloonCounters {
     pub unknown_deflates: u64,
     /// Bytes discarded for inflated pages.
     pub inflate_discarded_bytes: u64,
-    /// madvise calls made (inflate and reporting).
+    /// Discards asked of guest RAM (inflate and reporting; each one `madvise` call with
+    /// anonymous memory, whose name the API keeps).
     pub madvise_calls: u64,
-    /// madvise calls that failed.
+    /// Discards that failed.
     pub madvise_failures: u64,
     /// Page numbers rejected (outside guest RAM or in the MMIO hole).
     pub rejected_pfns: u64,
@@ -89,7 +90,29 @@ pub struct BalloonCounters {
     pub report_latency: LatencyHistogram,
 }
 
+/// Why a range is discarded (for the counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscardReason {
+    /// The guest put the pages in the balloon.
+    Inflate,
+    /// The guest reported the pages free.
+    Report,
+}
+
 impl BalloonCounters {
+    /// Counts one discard of `bytes` and its outcome.
+    pub fn count_discard(&mut self, reason: DiscardReason, bytes: u64, succeeded: bool) {
+        self.madvise_calls += 1;
+        if !succeeded {
+            self.madvise_failures += 1;
+            return;
+        }
+        match reason {
+            DiscardReason::Inflate => self.inflate_discarded_bytes += bytes,
+            DiscardReason::Report => self.reported_discarded_bytes += bytes,
+        }
+    }
+
     /// All bytes handed back to the host.
     pub fn discarded_bytes(&self) -> u64 {
         self.inflate_discarded_bytes + self.reported_discarded_bytes

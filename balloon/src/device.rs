@@ -1,32 +1,29 @@
-//! The virtio-balloon device.
+//! The virtio-balloon device: configuration space, features, and which queue is which
+//! (decided once, when the driver activates the device). The queues' work lives in
+//! [`crate::queues`].
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use ebb_devices::ram::GuestRam;
 use ebb_devices::virtio::{
     Activation, ActivationError, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::Queue;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::counters::BalloonCounters;
-use crate::discard::{DiscardReason, DiscardTally};
-use crate::pages::{host_range, pfn_is_ram, pfns_to_host_ranges, PageSet};
+use crate::pages::PageSet;
 use crate::protocol::{
     self, config, max_queue_size, queue_roles, QueueRole, BALLOON_PAGE_SIZE, F_DEFLATE_ON_OOM,
-    F_PAGE_POISON, F_PAGE_REPORTING, F_STATS_VQ, REPORT_CAPACITY,
+    F_PAGE_POISON, F_PAGE_REPORTING, F_STATS_VQ,
 };
-use crate::stats::{GuestStats, MAX_STATS_BYTES};
+use crate::queues::reporting::ReportedPages;
+use crate::queues::statistics::StatsQueue;
+use crate::queues::{self, inflate, notify, reporting};
+use crate::stats::GuestStats;
 
-/// Descriptors Ebb reads from one inflate or deflate chain (Linux sends one).
-const MAX_PFN_CHAIN_DESCRIPTORS: usize = 16;
-/// Largest PFN array Ebb reads from one descriptor (Linux sends at most 256 PFNs).
-const MAX_PFN_BYTES: u32 = 4096;
-/// Descriptors Ebb reads from one statistics chain.
-const MAX_STATS_DESCRIPTORS: usize = 4;
 /// Event id of the statistics timer.
 const STATS_TIMER_EVENT: u32 = 0;
 
@@ -64,37 +61,91 @@ pub enum BalloonError {
     Timer(String),
 }
 
-/// Queues and memory the device uses once the driver is ready.
+/// The device once the driver is ready: guest RAM, the negotiated features, and each
+/// queue under its role.
 struct Active {
-    mem: GuestMemoryMmap,
-    features: u64,
+    ram: GuestRam,
+    negotiated: u64,
     interrupt: Arc<dyn VirtioInterrupt>,
-    queues: Vec<(QueueRole, Queue)>,
-    /// The statistics buffer Ebb holds until it wants fresh numbers.
-    stats_head: Option<u16>,
+    /// The role of each queue index the transport numbers, for kicks.
+    roles: Vec<Option<QueueRole>>,
+    inflate: Queue,
+    deflate: Queue,
+    statistics: Option<StatsQueue>,
+    reporting: Option<Queue>,
 }
 
 impl Active {
-    fn queue_mut(&mut self, role: QueueRole) -> Option<&mut Queue> {
-        self.queues
-            .iter_mut()
-            .find(|(r, _)| *r == role)
-            .map(|(_, q)| q)
+    /// Sorts the driver's queues by role, as the negotiated features number them.
+    fn new(activation: Activation) -> Result<Self, ActivationError> {
+        let roles_by_index = queue_roles(activation.features);
+        let mut roles = Vec::new();
+        let (mut inflate, mut deflate, mut statistics, mut reporting) = (None, None, None, None);
+        for q in activation.queues {
+            let index = usize::from(q.index);
+            let Some(&role) = roles_by_index.get(index) else {
+                tracing::warn!(
+                    "balloon: the driver set up queue {index} which its features do not use"
+                );
+                continue;
+            };
+            let slot = match role {
+                QueueRole::Inflate => &mut inflate,
+                QueueRole::Deflate => &mut deflate,
+                QueueRole::Stats => &mut statistics,
+                QueueRole::Reporting => &mut reporting,
+                QueueRole::FreePageHint => {
+                    tracing::warn!("balloon: free page hinting is not offered; queue ignored");
+                    continue;
+                }
+            };
+            *slot = Some(q.queue);
+            if roles.len() <= index {
+                roles.resize(index + 1, None);
+            }
+            roles[index] = Some(role);
+        }
+        let missing = |role| ActivationError(format!("the {role:?} queue is missing"));
+        let inflate = inflate.ok_or_else(|| missing(QueueRole::Inflate))?;
+        let deflate = deflate.ok_or_else(|| missing(QueueRole::Deflate))?;
+        for (role, feature, present) in [
+            (QueueRole::Stats, F_STATS_VQ, statistics.is_some()),
+            (QueueRole::Reporting, F_PAGE_REPORTING, reporting.is_some()),
+        ] {
+            if activation.features & feature != 0 && !present {
+                tracing::warn!("balloon: {role:?} negotiated but its queue was not set up");
+            }
+        }
+        Ok(Self {
+            ram: activation.ram,
+            negotiated: activation.features,
+            interrupt: activation.interrupt,
+            roles,
+            inflate,
+            deflate,
+            statistics: statistics.map(StatsQueue::new),
+            reporting,
+        })
+    }
+
+    fn role_of(&self, index: u16) -> Option<QueueRole> {
+        self.roles.get(usize::from(index)).copied().flatten()
     }
 }
 
 /// A virtio-balloon device.
 pub struct Balloon {
     options: BalloonOptions,
-    features: u64,
+    /// Features offered to the driver.
+    offered: u64,
     ram_pages: u64,
-    num_pages: u32,
-    actual: u32,
+    target_pages: u32,
+    actual_pages: u32,
     poison_val: u32,
     active: Option<Active>,
-    pages: PageSet,
+    /// Pages in the balloon, from inflate and deflate traffic.
+    held: PageSet,
     counters: BalloonCounters,
-    discards: DiscardTally,
     stats: Option<GuestStats>,
     stats_interval_s: u32,
     stats_timer: TimerFd,
@@ -105,38 +156,33 @@ impl std::fmt::Debug for Balloon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Balloon")
             .field("options", &self.options)
-            .field("num_pages", &self.num_pages)
-            .field("actual", &self.actual)
+            .field("target_pages", &self.target_pages)
+            .field("actual_pages", &self.actual_pages)
             .field("active", &self.active.is_some())
             .finish()
     }
 }
 
 impl Balloon {
-    /// A balloon for a guest with `ram_bytes` of RAM whose highest guest physical address
-    /// is below `ram_end`.
-    pub fn new(
-        options: BalloonOptions,
-        ram_bytes: u64,
-        ram_end: u64,
-    ) -> Result<Self, BalloonError> {
-        let ram_pages = ram_bytes / BALLOON_PAGE_SIZE;
+    /// A balloon for the guest whose RAM is `ram`.
+    pub fn new(options: BalloonOptions, ram: &GuestRam) -> Result<Self, BalloonError> {
+        let ram_pages = ram.size() / BALLOON_PAGE_SIZE;
         if u64::from(options.target_pages) > ram_pages {
             return Err(BalloonError::TargetTooLarge {
                 requested: options.target_pages.into(),
                 available: ram_pages,
             });
         }
-        let mut features = VIRTIO_F_VERSION_1;
+        let mut offered = VIRTIO_F_VERSION_1;
         if options.stats_interval_s > 0 {
-            features |= F_STATS_VQ;
+            offered |= F_STATS_VQ;
         }
         if options.deflate_on_oom {
-            features |= F_DEFLATE_ON_OOM;
+            offered |= F_DEFLATE_ON_OOM;
         }
         if options.free_page_reporting {
             // PAGE_POISON lets guests that poison or zero freed pages keep reporting.
-            features |= F_PAGE_REPORTING | F_PAGE_POISON;
+            offered |= F_PAGE_REPORTING | F_PAGE_POISON;
         }
         let stats_timer = TimerFd::new().map_err(|e| BalloonError::Timer(e.to_string()))?;
         // SAFETY: setting O_NONBLOCK on a descriptor this struct owns.
@@ -145,17 +191,22 @@ impl Balloon {
             let flags = libc::fcntl(fd, libc::F_GETFL);
             libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
+        let ram_end = ram
+            .slots()
+            .iter()
+            .map(|(gpa, len, _)| gpa.0 + len)
+            .max()
+            .unwrap_or(0);
         Ok(Self {
             options,
-            features,
+            offered,
             ram_pages,
-            num_pages: options.target_pages,
-            actual: 0,
+            target_pages: options.target_pages,
+            actual_pages: 0,
             poison_val: 0,
             active: None,
-            pages: PageSet::new(ram_end),
+            held: PageSet::new(ram_end),
             counters: BalloonCounters::default(),
-            discards: DiscardTally::default(),
             stats: None,
             stats_interval_s: options.stats_interval_s,
             stats_timer,
@@ -170,29 +221,22 @@ impl Balloon {
 
     /// Target size in pages (host-set).
     pub fn target_pages(&self) -> u32 {
-        self.num_pages
+        self.target_pages
     }
 
     /// Size in pages the guest reports.
     pub fn actual_pages(&self) -> u32 {
-        self.actual
+        self.actual_pages
     }
 
     /// Pages Ebb currently knows to be in the balloon (from inflate/deflate traffic).
     pub fn held_pages(&self) -> u64 {
-        self.pages.len()
+        self.held.len()
     }
 
-    /// Counters (the discard figures come from the tally shared with the discard work).
+    /// What the device has done so far.
     pub fn counters(&self) -> BalloonCounters {
-        let discards = self.discards.counts();
-        BalloonCounters {
-            madvise_calls: discards.calls,
-            madvise_failures: discards.failures,
-            inflate_discarded_bytes: discards.inflate_bytes,
-            reported_discarded_bytes: discards.reported_bytes,
-            ..self.counters
-        }
+        self.counters
     }
 
     /// The latest statistics report, if any.
@@ -203,11 +247,6 @@ impl Balloon {
     /// Current statistics interval in seconds (0 = off).
     pub fn stats_interval_s(&self) -> u32 {
         self.stats_interval_s
-    }
-
-    /// Features the driver accepted (0 before activation).
-    pub fn negotiated_features(&self) -> u64 {
-        self.active.as_ref().map(|a| a.features).unwrap_or(0)
     }
 
     /// The guest's page poison value (meaningful when PAGE_POISON was negotiated).
@@ -223,7 +262,7 @@ impl Balloon {
                 available: self.ram_pages,
             });
         }
-        self.num_pages = pages as u32;
+        self.target_pages = pages as u32;
         if let Some(a) = &self.active {
             a.interrupt.trigger(InterruptKind::Config);
         }
@@ -232,7 +271,7 @@ impl Balloon {
 
     /// Changes how often statistics are requested (only when they were enabled at boot).
     pub fn set_stats_interval(&mut self, secs: u32) -> Result<(), BalloonError> {
-        if self.features & F_STATS_VQ == 0 {
+        if self.offered & F_STATS_VQ == 0 {
             return Err(BalloonError::StatsDisabled);
         }
         self.stats_interval_s = secs;
@@ -251,142 +290,85 @@ impl Balloon {
 
     fn config_bytes(&self) -> [u8; config::LEN_WITH_POISON as usize] {
         let mut c = [0u8; config::LEN_WITH_POISON as usize];
-        c[0..4].copy_from_slice(&self.num_pages.to_le_bytes());
-        c[4..8].copy_from_slice(&self.actual.to_le_bytes());
+        c[0..4].copy_from_slice(&self.target_pages.to_le_bytes());
+        c[4..8].copy_from_slice(&self.actual_pages.to_le_bytes());
         c[12..16].copy_from_slice(&self.poison_val.to_le_bytes());
         c
     }
 
     fn config_len(&self) -> u64 {
-        if self.features & F_PAGE_POISON != 0 {
+        if self.offered & F_PAGE_POISON != 0 {
             config::LEN_WITH_POISON
         } else {
             config::LEN_BASIC
         }
     }
 
-    /// True when reported pages must be kept: the guest expects freed pages to hold a
-    /// non-zero poison pattern, and a discarded page would come back as zeros.
-    fn must_keep_reported_pages(&self, features: u64) -> bool {
-        features & F_PAGE_POISON != 0 && self.poison_val != 0
+    /// Whether reported pages may be discarded: not when the guest expects free pages to
+    /// hold a non-zero poison pattern, since a discarded page comes back as zeros.
+    fn reported_pages(&mut self, negotiated: u64) -> ReportedPages {
+        if negotiated & F_PAGE_POISON == 0 || self.poison_val == 0 {
+            return ReportedPages::Discard;
+        }
+        if !self.poison_warned {
+            self.poison_warned = true;
+            tracing::warn!(
+                "balloon: the guest poisons free pages with {:#x}; reported pages are kept \
+                 (discarding would hand back zero pages)",
+                self.poison_val
+            );
+        }
+        ReportedPages::Keep
     }
 
-    fn process_inflate_or_deflate(&mut self, role: QueueRole) {
-        let Some(active) = self.active.as_mut() else {
+    /// Does the work of the queue with `role`: pop each chain, validate, discard, give it
+    /// back; then interrupt the guest once.
+    fn process_role(&mut self, role: QueueRole) {
+        let Some(negotiated) = self.active.as_ref().map(|a| a.negotiated) else {
             return;
         };
-        let Active {
-            mem,
-            interrupt,
-            queues,
-            ..
-        } = active;
-        let Some((_, queue)) = queues.iter_mut().find(|(r, _)| *r == role) else {
+        let reported = match role {
+            QueueRole::Reporting => self.reported_pages(negotiated),
+            _ => ReportedPages::Discard,
+        };
+        let Some(active) = self.active.as_mut() else {
             return;
         };
         let counters = &mut self.counters;
-        let pages = &mut self.pages;
-        // Inflated ranges are discarded before the buffers go back, as QEMU does: when the
-        // guest sees its inflate done, the host has the pages. (Discarding while the guest
-        // runs on was measured no faster, and in the emulated test host it coincided with
-        // L1 lockups and guest crashes under the madvise/TLB-flush traffic.)
-        let mut to_discard = Vec::new();
-        let used_any = drain_queue(queue, mem, counters, |chain, mem, counters| {
-            let Some(mut pfns) = read_pfns(chain, mem, counters) else {
-                return;
-            };
-            pfns.retain(|&pfn| {
-                let ok = pfn_is_ram(mem, pfn);
-                if !ok {
-                    counters.rejected_pfns += 1;
-                }
-                ok
-            });
-            if role == QueueRole::Inflate {
-                for &pfn in &pfns {
-                    counters.inflated_pages += 1;
-                    if !pages.insert(pfn) {
-                        counters.repeated_inflates += 1;
-                    }
-                }
-                to_discard.extend(pfns_to_host_ranges(mem, &mut pfns));
-            } else {
-                for &pfn in &pfns {
-                    counters.deflated_pages += 1;
-                    if !pages.remove(pfn) {
-                        counters.unknown_deflates += 1;
-                    }
-                }
+        let (ram, interrupt) = (&active.ram, active.interrupt.as_ref());
+        let noticed = Instant::now();
+        let (queue, gave_back) = match role {
+            QueueRole::Inflate => {
+                let q = &mut active.inflate;
+                let done = inflate::inflate(ram, q, &mut self.held, counters);
+                (q, done)
             }
-        });
-        for range in to_discard {
-            self.discards.discard(range, DiscardReason::Inflate);
-        }
-        if used_any {
-            notify(queue, mem, interrupt.as_ref());
-        }
-    }
-
-    fn process_stats(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
+            QueueRole::Deflate => {
+                let q = &mut active.deflate;
+                let done = inflate::deflate(ram, q, &mut self.held, counters);
+                (q, done)
+            }
+            QueueRole::Stats => {
+                let Some(s) = active.statistics.as_mut() else {
+                    return;
+                };
+                let done = s.take_reports(ram.memory(), &mut self.stats, counters);
+                (s.queue_mut(), done)
+            }
+            QueueRole::Reporting => {
+                let Some(q) = active.reporting.as_mut() else {
+                    return;
+                };
+                let done = reporting::process(ram, q, reported, counters);
+                if done {
+                    counters.report_latency.record(noticed.elapsed());
+                }
+                (q, done)
+            }
+            QueueRole::FreePageHint => return,
         };
-        let Active {
-            mem,
-            interrupt,
-            queues,
-            stats_head,
-            ..
-        } = active;
-        let Some((_, queue)) = queues.iter_mut().find(|(r, _)| *r == QueueRole::Stats) else {
-            return;
-        };
-        let mem = &*mem;
-        let mut returned = false;
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    self.counters.rejected_descriptors += 1;
-                    tracing::warn!("balloon: statistics queue: {e}");
-                    None
-                }
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let mut buf = Vec::new();
-            let mut ok = true;
-            for (i, desc) in chain.enumerate() {
-                if i >= MAX_STATS_DESCRIPTORS
-                    || desc.is_write_only()
-                    || buf.len() + desc.len() as usize > MAX_STATS_BYTES
-                {
-                    ok = false;
-                    break;
-                }
-                let start = buf.len();
-                buf.resize(start + desc.len() as usize, 0);
-                if mem.read_slice(&mut buf[start..], desc.addr()).is_err() {
-                    ok = false;
-                    break;
-                }
-            }
-            if ok && !buf.is_empty() {
-                self.stats = Some(GuestStats::parse(&buf, SystemTime::now()));
-                self.counters.stats_updates += 1;
-            } else {
-                self.counters.rejected_descriptors += 1;
-            }
-            // Hold one buffer; an extra one (a confused guest) goes straight back.
-            if let Some(previous) = stats_head.replace(head) {
-                if queue.add_used(mem, previous, 0).is_err() {
-                    self.counters.rejected_descriptors += 1;
-                }
-                returned = true;
-            }
-        }
-        if returned {
-            notify(queue, mem, interrupt.as_ref());
+        if gave_back {
+            notify(queue, ram.memory(), interrupt);
         }
     }
 
@@ -396,167 +378,16 @@ impl Balloon {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let Some(head) = active.stats_head.take() else {
+        let Some(stats) = active.statistics.as_mut() else {
             return;
         };
-        let mem = active.mem.clone();
-        let interrupt = active.interrupt.clone();
-        if let Some(queue) = active.queue_mut(QueueRole::Stats) {
-            if queue.add_used(&mem, head, 0).is_ok() {
-                notify(queue, &mem, interrupt.as_ref());
-            } else {
-                self.counters.rejected_descriptors += 1;
-            }
-        }
-    }
-
-    fn process_reporting(&mut self) {
-        let noticed = Instant::now();
-        let keep = self
-            .active
-            .as_ref()
-            .map(|a| self.must_keep_reported_pages(a.features))
-            .unwrap_or(false);
-        if keep && !self.poison_warned {
-            self.poison_warned = true;
-            tracing::warn!(
-                "balloon: the guest poisons free pages with {:#x}; reported pages are kept \
-                 (discarding would hand back zero pages)",
-                self.poison_val
+        if stats.request(active.ram.memory(), &mut self.counters) {
+            queues::notify(
+                stats.queue_mut(),
+                active.ram.memory(),
+                active.interrupt.as_ref(),
             );
         }
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let Active {
-            mem,
-            interrupt,
-            queues,
-            ..
-        } = active;
-        let Some((_, queue)) = queues.iter_mut().find(|(r, _)| *r == QueueRole::Reporting) else {
-            return;
-        };
-        let counters = &mut self.counters;
-        let discards = &self.discards;
-        let used_any = drain_queue(queue, mem, counters, |chain, mem, counters| {
-            counters.reports += 1;
-            for (i, desc) in chain.enumerate() {
-                if i >= REPORT_CAPACITY {
-                    // Linux never reports more; stop reading a hostile chain here.
-                    counters.rejected_ranges += 1;
-                    break;
-                }
-                let Some(range) = valid_report_range(mem, &desc) else {
-                    counters.rejected_ranges += 1;
-                    continue;
-                };
-                counters.reported_ranges += 1;
-                counters.reported_bytes += range.len as u64;
-                if keep {
-                    counters.skipped_ranges += 1;
-                    counters.skipped_bytes += range.len as u64;
-                    continue;
-                }
-                // Before the buffer goes back: the guest reuses reported pages at once.
-                discards.discard(range, DiscardReason::Report);
-            }
-        });
-        if used_any {
-            notify(queue, mem, interrupt.as_ref());
-            self.counters.report_latency.record(noticed.elapsed());
-        }
-    }
-}
-
-/// A reported range Ebb may discard: device-writable, non-empty, page aligned and sized,
-/// inside one guest RAM region.
-fn valid_report_range(mem: &GuestMemoryMmap, desc: &Descriptor) -> Option<crate::pages::HostRange> {
-    let addr = desc.addr().0;
-    let len = u64::from(desc.len());
-    if !desc.is_write_only()
-        || len == 0
-        || addr % BALLOON_PAGE_SIZE != 0
-        || len % BALLOON_PAGE_SIZE != 0
-    {
-        return None;
-    }
-    host_range(mem, addr, len)
-}
-
-type Chain<'a> = virtio_queue::DescriptorChain<&'a GuestMemoryMmap>;
-
-/// Pops every available chain, hands it to `handle`, and returns it to the guest.
-/// Returns true when at least one buffer was used.
-fn drain_queue<'m>(
-    queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-    counters: &mut BalloonCounters,
-    mut handle: impl FnMut(Chain<'m>, &'m GuestMemoryMmap, &mut BalloonCounters),
-) -> bool {
-    let mut used_any = false;
-    loop {
-        let chain = match queue.iter(mem) {
-            Ok(mut it) => it.next(),
-            Err(e) => {
-                // A broken available ring (index jumped past the ring): nothing safe to do
-                // until the driver resets the device.
-                counters.rejected_descriptors += 1;
-                tracing::warn!("balloon: queue unusable: {e}");
-                None
-            }
-        };
-        let Some(chain) = chain else { break };
-        let head = chain.head_index();
-        handle(chain, mem, counters);
-        match queue.add_used(mem, head, 0) {
-            Ok(()) => used_any = true,
-            Err(_) => counters.rejected_descriptors += 1,
-        }
-    }
-    used_any
-}
-
-/// Reads the PFN array of an inflate or deflate chain; `None` (counted) when the chain is
-/// malformed: device-writable, empty, not a multiple of 4 bytes, too long, or outside RAM.
-fn read_pfns(
-    chain: Chain<'_>,
-    mem: &GuestMemoryMmap,
-    counters: &mut BalloonCounters,
-) -> Option<Vec<u32>> {
-    let mut pfns = Vec::new();
-    for (i, desc) in chain.enumerate() {
-        let len = desc.len();
-        if i >= MAX_PFN_CHAIN_DESCRIPTORS
-            || desc.is_write_only()
-            || len == 0
-            || len % 4 != 0
-            || len > MAX_PFN_BYTES
-        {
-            counters.rejected_descriptors += 1;
-            return None;
-        }
-        let mut raw = vec![0u8; len as usize];
-        if mem.read_slice(&mut raw, desc.addr()).is_err() {
-            counters.rejected_descriptors += 1;
-            return None;
-        }
-        pfns.extend(
-            raw.chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
-    }
-    if pfns.is_empty() {
-        // A chain whose head index is out of range yields no descriptors.
-        counters.rejected_descriptors += 1;
-        return None;
-    }
-    Some(pfns)
-}
-
-fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn VirtioInterrupt) {
-    if queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.trigger(InterruptKind::Queue);
     }
 }
 
@@ -566,11 +397,11 @@ impl VirtioDevice for Balloon {
     }
 
     fn features(&self) -> u64 {
-        self.features
+        self.offered
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        queue_roles(self.features)
+        queue_roles(self.offered)
             .into_iter()
             .map(max_queue_size)
             .collect()
@@ -595,45 +426,16 @@ impl VirtioDevice for Balloon {
         };
         let value = u32::from_le_bytes(raw);
         match offset {
-            config::ACTUAL if u64::from(value) <= self.ram_pages => self.actual = value,
-            config::POISON_VAL if self.features & F_PAGE_POISON != 0 => self.poison_val = value,
+            config::ACTUAL if u64::from(value) <= self.ram_pages => self.actual_pages = value,
+            config::POISON_VAL if self.offered & F_PAGE_POISON != 0 => self.poison_val = value,
             _ => self.counters.rejected_config_writes += 1,
         }
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivationError> {
-        let roles = queue_roles(activation.features);
-        let mut queues = Vec::new();
-        for q in activation.queues {
-            match roles.get(usize::from(q.index)) {
-                Some(role) => queues.push((*role, q.queue)),
-                None => tracing::warn!(
-                    "balloon: the driver set up queue {} which its features do not use",
-                    q.index
-                ),
-            }
-        }
-        for needed in [QueueRole::Inflate, QueueRole::Deflate] {
-            if !queues.iter().any(|(r, _)| *r == needed) {
-                return Err(ActivationError(format!("the {needed:?} queue is missing")));
-            }
-        }
-        for (role, needed) in [
-            (QueueRole::Stats, F_STATS_VQ),
-            (QueueRole::Reporting, F_PAGE_REPORTING),
-        ] {
-            if activation.features & needed != 0 && !queues.iter().any(|(r, _)| *r == role) {
-                tracing::warn!("balloon: {role:?} negotiated but its queue was not set up");
-            }
-        }
-        self.pages.clear();
-        self.active = Some(Active {
-            mem: activation.mem,
-            features: activation.features,
-            interrupt: activation.interrupt,
-            queues,
-            stats_head: None,
-        });
+        let active = Active::new(activation)?;
+        self.held.clear();
+        self.active = Some(active);
         if let Err(e) = self.arm_stats_timer() {
             tracing::warn!("balloon: {e}");
         }
@@ -652,24 +454,20 @@ impl VirtioDevice for Balloon {
 
     fn reset(&mut self) {
         self.active = None;
-        self.actual = 0;
+        self.actual_pages = 0;
         self.poison_val = 0;
-        self.pages.clear();
+        self.held.clear();
         let _ = self.stats_timer.clear();
     }
 
     fn process_queue(&mut self, index: u16) {
-        let role = self
-            .active
-            .as_ref()
-            .and_then(|a| queue_roles(a.features).get(usize::from(index)).copied());
-        if let Some(role) = role {
+        if let Some(role) = self.active.as_ref().and_then(|a| a.role_of(index)) {
             self.process_role(role);
         }
     }
 
     fn event_fds(&self) -> Vec<(RawFd, u32)> {
-        if self.features & F_STATS_VQ != 0 {
+        if self.offered & F_STATS_VQ != 0 {
             vec![(self.stats_timer.as_raw_fd(), STATS_TIMER_EVENT)]
         } else {
             Vec::new()
@@ -679,17 +477,6 @@ impl VirtioDevice for Balloon {
     fn process_event(&mut self, id: u32) {
         if id == STATS_TIMER_EVENT {
             self.request_stats();
-        }
-    }
-}
-
-impl Balloon {
-    fn process_role(&mut self, role: QueueRole) {
-        match role {
-            QueueRole::Inflate | QueueRole::Deflate => self.process_inflate_or_deflate(role),
-            QueueRole::Stats => self.process_stats(),
-            QueueRole::Reporting => self.process_reporting(),
-            QueueRole::FreePageHint => {}
         }
     }
 }

@@ -1,97 +1,107 @@
-//! From what the guest sends to host ranges Ebb may discard.
+//! The one validation pass: what the guest sends (page numbers, reported ranges) becomes
+//! [`RamRange`]s inside guest RAM, or is counted as rejected.
 //!
-//! Everything here treats guest input as hostile: page numbers and ranges are checked
-//! against guest RAM (which has no pages in the MMIO hole), arithmetic is checked, and a
-//! range is only ever turned into a host address inside one guest RAM region.
+//! Everything here treats guest input as hostile: arithmetic is checked, and a range only
+//! exists once [`GuestRam`] has placed it inside one region (guest RAM has no pages in the
+//! MMIO hole).
 
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
-};
+use ebb_devices::ram::{GuestRam, RamRange};
+use virtio_queue::desc::split::Descriptor;
 
 use crate::protocol::{BALLOON_PAGE_SIZE, PFN_SHIFT};
 
-/// A host virtual address range inside guest RAM.
+/// A run of consecutive page numbers: `first`, `first + 1`, ..., `first + count - 1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostRange {
-    /// Guest physical start (for logs and accounting).
-    pub gpa: u64,
-    /// Host virtual start.
-    pub host: usize,
-    /// Length in bytes.
-    pub len: usize,
+pub struct PageRun {
+    /// First page number.
+    pub first: u32,
+    /// Pages in the run (at least 1).
+    pub count: u32,
 }
 
-/// The host range behind `[gpa, gpa + len)`, if it lies entirely in one guest RAM region.
-pub fn host_range(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Option<HostRange> {
-    if len == 0 {
-        return None;
-    }
-    let end = gpa.checked_add(len)?;
-    let region = mem.find_region(GuestAddress(gpa))?;
-    let region_start = region.start_addr().0;
-    let region_end = region_start.checked_add(region.len())?;
-    if end > region_end {
-        return None;
-    }
-    let host = region
-        .get_host_address(MemoryRegionAddress(gpa - region_start))
-        .ok()? as usize;
-    Some(HostRange {
-        gpa,
-        host,
-        len: usize::try_from(len).ok()?,
-    })
-}
-
-/// True when 4 KiB page `pfn` is guest RAM.
-pub fn pfn_is_ram(mem: &GuestMemoryMmap, pfn: u32) -> bool {
-    let gpa = u64::from(pfn) << PFN_SHIFT;
-    mem.find_region(GuestAddress(gpa))
-        .map(|r| gpa + BALLOON_PAGE_SIZE <= r.start_addr().0 + r.len())
-        .unwrap_or(false)
-}
-
-/// Sorts and de-duplicates valid page numbers and merges runs of consecutive pages into
-/// ranges, split at region boundaries so each maps to one host range.
-pub fn pfns_to_host_ranges(mem: &GuestMemoryMmap, pfns: &mut Vec<u32>) -> Vec<HostRange> {
-    pfns.sort_unstable();
-    pfns.dedup();
-    let mut ranges = Vec::new();
-    let mut run: Option<(u32, u32)> = None; // first pfn, count
-    let flush = |run: (u32, u32), ranges: &mut Vec<HostRange>| {
-        let gpa = u64::from(run.0) << PFN_SHIFT;
-        let len = u64::from(run.1) << PFN_SHIFT;
-        // Split at region boundaries (regions adjacent in guest physical space map to
-        // different host ranges).
-        let mut start = gpa;
-        let end = gpa + len;
-        while start < end {
-            let Some(region) = mem.find_region(GuestAddress(start)) else {
-                break;
-            };
-            let piece_end = end.min(region.start_addr().0 + region.len());
-            if let Some(r) = host_range(mem, start, piece_end - start) {
-                ranges.push(r);
+/// Merges sorted, distinct page numbers into maximal runs of consecutive pages.
+pub fn page_runs(sorted_unique: &[u32]) -> Vec<PageRun> {
+    let mut runs: Vec<PageRun> = Vec::new();
+    for &pfn in sorted_unique {
+        match runs.last_mut() {
+            Some(run) if u64::from(run.first) + u64::from(run.count) == u64::from(pfn) => {
+                run.count += 1;
             }
-            start = piece_end;
+            _ => runs.push(PageRun {
+                first: pfn,
+                count: 1,
+            }),
         }
-    };
-    for &pfn in pfns.iter() {
-        run = match run {
-            Some((first, count)) if u64::from(first) + u64::from(count) == u64::from(pfn) => {
-                Some((first, count + 1))
-            }
-            Some(done) => {
-                flush(done, &mut ranges);
-                Some((pfn, 1))
-            }
-            None => Some((pfn, 1)),
-        };
     }
-    if let Some(done) = run {
-        flush(done, &mut ranges);
+    runs
+}
+
+/// An inflate or deflate buffer's page numbers after validation.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CheckedPfns {
+    /// The valid pages, merged into ranges (split at region boundaries), each page once,
+    /// in address order.
+    pub ranges: Vec<RamRange>,
+    /// Entries naming a page of guest RAM (repeats included).
+    pub valid_entries: u64,
+    /// Valid entries naming a page an earlier entry of the buffer already named.
+    pub repeats: u64,
+    /// Entries naming a page outside guest RAM (in the MMIO hole or past its end).
+    pub rejected: u64,
+}
+
+impl CheckedPfns {
+    /// The valid page numbers, each once, in order.
+    pub fn pages(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ranges.iter().flat_map(|r| {
+            let first = r.gpa() >> PFN_SHIFT;
+            let end = r.end() >> PFN_SHIFT;
+            // RAM ranges come from 32-bit page numbers, so they end at or below 2^44.
+            (first..end).map(|p| p as u32)
+        })
     }
-    ranges
+}
+
+/// Checks the page numbers of one inflate or deflate buffer against guest RAM: one
+/// region lookup per run of consecutive pages, not per page.
+pub fn check_pfns(ram: &GuestRam, mut pfns: Vec<u32>) -> CheckedPfns {
+    pfns.sort_unstable();
+    let entries = pfns.clone();
+    pfns.dedup();
+    let mut checked = CheckedPfns::default();
+    for run in page_runs(&pfns) {
+        let gpa = u64::from(run.first) << PFN_SHIFT;
+        let len = u64::from(run.count) << PFN_SHIFT;
+        checked.ranges.extend(ram.split(gpa, len).inside);
+    }
+    // Count entries (repeats included) against the ranges: both are sorted.
+    let mut ranges = checked.ranges.iter().peekable();
+    let mut previous = None;
+    for pfn in entries {
+        let gpa = u64::from(pfn) << PFN_SHIFT;
+        while ranges.next_if(|r| r.end() <= gpa).is_some() {}
+        let valid = ranges.peek().is_some_and(|r| r.gpa() <= gpa);
+        if !valid {
+            checked.rejected += 1;
+        } else {
+            checked.valid_entries += 1;
+            if previous == Some(pfn) {
+                checked.repeats += 1;
+            }
+        }
+        previous = Some(pfn);
+    }
+    checked
+}
+
+/// The RAM range one free page report entry names, if Ebb may discard it: device-writable
+/// (the guest hands the pages over), non-empty, page aligned and sized, inside one region.
+pub fn check_report(ram: &GuestRam, desc: &Descriptor) -> Option<RamRange> {
+    let (addr, len) = (desc.addr().0, u64::from(desc.len()));
+    if !desc.is_write_only() || len % BALLOON_PAGE_SIZE != 0 {
+        return None;
+    }
+    ram.range(addr, len)
 }
 
 /// Which guest pages are in the balloon: one bit per 4 KiB page of guest physical space.
@@ -157,75 +167,115 @@ impl PageSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ebb_devices::ram::RamOptions;
+    use proptest::prelude::*;
+    use vm_memory::GuestAddress;
 
     const MIB: u64 = 1 << 20;
 
     /// Two regions with a hole between them, like guest RAM around the MMIO hole.
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), (8 * MIB) as usize),
-            (GuestAddress(16 * MIB), (8 * MIB) as usize),
-        ])
+    fn ram() -> GuestRam {
+        GuestRam::new(
+            &[
+                (GuestAddress(0), 8 * MIB),
+                (GuestAddress(16 * MIB), 8 * MIB),
+            ],
+            RamOptions::default(),
+        )
         .unwrap()
     }
 
-    #[test]
-    fn pfn_validation_knows_the_hole_and_the_end() {
-        let m = mem();
-        assert!(pfn_is_ram(&m, 0));
-        assert!(pfn_is_ram(&m, (8 * MIB / 4096 - 1) as u32));
-        assert!(
-            !pfn_is_ram(&m, (8 * MIB / 4096) as u32),
-            "first page of the hole"
-        );
-        assert!(!pfn_is_ram(&m, (12 * MIB / 4096) as u32));
-        assert!(pfn_is_ram(&m, (16 * MIB / 4096) as u32));
-        assert!(pfn_is_ram(&m, (24 * MIB / 4096 - 1) as u32), "last page");
-        assert!(!pfn_is_ram(&m, (24 * MIB / 4096) as u32), "beyond RAM");
-        assert!(!pfn_is_ram(&m, u32::MAX));
+    fn pfn(gpa: u64) -> u32 {
+        (gpa >> PFN_SHIFT) as u32
+    }
+
+    proptest! {
+        /// Runs expand back to exactly the input, and are maximal: two runs never touch.
+        #[test]
+        fn page_runs_round_trip(mut pfns in proptest::collection::vec(any::<u32>(), 0..300),
+                                dense in proptest::collection::vec(0u32..600, 0..300)) {
+            pfns.extend(dense);
+            pfns.sort_unstable();
+            pfns.dedup();
+            let runs = page_runs(&pfns);
+            let expanded: Vec<u32> = runs
+                .iter()
+                .flat_map(|r| (0..r.count).map(move |i| r.first + i))
+                .collect();
+            prop_assert_eq!(&expanded, &pfns);
+            for pair in runs.windows(2) {
+                prop_assert!(u64::from(pair[0].first) + u64::from(pair[0].count) < u64::from(pair[1].first));
+            }
+        }
+
+        /// Every entry is counted once as valid or rejected; ranges hold each valid page
+        /// once, inside RAM, in order, not touching within a region.
+        #[test]
+        fn checked_pfns_account_for_every_entry(pfns in proptest::collection::vec(
+            prop_oneof![0u32..6200, any::<u32>()], 0..400)) {
+            let ram = ram();
+            let checked = check_pfns(&ram, pfns.clone());
+            prop_assert_eq!(checked.valid_entries + checked.rejected, pfns.len() as u64);
+            let in_ram = |p: u32| ram.range(u64::from(p) << PFN_SHIFT, 4096).is_some();
+            let mut unique_valid: Vec<u32> = pfns.iter().copied().filter(|&p| in_ram(p)).collect();
+            let valid_entries = unique_valid.len() as u64;
+            unique_valid.sort_unstable();
+            unique_valid.dedup();
+            prop_assert_eq!(checked.valid_entries, valid_entries);
+            prop_assert_eq!(checked.repeats, valid_entries - unique_valid.len() as u64);
+            prop_assert_eq!(checked.pages().collect::<Vec<_>>(), unique_valid);
+            for r in &checked.ranges {
+                prop_assert_eq!(Some(*r), ram.range(r.gpa(), r.len()));
+            }
+        }
     }
 
     #[test]
-    fn pfns_merge_into_sorted_unique_ranges() {
-        let m = mem();
-        let mut pfns = vec![5, 3, 4, 4, 10, 3, 11, 2];
-        let r = pfns_to_host_ranges(&m, &mut pfns);
-        assert_eq!(r.len(), 2);
-        assert_eq!((r[0].gpa, r[0].len), (2 * 4096, 4 * 4096));
-        assert_eq!((r[1].gpa, r[1].len), (10 * 4096, 2 * 4096));
+    fn pfns_outside_ram_are_rejected_and_the_rest_merged() {
+        let m = ram();
+        let hole = pfn(8 * MIB);
+        let pfns = vec![
+            5,
+            3,
+            4,
+            4,
+            10,
+            hole - 1,
+            hole,
+            hole + 7,
+            pfn(16 * MIB),
+            pfn(24 * MIB) - 1,
+            pfn(24 * MIB),
+            u32::MAX,
+        ];
+        let c = check_pfns(&m, pfns);
+        assert_eq!(c.rejected, 4, "hole, hole, past the end, u32::MAX");
+        assert_eq!((c.valid_entries, c.repeats), (8, 1));
+        let ranges: Vec<(u64, u64)> = c.ranges.iter().map(|r| (r.gpa(), r.len())).collect();
         assert_eq!(
-            r[1].host - r[0].host,
-            8 * 4096,
-            "same region, same host layout"
+            ranges,
+            [
+                (3 * 4096, 3 * 4096),
+                (10 * 4096, 4096),
+                (8 * MIB - 4096, 4096),
+                (16 * MIB, 4096),
+                (24 * MIB - 4096, 4096)
+            ]
         );
     }
 
     #[test]
-    fn ranges_never_cross_regions() {
-        // Regions that touch in guest physical space but are separate host mappings.
-        let m = GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), (MIB) as usize),
-            (GuestAddress(MIB), (MIB) as usize),
-        ])
+    fn a_run_across_the_hole_is_split_at_the_regions() {
+        // Regions that touch in guest physical space are separate slices too.
+        let m = GuestRam::new(
+            &[(GuestAddress(0), MIB), (GuestAddress(MIB), MIB)],
+            RamOptions::default(),
+        )
         .unwrap();
-        let last_of_first = (MIB / 4096 - 1) as u32;
-        let mut pfns = vec![last_of_first, last_of_first + 1];
-        let r = pfns_to_host_ranges(&m, &mut pfns);
-        assert_eq!(r.len(), 2);
-        assert!(r.iter().all(|x| x.len == 4096));
-    }
-
-    #[test]
-    fn host_range_checks_bounds_and_overflow() {
-        let m = mem();
-        assert!(host_range(&m, 0, 8 * MIB).is_some());
-        assert!(host_range(&m, 0, 8 * MIB + 4096).is_none(), "into the hole");
-        assert!(host_range(&m, 7 * MIB, 2 * MIB).is_none());
-        assert!(host_range(&m, 12 * MIB, 4096).is_none(), "in the hole");
-        assert!(host_range(&m, 24 * MIB - 4096, 4096).is_some());
-        assert!(host_range(&m, 24 * MIB, 4096).is_none(), "past the end");
-        assert!(host_range(&m, u64::MAX - 100, 4096).is_none(), "overflow");
-        assert!(host_range(&m, 0, 0).is_none(), "empty");
+        let last_of_first = pfn(MIB) - 1;
+        let c = check_pfns(&m, vec![last_of_first, last_of_first + 1]);
+        assert_eq!(c.ranges.len(), 2);
+        assert!(c.ranges.iter().all(|r| r.len() == 4096));
     }
 
     #[test]

@@ -4,10 +4,9 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ebb_balloon::discard::resident_pages;
-use ebb_balloon::pages::{host_range, HostRange};
 use ebb_balloon::protocol::*;
 use ebb_balloon::{Balloon, BalloonOptions};
+use ebb_devices::ram::{GuestRam, RamOptions};
 use ebb_devices::virtio::{
     Activation, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -15,7 +14,7 @@ use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRI
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const MIB: u64 = 1 << 20;
 /// Region A: [0, 16 MiB); hole; region B: [32 MiB, 48 MiB).
@@ -25,12 +24,35 @@ const RAM_END: u64 = 48 * MIB;
 const RAM_BYTES: u64 = 32 * MIB;
 const DATA: u64 = MIB;
 
-fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(0), HOLE_START as usize),
-        (GuestAddress(B_START), (RAM_END - B_START) as usize),
-    ])
+fn ram() -> GuestRam {
+    GuestRam::new(
+        &[
+            (GuestAddress(0), HOLE_START),
+            (GuestAddress(B_START), RAM_END - B_START),
+        ],
+        RamOptions::default(),
+    )
     .unwrap()
+}
+
+/// Host address and length of guest range `(gpa, len)`, for mincore.
+fn host_span(ram: &GuestRam, (gpa, len): (u64, u64)) -> (usize, usize) {
+    let host = ram.memory().get_host_address(GuestAddress(gpa)).unwrap();
+    (host as usize, len as usize)
+}
+
+/// Pages of a host span resident in this process.
+fn resident_span((host, len): (usize, usize)) -> usize {
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `vec` has one byte per page of the queried span, which is mapped guest RAM.
+    let rc = unsafe { libc::mincore(host as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|b| **b & 1 != 0).count()
+}
+
+/// Pages of guest range `(gpa, len)` resident in this process.
+fn resident(ram: &GuestRam, range: (u64, u64)) -> usize {
+    resident_span(host_span(ram, range))
 }
 
 #[derive(Default)]
@@ -39,7 +61,7 @@ struct Irq {
     config: AtomicU32,
     /// A host range whose resident pages each queue interrupt records, to see what the
     /// host had already done when the guest was told.
-    watch: Mutex<Option<HostRange>>,
+    watch: Mutex<Option<(usize, usize)>>,
     resident_at_queue_irq: Mutex<Vec<usize>>,
 }
 
@@ -47,8 +69,8 @@ impl VirtioInterrupt for Irq {
     fn trigger(&self, kind: InterruptKind) {
         match kind {
             InterruptKind::Queue => {
-                if let Some(r) = *self.watch.lock().unwrap() {
-                    let resident = resident_pages(r.host, r.len).unwrap();
+                if let Some(span) = *self.watch.lock().unwrap() {
+                    let resident = resident_span(span);
                     self.resident_at_queue_irq.lock().unwrap().push(resident);
                 }
                 self.queue.fetch_add(1, Ordering::SeqCst)
@@ -114,15 +136,10 @@ fn options(reporting: bool, stats: u32) -> BalloonOptions {
 }
 
 /// Activates `b` with `features` and the given (index, queue) pairs.
-fn activate(
-    b: &mut Balloon,
-    mem: &GuestMemoryMmap,
-    features: u64,
-    queues: Vec<(u16, Queue)>,
-) -> Arc<Irq> {
+fn activate(b: &mut Balloon, ram: &GuestRam, features: u64, queues: Vec<(u16, Queue)>) -> Arc<Irq> {
     let irq = Arc::new(Irq::default());
     b.activate(Activation {
-        mem: mem.clone(),
+        ram: ram.clone(),
         features,
         queues: queues
             .into_iter()
@@ -156,13 +173,14 @@ struct Setup<'a> {
     deflate: DriverQueue<'a>,
 }
 
-fn basic(mem: &GuestMemoryMmap) -> (Balloon, Setup<'_>, Arc<Irq>) {
-    let mut b = Balloon::new(options(false, 0), RAM_BYTES, RAM_END).unwrap();
+fn basic(ram: &GuestRam) -> (Balloon, Setup<'_>, Arc<Irq>) {
+    let mem = ram.memory();
+    let mut b = Balloon::new(options(false, 0), ram).unwrap();
     let inflate = DriverQueue::new(mem, 0x1000, 256);
     let deflate = DriverQueue::new(mem, 0x5000, 256);
     let irq = activate(
         &mut b,
-        mem,
+        ram,
         VIRTIO_F_VERSION_1 | F_DEFLATE_ON_OOM,
         vec![(0, inflate.queue()), (1, deflate.queue())],
     );
@@ -171,18 +189,19 @@ fn basic(mem: &GuestMemoryMmap) -> (Balloon, Setup<'_>, Arc<Irq>) {
 
 #[test]
 fn inflate_discards_for_real_and_deflate_accounts() {
-    let mem = mem();
-    let (mut b, mut q, irq) = basic(&mem);
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut q, irq) = basic(&ram);
     // 256 touched pages in region B.
     let start = B_START + 4 * MIB;
-    touch(&mem, start, 256);
-    let range = host_range(&mem, start, 256 * 4096).unwrap();
-    assert_eq!(resident_pages(range.host, range.len).unwrap(), 256);
+    touch(mem, start, 256);
+    let range = (start, 256 * 4096);
+    assert_eq!(resident(&ram, range), 256);
 
     let pfns: Vec<u32> = (0..256).map(|i| pfn(start) + i).collect();
-    let len = write_pfns(&mem, DATA, &pfns);
+    let len = write_pfns(mem, DATA, &pfns);
     q.inflate.add(&[(DATA, len, false)]);
-    *irq.watch.lock().unwrap() = Some(range);
+    *irq.watch.lock().unwrap() = Some(host_span(&ram, range));
     b.process_queue(0);
     assert_eq!(q.inflate.used_count(), 1);
     assert_eq!(irq.queue.load(Ordering::SeqCst), 1);
@@ -191,11 +210,7 @@ fn inflate_discards_for_real_and_deflate_accounts() {
         [0],
         "the pages had left the host when the guest was told"
     );
-    assert_eq!(
-        resident_pages(range.host, range.len).unwrap(),
-        0,
-        "host pages freed"
-    );
+    assert_eq!(resident(&ram, range), 0, "host pages freed");
     assert_eq!(mem.read_obj::<u8>(GuestAddress(start)).unwrap(), 0);
     let c = b.counters();
     assert_eq!(c.inflated_pages, 256);
@@ -203,23 +218,49 @@ fn inflate_discards_for_real_and_deflate_accounts() {
     assert_eq!(c.inflate_discarded_bytes, MIB);
     assert_eq!(b.held_pages(), 256);
 
-    let len = write_pfns(&mem, DATA, &pfns[..100]);
+    let len = write_pfns(mem, DATA, &pfns[..100]);
     q.deflate.add(&[(DATA, len, false)]);
     b.process_queue(1);
     assert_eq!(q.deflate.used_count(), 1);
     assert_eq!(b.counters().deflated_pages, 100);
     assert_eq!(b.held_pages(), 156);
     // Deflating pages that were never inflated is counted, not trusted.
-    let len = write_pfns(&mem, DATA, &[pfn(start) + 1, pfn(B_START)]);
+    let len = write_pfns(mem, DATA, &[pfn(start) + 1, pfn(B_START)]);
     q.deflate.add(&[(DATA, len, false)]);
     b.process_queue(1);
     assert_eq!(b.counters().unknown_deflates, 2);
 }
 
+/// The used entry is written after the inflated pages are discarded. The guest inflates
+/// the very page that holds the inflate queue's used ring: if the used entry were written
+/// first, the discard would wipe it and the used index would read 0.
+#[test]
+fn inflated_pages_are_discarded_before_the_used_entry_is_written() {
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut q, _) = basic(&ram);
+    let used_page = q.inflate.mock.used_addr().0 & !4095;
+    touch(mem, used_page, 1);
+    let len = write_pfns(mem, DATA, &[pfn(used_page)]);
+    q.inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    assert_eq!(b.counters().inflate_discarded_bytes, 4096);
+    assert_eq!(
+        q.inflate.used_count(),
+        1,
+        "the used entry survived the discard of its page"
+    );
+    assert_eq!(
+        q.inflate.mock.used().ring().ref_at(0).unwrap().load().id(),
+        0
+    );
+}
+
 #[test]
 fn first_and_last_pages_are_valid_but_hole_and_beyond_are_not() {
-    let mem = mem();
-    let (mut b, mut q, _) = basic(&mem);
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut q, _) = basic(&ram);
     let pfns = [
         0,
         pfn(HOLE_START) - 1,
@@ -230,7 +271,7 @@ fn first_and_last_pages_are_valid_but_hole_and_beyond_are_not() {
         pfn(RAM_END),     // beyond RAM
         u32::MAX,
     ];
-    let len = write_pfns(&mem, DATA, &pfns);
+    let len = write_pfns(mem, DATA, &pfns);
     q.inflate.add(&[(DATA, len, false)]);
     b.process_queue(0);
     let c = b.counters();
@@ -245,8 +286,9 @@ fn first_and_last_pages_are_valid_but_hole_and_beyond_are_not() {
 
 #[test]
 fn duplicates_and_unsorted_pfns_merge_into_few_ranges() {
-    let mem = mem();
-    let (mut b, mut q, _) = basic(&mem);
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut q, _) = basic(&ram);
     let base = pfn(B_START);
     let pfns = [
         base + 9,
@@ -258,7 +300,7 @@ fn duplicates_and_unsorted_pfns_merge_into_few_ranges() {
         base + 9,
         base + 20,
     ];
-    let len = write_pfns(&mem, DATA, &pfns);
+    let len = write_pfns(mem, DATA, &pfns);
     q.inflate.add(&[(DATA, len, false)]);
     b.process_queue(0);
     let c = b.counters();
@@ -270,32 +312,34 @@ fn duplicates_and_unsorted_pfns_merge_into_few_ranges() {
 
 #[test]
 fn an_array_spanning_both_regions_is_split() {
-    let mem = mem();
-    let (mut b, mut q, _) = basic(&mem);
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut q, _) = basic(&ram);
     let pfns = [
         pfn(HOLE_START) - 2,
         pfn(HOLE_START) - 1,
         pfn(B_START),
         pfn(B_START) + 1,
     ];
-    touch(&mem, HOLE_START - 8192, 2);
-    touch(&mem, B_START, 2);
-    let len = write_pfns(&mem, DATA, &pfns);
+    touch(mem, HOLE_START - 8192, 2);
+    touch(mem, B_START, 2);
+    let len = write_pfns(mem, DATA, &pfns);
     q.inflate.add(&[(DATA, len, false)]);
     b.process_queue(0);
     assert_eq!(b.counters().madvise_calls, 2);
     assert_eq!(b.counters().inflate_discarded_bytes, 4 * 4096);
-    let a = host_range(&mem, HOLE_START - 8192, 8192).unwrap();
-    let bb = host_range(&mem, B_START, 8192).unwrap();
-    assert_eq!(resident_pages(a.host, a.len).unwrap(), 0);
-    assert_eq!(resident_pages(bb.host, bb.len).unwrap(), 0);
+    let a = (HOLE_START - 8192, 8192);
+    let bb = (B_START, 8192);
+    assert_eq!(resident(&ram, a), 0);
+    assert_eq!(resident(&ram, bb), 0);
 }
 
 #[test]
 fn malformed_buffers_are_counted_returned_and_the_device_keeps_working() {
-    let mem = mem();
-    let (mut b, mut q, _) = basic(&mem);
-    write_pfns(&mem, DATA, &[pfn(B_START); 8]);
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut q, _) = basic(&ram);
+    write_pfns(mem, DATA, &[pfn(B_START); 8]);
     // Odd length, zero length, write-only, outside guest memory, in the hole, too long.
     q.inflate.add(&[(DATA, 7, false)]);
     q.inflate.add(&[(DATA, 0, false)]);
@@ -314,7 +358,7 @@ fn malformed_buffers_are_counted_returned_and_the_device_keeps_working() {
     assert_eq!(q.inflate.used_count(), 7, "every buffer goes back");
 
     // Still working.
-    let len = write_pfns(&mem, DATA, &[pfn(B_START)]);
+    let len = write_pfns(mem, DATA, &[pfn(B_START)]);
     q.inflate.add(&[(DATA, len, false)]);
     b.process_queue(0);
     assert_eq!(b.counters().inflated_pages, 1);
@@ -323,8 +367,8 @@ fn malformed_buffers_are_counted_returned_and_the_device_keeps_working() {
 
 #[test]
 fn a_corrupt_available_ring_stops_processing_without_looping() {
-    let mem = mem();
-    let (mut b, q, _) = basic(&mem);
+    let ram = ram();
+    let (mut b, q, _) = basic(&ram);
     // Driver claims 1000 new buffers in a 256-entry ring.
     q.inflate.mock.avail().idx().store(1000);
     b.process_queue(0);
@@ -334,8 +378,8 @@ fn a_corrupt_available_ring_stops_processing_without_looping() {
 
 #[test]
 fn target_and_actual_in_config_space() {
-    let mem = mem();
-    let (mut b, _q, irq) = basic(&mem);
+    let ram = ram();
+    let (mut b, _q, irq) = basic(&ram);
     b.set_target_pages(1000).unwrap();
     assert_eq!(irq.config.load(Ordering::SeqCst), 1);
     let mut four = [0u8; 4];
@@ -359,15 +403,16 @@ fn target_and_actual_in_config_space() {
 
 #[test]
 fn offered_features_and_queue_sizes_follow_options() {
-    let b = Balloon::new(options(true, 5), RAM_BYTES, RAM_END).unwrap();
+    let ram = ram();
+    let b = Balloon::new(options(true, 5), &ram).unwrap();
     assert_eq!(
         b.features(),
         VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_PAGE_REPORTING | F_PAGE_POISON
     );
     assert_eq!(b.queue_max_sizes(), vec![256, 256, 2, 32]);
-    let b = Balloon::new(options(true, 0), RAM_BYTES, RAM_END).unwrap();
+    let b = Balloon::new(options(true, 0), &ram).unwrap();
     assert_eq!(b.queue_max_sizes(), vec![256, 256, 32]);
-    let b = Balloon::new(options(false, 0), RAM_BYTES, RAM_END).unwrap();
+    let b = Balloon::new(options(false, 0), &ram).unwrap();
     assert_eq!(b.queue_max_sizes(), vec![256, 256]);
     assert_eq!(
         b.features() & (F_PAGE_POISON | F_PAGE_REPORTING | F_STATS_VQ),
@@ -378,8 +423,7 @@ fn offered_features_and_queue_sizes_follow_options() {
             target_pages: (RAM_BYTES / 4096 + 1) as u32,
             ..options(false, 0)
         },
-        RAM_BYTES,
-        RAM_END
+        &ram
     )
     .is_err());
 }
@@ -394,19 +438,20 @@ fn reporting_queue_index_follows_negotiated_features() {
         // Stats offered but not accepted by the driver: reporting moves down to 2.
         (5, F_PAGE_REPORTING, 2u16),
     ] {
-        let mem = mem();
-        let mut b = Balloon::new(options(true, stats), RAM_BYTES, RAM_END).unwrap();
-        let inflate = DriverQueue::new(&mem, 0x1000, 256);
-        let deflate = DriverQueue::new(&mem, 0x5000, 256);
-        let mut report = DriverQueue::new(&mem, 0x9000, 32);
+        let ram = ram();
+        let mem = ram.memory();
+        let mut b = Balloon::new(options(true, stats), &ram).unwrap();
+        let inflate = DriverQueue::new(mem, 0x1000, 256);
+        let deflate = DriverQueue::new(mem, 0x5000, 256);
+        let mut report = DriverQueue::new(mem, 0x9000, 32);
         let mut queues = vec![(0, inflate.queue()), (1, deflate.queue())];
-        let stats_q = DriverQueue::new(&mem, 0xd000, 2);
+        let stats_q = DriverQueue::new(mem, 0xd000, 2);
         if features & F_STATS_VQ != 0 {
             queues.push((2, stats_q.queue()));
         }
         queues.push((index, report.queue()));
-        activate(&mut b, &mem, VIRTIO_F_VERSION_1 | features, queues);
-        touch(&mem, B_START, 512);
+        activate(&mut b, &ram, VIRTIO_F_VERSION_1 | features, queues);
+        touch(mem, B_START, 512);
         report.add(&[(B_START, 2 * MIB as u32, true)]);
         b.process_queue(index);
         assert_eq!(
@@ -414,19 +459,20 @@ fn reporting_queue_index_follows_negotiated_features() {
             2 * MIB,
             "features {features:#x}"
         );
-        let r = host_range(&mem, B_START, 2 * MIB).unwrap();
-        assert_eq!(resident_pages(r.host, r.len).unwrap(), 0);
+        let r = (B_START, 2 * MIB);
+        assert_eq!(resident(&ram, r), 0);
     }
 }
 
-fn reporting_setup(mem: &GuestMemoryMmap) -> (Balloon, DriverQueue<'_>, Arc<Irq>) {
-    let mut b = Balloon::new(options(true, 0), RAM_BYTES, RAM_END).unwrap();
+fn reporting_setup(ram: &GuestRam) -> (Balloon, DriverQueue<'_>, Arc<Irq>) {
+    let mem = ram.memory();
+    let mut b = Balloon::new(options(true, 0), ram).unwrap();
     let inflate = DriverQueue::new(mem, 0x1000, 256);
     let deflate = DriverQueue::new(mem, 0x5000, 256);
     let report = DriverQueue::new(mem, 0x9000, 32);
     let irq = activate(
         &mut b,
-        mem,
+        ram,
         VIRTIO_F_VERSION_1 | F_PAGE_REPORTING | F_PAGE_POISON,
         vec![
             (0, inflate.queue()),
@@ -439,9 +485,10 @@ fn reporting_setup(mem: &GuestMemoryMmap) -> (Balloon, DriverQueue<'_>, Arc<Irq>
 
 #[test]
 fn multi_entry_reports_discard_every_valid_range() {
-    let mem = mem();
-    let (mut b, mut report, irq) = reporting_setup(&mem);
-    touch(&mem, B_START, 4096);
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut report, irq) = reporting_setup(&ram);
+    touch(mem, B_START, 4096);
     let ranges: Vec<(u64, u32, bool)> = (0..4)
         .map(|i| (B_START + i * 2 * MIB, 2 * MIB as u32, true))
         .collect();
@@ -454,21 +501,18 @@ fn multi_entry_reports_discard_every_valid_range() {
     assert_eq!(irq.queue.load(Ordering::SeqCst), 1);
     assert_eq!(c.report_latency.count, 1);
     assert!(c.report_latency.quantile_us(0.5).is_some());
-    let r = host_range(&mem, B_START, 8 * MIB).unwrap();
-    assert_eq!(resident_pages(r.host, r.len).unwrap(), 0);
-    let rest = host_range(&mem, B_START + 8 * MIB, 8 * MIB).unwrap();
-    assert_eq!(
-        resident_pages(rest.host, rest.len).unwrap(),
-        2048,
-        "unreported pages stay"
-    );
+    let r = (B_START, 8 * MIB);
+    assert_eq!(resident(&ram, r), 0);
+    let rest = (B_START + 8 * MIB, 8 * MIB);
+    assert_eq!(resident(&ram, rest), 2048, "unreported pages stay");
 }
 
 #[test]
 fn bad_report_entries_are_rejected_one_by_one() {
-    let mem = mem();
-    let (mut b, mut report, _) = reporting_setup(&mem);
-    touch(&mem, B_START, 16);
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut report, _) = reporting_setup(&ram);
+    touch(mem, B_START, 16);
     report.add(&[
         (B_START, 4096, true),           // good
         (RAM_END, 4096, true),           // beyond RAM
@@ -491,16 +535,17 @@ fn bad_report_entries_are_rejected_one_by_one() {
 
 #[test]
 fn oversized_reports_stop_at_capacity() {
-    let mem = mem();
-    let mut b = Balloon::new(options(true, 0), RAM_BYTES, RAM_END).unwrap();
-    let inflate = DriverQueue::new(&mem, 0x1000, 256);
-    let deflate = DriverQueue::new(&mem, 0x5000, 256);
+    let ram = ram();
+    let mem = ram.memory();
+    let mut b = Balloon::new(options(true, 0), &ram).unwrap();
+    let inflate = DriverQueue::new(mem, 0x1000, 256);
+    let deflate = DriverQueue::new(mem, 0x5000, 256);
     // A driver that sized the ring bigger than Ebb offers cannot pass activation through
     // the transport, but the device must still bound what it reads.
-    let mut report = DriverQueue::new(&mem, 0x9000, 64);
+    let mut report = DriverQueue::new(mem, 0x9000, 64);
     activate(
         &mut b,
-        &mem,
+        &ram,
         VIRTIO_F_VERSION_1 | F_PAGE_REPORTING,
         vec![
             (0, inflate.queue()),
@@ -519,16 +564,17 @@ fn oversized_reports_stop_at_capacity() {
 
 #[test]
 fn poisoned_free_pages_are_kept() {
-    let mem = mem();
-    let mut b = Balloon::new(options(true, 0), RAM_BYTES, RAM_END).unwrap();
+    let ram = ram();
+    let mem = ram.memory();
+    let mut b = Balloon::new(options(true, 0), &ram).unwrap();
     // The guest writes poison_val during probe, before DRIVER_OK.
     b.write_config(12, &0xaaaa_aaaau32.to_le_bytes());
-    let inflate = DriverQueue::new(&mem, 0x1000, 256);
-    let deflate = DriverQueue::new(&mem, 0x5000, 256);
-    let mut report = DriverQueue::new(&mem, 0x9000, 32);
+    let inflate = DriverQueue::new(mem, 0x1000, 256);
+    let deflate = DriverQueue::new(mem, 0x5000, 256);
+    let mut report = DriverQueue::new(mem, 0x9000, 32);
     activate(
         &mut b,
-        &mem,
+        &ram,
         VIRTIO_F_VERSION_1 | F_PAGE_REPORTING | F_PAGE_POISON,
         vec![
             (0, inflate.queue()),
@@ -536,33 +582,30 @@ fn poisoned_free_pages_are_kept() {
             (2, report.queue()),
         ],
     );
-    touch(&mem, B_START, 512);
+    touch(mem, B_START, 512);
     report.add(&[(B_START, 2 * MIB as u32, true)]);
     b.process_queue(2);
     let c = b.counters();
     assert_eq!((c.skipped_ranges, c.skipped_bytes), (1, 2 * MIB));
     assert_eq!(c.reported_discarded_bytes, 0);
-    let r = host_range(&mem, B_START, 2 * MIB).unwrap();
-    assert_eq!(
-        resident_pages(r.host, r.len).unwrap(),
-        512,
-        "poisoned pages stay"
-    );
+    let r = (B_START, 2 * MIB);
+    assert_eq!(resident(&ram, r), 512, "poisoned pages stay");
     assert_eq!(mem.read_obj::<u8>(GuestAddress(B_START)).unwrap(), 0x5a);
     assert_eq!(report.used_count(), 1);
 }
 
 #[test]
 fn zero_poison_from_init_on_free_still_discards() {
-    let mem = mem();
-    let mut b = Balloon::new(options(true, 0), RAM_BYTES, RAM_END).unwrap();
+    let ram = ram();
+    let mem = ram.memory();
+    let mut b = Balloon::new(options(true, 0), &ram).unwrap();
     b.write_config(12, &0u32.to_le_bytes());
-    let inflate = DriverQueue::new(&mem, 0x1000, 256);
-    let deflate = DriverQueue::new(&mem, 0x5000, 256);
-    let mut report = DriverQueue::new(&mem, 0x9000, 32);
+    let inflate = DriverQueue::new(mem, 0x1000, 256);
+    let deflate = DriverQueue::new(mem, 0x5000, 256);
+    let mut report = DriverQueue::new(mem, 0x9000, 32);
     activate(
         &mut b,
-        &mem,
+        &ram,
         VIRTIO_F_VERSION_1 | F_PAGE_REPORTING | F_PAGE_POISON,
         vec![
             (0, inflate.queue()),
@@ -570,7 +613,7 @@ fn zero_poison_from_init_on_free_still_discards() {
             (2, report.queue()),
         ],
     );
-    touch(&mem, B_START, 512);
+    touch(mem, B_START, 512);
     report.add(&[(B_START, 2 * MIB as u32, true)]);
     b.process_queue(2);
     assert_eq!(b.counters().reported_discarded_bytes, 2 * MIB);
@@ -585,11 +628,12 @@ fn stats_entry(tag: u16, value: u64) -> Vec<u8> {
 
 #[test]
 fn stats_buffer_primed_before_activation_is_read_and_held() {
-    let mem = mem();
-    let mut b = Balloon::new(options(false, 1), RAM_BYTES, RAM_END).unwrap();
-    let inflate = DriverQueue::new(&mem, 0x1000, 256);
-    let deflate = DriverQueue::new(&mem, 0x5000, 256);
-    let mut stats = DriverQueue::new(&mem, 0x9000, 2);
+    let ram = ram();
+    let mem = ram.memory();
+    let mut b = Balloon::new(options(false, 1), &ram).unwrap();
+    let inflate = DriverQueue::new(mem, 0x1000, 256);
+    let deflate = DriverQueue::new(mem, 0x5000, 256);
+    let mut stats = DriverQueue::new(mem, 0x9000, 2);
     let mut buf = Vec::new();
     for t in 0..10u16 {
         buf.extend(stats_entry(t, u64::from(t) * 100));
@@ -601,7 +645,7 @@ fn stats_buffer_primed_before_activation_is_read_and_held() {
     stats.add(&[(DATA, buf.len() as u32, false)]);
     let irq = activate(
         &mut b,
-        &mem,
+        &ram,
         VIRTIO_F_VERSION_1 | F_STATS_VQ,
         vec![
             (0, inflate.queue()),
@@ -645,9 +689,10 @@ fn stats_buffer_primed_before_activation_is_read_and_held() {
 
 #[test]
 fn stats_interval_cannot_be_enabled_when_off_at_boot() {
-    let mut b = Balloon::new(options(false, 0), RAM_BYTES, RAM_END).unwrap();
+    let ram = ram();
+    let mut b = Balloon::new(options(false, 0), &ram).unwrap();
     assert!(b.set_stats_interval(5).is_err());
-    let mut b = Balloon::new(options(false, 2), RAM_BYTES, RAM_END).unwrap();
+    let mut b = Balloon::new(options(false, 2), &ram).unwrap();
     assert!(b.set_stats_interval(5).is_ok());
     assert_eq!(b.stats_interval_s(), 5);
     assert!(b.set_stats_interval(0).is_ok());
@@ -655,11 +700,12 @@ fn stats_interval_cannot_be_enabled_when_off_at_boot() {
 
 #[test]
 fn activation_without_inflate_or_deflate_is_refused() {
-    let mem = mem();
-    let mut b = Balloon::new(options(false, 0), RAM_BYTES, RAM_END).unwrap();
-    let inflate = DriverQueue::new(&mem, 0x1000, 256);
+    let ram = ram();
+    let mem = ram.memory();
+    let mut b = Balloon::new(options(false, 0), &ram).unwrap();
+    let inflate = DriverQueue::new(mem, 0x1000, 256);
     let r = b.activate(Activation {
-        mem: mem.clone(),
+        ram: ram.clone(),
         features: VIRTIO_F_VERSION_1,
         queues: vec![ActiveQueue {
             index: 0,
@@ -672,10 +718,11 @@ fn activation_without_inflate_or_deflate_is_refused() {
 
 #[test]
 fn reset_forgets_guest_state_but_keeps_the_target() {
-    let mem = mem();
-    let (mut b, mut q, _) = basic(&mem);
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut q, _) = basic(&ram);
     b.set_target_pages(10).unwrap();
-    let len = write_pfns(&mem, DATA, &[pfn(B_START)]);
+    let len = write_pfns(mem, DATA, &[pfn(B_START)]);
     q.inflate.add(&[(DATA, len, false)]);
     b.process_queue(0);
     b.write_config(4, &1u32.to_le_bytes());

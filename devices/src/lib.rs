@@ -10,5 +10,6 @@ pub mod cmos;
 pub mod exit;
 pub mod ged;
 pub mod i8042;
+pub mod ram;
 pub mod serial;
 pub mod virtio;

@@ -35,7 +35,7 @@ use crate::console::ConsoleInput;
 use crate::cpu::{self, CpuError};
 use crate::host::{self, HostError};
 use crate::layout;
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{guest_ram, GuestRam, MemoryError};
 use crate::signals::SignalWatcher;
 use crate::vcpu::Vcpu;
 
@@ -211,7 +211,7 @@ fn add_virtio_mmio<D: VirtioDevice + 'static>(
     vm.register_irqfd(&irq, info.irq)
         .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
     let interrupt = Arc::new(MmioInterrupt::new(irq));
-    let transport = MmioTransport::new(device, ram.memory().clone(), interrupt)
+    let transport = MmioTransport::new(device, ram.clone(), interrupt)
         .map_err(io_err("creating the virtio-mmio transport"))?;
     for (index, notifier) in transport.notifiers().iter().enumerate() {
         vm.register_ioevent(
@@ -312,8 +312,7 @@ fn mmio_devices(vm: &VmFd, ram: &GuestRam, config: &VmConfig) -> Result<MmioDevi
                 free_page_reporting: balloon_cfg.free_page_reporting,
                 stats_interval_s: balloon_cfg.stats_interval_s,
             },
-            ram.size(),
-            layout::ram_end(ram.size()),
+            ram,
         )
         .map_err(|e| VmError::Config(e.to_string()))?;
         let transport = add_virtio_mmio(vm, &mut mmio_bus, ram, device, info)?;
@@ -445,7 +444,7 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     check_host_limits(&kvm, config, &supported)?;
 
-    let ram = GuestRam::new(&config.memory)?;
+    let ram = guest_ram(&config.memory)?;
     tracing::info!(
         "guest RAM: {} at host {:#x}",
         format_size(ram.size()),

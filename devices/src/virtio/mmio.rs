@@ -8,11 +8,11 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{status, Activation, ActiveQueue, MmioInterrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
+use crate::ram::GuestRam;
 
 /// "virt" in little-endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -65,7 +65,7 @@ pub struct TransportCounters {
 /// A virtio device behind virtio-mmio registers.
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,
-    mem: GuestMemoryMmap,
+    ram: GuestRam,
     interrupt: Arc<MmioInterrupt>,
     notifiers: Vec<EventFd>,
     queues: Vec<Queue>,
@@ -84,11 +84,7 @@ pub struct MmioTransport<D: VirtioDevice> {
 impl<D: VirtioDevice> MmioTransport<D> {
     /// Wraps `device`; `interrupt` is its interrupt line. Creates one notifier eventfd per
     /// queue the device may use.
-    pub fn new(
-        device: D,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<MmioInterrupt>,
-    ) -> std::io::Result<Self> {
+    pub fn new(device: D, ram: GuestRam, interrupt: Arc<MmioInterrupt>) -> std::io::Result<Self> {
         let sizes = device.queue_max_sizes();
         let mut queues = Vec::with_capacity(sizes.len());
         let mut notifiers = Vec::with_capacity(sizes.len());
@@ -98,7 +94,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         Ok(Self {
             device,
-            mem,
+            ram,
             interrupt,
             notifiers,
             bad_queue_size: vec![false; queues.len()],
@@ -322,7 +318,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             if !q.ready() {
                 continue;
             }
-            if self.bad_queue_size[index] || !q.is_valid(&self.mem) {
+            if self.bad_queue_size[index] || !q.is_valid(self.ram.memory()) {
                 tracing::warn!("virtio: queue {index} is set up outside guest RAM or badly sized");
                 self.fail_activation();
                 return;
@@ -335,7 +331,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             });
         }
         let activation = Activation {
-            mem: self.mem.clone(),
+            ram: self.ram.clone(),
             features: self.driver_features,
             queues: active,
             interrupt: self.interrupt.clone(),
@@ -446,9 +442,9 @@ mod tests {
     }
 
     fn transport(dev: Probe) -> MmioTransport<Probe> {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let ram = GuestRam::new(&[(GuestAddress(0), 0x10_0000)], Default::default()).unwrap();
         let irq = Arc::new(MmioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        MmioTransport::new(dev, mem, irq).unwrap()
+        MmioTransport::new(dev, ram, irq).unwrap()
     }
 
     fn r(t: &mut MmioTransport<Probe>, off: u64) -> u32 {

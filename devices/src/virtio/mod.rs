@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::ram::GuestRam;
 
 /// VIRTIO_F_VERSION_1: the modern (1.x) interface; required by virtio-mmio version 2.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -123,8 +124,8 @@ pub struct ActiveQueue {
 
 /// Everything a device gets when the driver sets DRIVER_OK.
 pub struct Activation {
-    /// Guest memory.
-    pub mem: GuestMemoryMmap,
+    /// Guest RAM: queues live in it, and devices give parts of it back through it.
+    pub ram: GuestRam,
     /// Features the driver accepted.
     pub features: u64,
     /// The queues the driver made ready (others are absent).

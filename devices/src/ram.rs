@@ -1,0 +1,449 @@
+//! Guest RAM: how it is backed in the host, and how parts of it go back to the host.
+//!
+//! All of guest RAM lives in one anonymous private mapping whose size equals the guest's
+//! memory, fenced by inaccessible guard pages so the host kernel never merges it with a
+//! neighbour: "the RSS of guest RAM" is one entry in `/proc/PID/smaps`. The guest's
+//! regions (below and above the 32-bit MMIO hole) are consecutive slices of it, populated
+//! lazily by the host kernel.
+//!
+//! Devices never compute host addresses themselves: they ask [`GuestRam::range`] (or
+//! [`GuestRam::split`]) for a [`RamRange`], which only exists inside one region, and give
+//! it back with [`GuestRam::discard`], which knows what frees memory of this backing.
+
+use std::io;
+
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
+};
+
+/// Smallest unit guest RAM is mapped and discarded in.
+pub const HOST_PAGE_SIZE: u64 = 4096;
+/// Transparent huge page size on x86_64.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// How guest RAM is set up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RamOptions {
+    /// `Some(true)` asks for transparent huge pages (`MADV_HUGEPAGE`), `Some(false)`
+    /// refuses them, `None` leaves the host's policy.
+    pub thp: Option<bool>,
+}
+
+/// Errors creating guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    /// The host refused to reserve address space.
+    #[error("cannot reserve {bytes} bytes of host address space for guest RAM: {source}")]
+    Reserve {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The mmap error.
+        source: io::Error,
+    },
+    /// The regions do not describe a usable guest physical layout.
+    #[error("cannot describe guest RAM: {0}")]
+    Layout(String),
+}
+
+/// A slice of guest RAM inside one region, page aligned: the only thing
+/// [`GuestRam::discard`] accepts. Built only by [`GuestRam`], so its host address is
+/// known to be inside guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRange {
+    gpa: u64,
+    len: u64,
+    host: usize,
+}
+
+impl RamRange {
+    /// Guest physical start.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Never true: empty ranges are not built.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Guest physical end (exclusive).
+    pub fn end(&self) -> u64 {
+        self.gpa + self.len
+    }
+}
+
+/// What [`GuestRam::split`] found in a guest physical range.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// The parts inside guest RAM, one per region touched, in address order.
+    pub inside: Vec<RamRange>,
+    /// Bytes of the range outside guest RAM (in the MMIO hole or past the end).
+    pub outside_bytes: u64,
+}
+
+/// Guest RAM. Cloning is cheap and shares the same memory.
+#[derive(Debug, Clone)]
+pub struct GuestRam {
+    memory: GuestMemoryMmap,
+    host_start: usize,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Reserves and maps guest RAM for `regions` (guest physical start, length), in
+    /// ascending order and page aligned. Nothing is touched: pages appear on first access
+    /// by the guest (or by the loader).
+    pub fn new(regions: &[(GuestAddress, u64)], options: RamOptions) -> Result<Self, RamError> {
+        let size = regions
+            .iter()
+            .try_fold(0u64, |sum, &(_, len)| sum.checked_add(len))
+            .ok_or_else(|| RamError::Layout("regions overflow".into()))?;
+        if regions
+            .iter()
+            .any(|&(gpa, len)| len == 0 || gpa.0 % HOST_PAGE_SIZE != 0 || len % HOST_PAGE_SIZE != 0)
+        {
+            return Err(RamError::Layout(
+                "every region must be non-empty and page aligned".into(),
+            ));
+        }
+        let reserve_err = |source| RamError::Reserve {
+            bytes: size,
+            source,
+        };
+        let enomem = || io::Error::from_raw_os_error(libc::ENOMEM);
+        let size_usize = usize::try_from(size).map_err(|_| reserve_err(enomem()))?;
+        let guard = HOST_PAGE_SIZE as usize;
+        // Room to start RAM on a 2 MiB boundary, so guest huge pages line up with host
+        // transparent huge pages and a 2 MiB report frees a whole host huge page.
+        let total = size_usize
+            .checked_add(2 * guard + HUGE_PAGE)
+            .ok_or_else(|| reserve_err(enomem()))?;
+
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; no
+        // existing memory is affected. The result is checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(reserve_err(io::Error::last_os_error()));
+        }
+        let ram = (base as usize + guard).next_multiple_of(HUGE_PAGE) as *mut libc::c_void;
+        // SAFETY: `ram..ram+size` lies inside the reservation just made, which nothing else
+        // uses. MAP_NORESERVE keeps the host from committing swap for untouched memory.
+        let ret = unsafe { libc::mprotect(ram, size_usize, libc::PROT_READ | libc::PROT_WRITE) };
+        if ret != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: unmapping exactly the reservation made above.
+            unsafe { libc::munmap(base, total) };
+            return Err(reserve_err(e));
+        }
+        if let Some(huge) = options.thp {
+            let advice = if huge {
+                libc::MADV_HUGEPAGE
+            } else {
+                libc::MADV_NOHUGEPAGE
+            };
+            // SAFETY: advising on our own RAM mapping; it changes no contents.
+            if unsafe { libc::madvise(ram, size_usize, advice) } != 0 {
+                tracing::warn!(
+                    "transparent huge page advice on guest RAM failed: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+
+        let mut mapped = Vec::with_capacity(regions.len());
+        let mut offset = 0usize;
+        for &(gpa, len) in regions {
+            let len = len as usize;
+            // SAFETY: the slice [ram+offset, ram+offset+len) is inside the RW mapping above,
+            // which stays mapped for the life of the process (it is never unmapped: guest
+            // RAM lives as long as the VMM).
+            let region = unsafe {
+                MmapRegion::build_raw(
+                    (ram as usize + offset) as *mut u8,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                )
+            }
+            .map_err(|e| RamError::Layout(e.to_string()))?;
+            let region = GuestRegionMmap::new(region, gpa)
+                .ok_or_else(|| RamError::Layout(format!("region at {:#x} overflows", gpa.0)))?;
+            mapped.push(region);
+            offset += len;
+        }
+        let memory =
+            GuestMemoryMmap::from_regions(mapped).map_err(|e| RamError::Layout(e.to_string()))?;
+        Ok(Self {
+            memory,
+            host_start: ram as usize,
+            size,
+        })
+    }
+
+    /// The vm-memory view of guest RAM (for queues and loaders).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Host virtual address of the first byte of guest RAM (its smaps entry starts here).
+    pub fn host_start(&self) -> usize {
+        self.host_start
+    }
+
+    /// Bytes of guest RAM.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Each region as (guest physical start, length, host address), for KVM memory slots.
+    pub fn slots(&self) -> Vec<(GuestAddress, u64, u64)> {
+        self.memory
+            .iter()
+            .map(|r| {
+                let host = r.as_ptr() as u64;
+                (r.start_addr(), r.len(), host)
+            })
+            .collect()
+    }
+
+    /// The RAM range `[gpa, gpa + len)` if it is non-empty, page aligned and lies entirely
+    /// in one region.
+    pub fn range(&self, gpa: u64, len: u64) -> Option<RamRange> {
+        if len == 0 || gpa % HOST_PAGE_SIZE != 0 || len % HOST_PAGE_SIZE != 0 {
+            return None;
+        }
+        let end = gpa.checked_add(len)?;
+        let region = self.memory.find_region(GuestAddress(gpa))?;
+        let start = region.start_addr().0;
+        if end > start + region.len() {
+            return None;
+        }
+        Some(RamRange {
+            gpa,
+            len,
+            host: region.as_ptr() as usize + (gpa - start) as usize,
+        })
+    }
+
+    /// Splits the page-aligned range `[gpa, gpa + len)` at region boundaries: the parts
+    /// in guest RAM, and how many bytes are outside it.
+    pub fn split(&self, gpa: u64, len: u64) -> Split {
+        let mut split = Split::default();
+        let Some(end) = gpa.checked_add(len) else {
+            split.outside_bytes = len;
+            return split;
+        };
+        if gpa % HOST_PAGE_SIZE != 0 || len % HOST_PAGE_SIZE != 0 {
+            split.outside_bytes = len;
+            return split;
+        }
+        let mut inside = 0;
+        for region in self.memory.iter() {
+            let r_start = region.start_addr().0;
+            let r_end = r_start + region.len();
+            let (s, e) = (gpa.max(r_start), end.min(r_end));
+            if s < e {
+                split.inside.push(RamRange {
+                    gpa: s,
+                    len: e - s,
+                    host: region.as_ptr() as usize + (s - r_start) as usize,
+                });
+                inside += e - s;
+            }
+        }
+        split.outside_bytes = len - inside;
+        split
+    }
+
+    /// Gives the memory behind `range` back to the host; the guest reads zeros there
+    /// afterwards. Guest RAM is private anonymous memory, so `MADV_DONTNEED` frees the
+    /// pages at once.
+    pub fn discard(&self, range: RamRange) -> io::Result<()> {
+        // SAFETY: a `RamRange` is only built by this type, inside one region of this
+        // mapping (which is never unmapped); the caller gave these pages up, so zeroing
+        // them is the intent.
+        let rc = unsafe {
+            libc::madvise(
+                range.host as *mut libc::c_void,
+                range.len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    const MIB: u64 = 1 << 20;
+
+    /// Pages of `range` resident in this process.
+    fn resident_pages(ram: &GuestRam, range: RamRange) -> usize {
+        let pages = (range.len / HOST_PAGE_SIZE) as usize;
+        let mut vec = vec![0u8; pages];
+        let host = ram
+            .memory()
+            .get_host_address(GuestAddress(range.gpa))
+            .unwrap();
+        // SAFETY: `vec` has one byte per page of the queried range, which is mapped.
+        let rc = unsafe {
+            libc::mincore(
+                host as *mut libc::c_void,
+                range.len as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        vec.iter().filter(|b| **b & 1 != 0).count()
+    }
+
+    fn smaps_entry_size_kib(start: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut in_entry = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((s, _)) = range.split_once('-') {
+                    if let Ok(s) = usize::from_str_radix(s, 16) {
+                        in_entry = s == start;
+                        continue;
+                    }
+                }
+            }
+            if in_entry {
+                if let Some(v) = line.strip_prefix("Size:") {
+                    return v.trim().trim_end_matches(" kB").parse().ok();
+                }
+            }
+        }
+        None
+    }
+
+    /// Two regions with a hole between them, like guest RAM around the MMIO hole.
+    fn ram() -> GuestRam {
+        GuestRam::new(
+            &[
+                (GuestAddress(0), 8 * MIB),
+                (GuestAddress(16 * MIB), 8 * MIB),
+            ],
+            RamOptions::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn ram_is_one_mapping_and_regions_are_consecutive_slices() {
+        let ram = ram();
+        assert_eq!(smaps_entry_size_kib(ram.host_start()), Some(16 * 1024));
+        assert_eq!(ram.host_start() % (2 << 20), 0, "2 MiB aligned for THP");
+        let slots = ram.slots();
+        assert_eq!(slots.len(), 2);
+        assert_eq!(
+            slots[0],
+            (GuestAddress(0), 8 * MIB, ram.host_start() as u64)
+        );
+        assert_eq!(
+            slots[1],
+            (
+                GuestAddress(16 * MIB),
+                8 * MIB,
+                ram.host_start() as u64 + 8 * MIB
+            )
+        );
+        assert_eq!(ram.size(), 16 * MIB);
+        assert!(ram.memory().read_obj::<u8>(GuestAddress(12 * MIB)).is_err());
+    }
+
+    #[test]
+    fn thp_advice_keeps_one_mapping() {
+        for thp in [Some(true), Some(false)] {
+            let ram = GuestRam::new(&[(GuestAddress(0), 64 * MIB)], RamOptions { thp }).unwrap();
+            assert_eq!(smaps_entry_size_kib(ram.host_start()), Some(64 * 1024));
+        }
+    }
+
+    #[test]
+    fn impossible_layouts_fail_cleanly() {
+        let err = GuestRam::new(&[(GuestAddress(0), 1 << 62)], RamOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("cannot reserve"), "{err}");
+        let err = GuestRam::new(&[(GuestAddress(0), 4097)], RamOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("page aligned"), "{err}");
+    }
+
+    #[test]
+    fn range_checks_alignment_bounds_and_overflow() {
+        let m = ram();
+        assert!(m.range(0, 8 * MIB).is_some());
+        assert!(m.range(0, 8 * MIB + 4096).is_none(), "into the hole");
+        assert!(m.range(7 * MIB, 2 * MIB).is_none());
+        assert!(m.range(12 * MIB, 4096).is_none(), "in the hole");
+        assert!(m.range(24 * MIB - 4096, 4096).is_some());
+        assert!(m.range(24 * MIB, 4096).is_none(), "past the end");
+        assert!(m.range(u64::MAX - 4095, 4096).is_none(), "overflow");
+        assert!(m.range(0, 0).is_none(), "empty");
+        assert!(m.range(100, 4096).is_none(), "unaligned start");
+        assert!(m.range(0, 100).is_none(), "unaligned length");
+    }
+
+    #[test]
+    fn split_cuts_at_regions_and_counts_the_rest() {
+        let m = ram();
+        let s = m.split(6 * MIB, 12 * MIB); // 6..18 MiB: 2 in A, 8 of hole, 2 in B
+        assert_eq!(s.inside.len(), 2);
+        assert_eq!((s.inside[0].gpa(), s.inside[0].len()), (6 * MIB, 2 * MIB));
+        assert_eq!((s.inside[1].gpa(), s.inside[1].len()), (16 * MIB, 2 * MIB));
+        assert_eq!(s.outside_bytes, 8 * MIB);
+        assert_eq!(s.inside[1].host - s.inside[0].host, 2 * MIB as usize);
+        let s = m.split(23 * MIB, 4 * MIB);
+        assert_eq!(s.inside.len(), 1);
+        assert_eq!(s.outside_bytes, 3 * MIB);
+        let s = m.split(u64::MAX - 4095, 8192);
+        assert!(s.inside.is_empty());
+        assert_eq!(s.outside_bytes, 8192);
+    }
+
+    #[test]
+    fn discarded_pages_leave_the_host_and_read_as_zero() {
+        let m = ram();
+        for page in 0..1024u64 {
+            m.memory()
+                .write_obj(0xa5u8, GuestAddress(16 * MIB + page * 4096))
+                .unwrap();
+        }
+        let all = m.range(16 * MIB, 4 * MIB).unwrap();
+        assert_eq!(resident_pages(&m, all), 1024);
+        m.discard(m.range(16 * MIB, 2 * MIB).unwrap()).unwrap();
+        assert_eq!(resident_pages(&m, all), 512);
+        assert_eq!(
+            m.memory()
+                .read_obj::<u8>(GuestAddress(16 * MIB + 4096))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            m.memory().read_obj::<u8>(GuestAddress(19 * MIB)).unwrap(),
+            0xa5
+        );
+    }
+}
