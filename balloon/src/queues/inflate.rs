@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::{discard, drain, Chain};
 use crate::counters::{BalloonCounters, DiscardReason};
-use crate::pages::{check_pfns, PageSet};
+use crate::pages::{check_pfns, CheckedPfns, PageSet};
 
 /// Descriptors Ebb reads from one inflate or deflate chain (Linux sends one).
 pub const MAX_PFN_CHAIN_DESCRIPTORS: usize = 16;
@@ -22,12 +22,7 @@ pub fn inflate(
     balloon: &mut PageSet,
     counters: &mut BalloonCounters,
 ) -> bool {
-    drain(queue, ram.memory(), counters, |chain, counters| {
-        let Some(pfns) = read_pfns(chain, ram.memory(), counters) else {
-            return;
-        };
-        let checked = check_pfns(ram, pfns);
-        counters.rejected_pfns += checked.rejected;
+    drain_pfn_buffers(ram, queue, counters, |checked, counters| {
         counters.inflated_pages += checked.valid_entries;
         counters.repeated_inflates += checked.repeats;
         for pfn in checked.pages() {
@@ -49,18 +44,30 @@ pub fn deflate(
     balloon: &mut PageSet,
     counters: &mut BalloonCounters,
 ) -> bool {
-    drain(queue, ram.memory(), counters, |chain, counters| {
-        let Some(pfns) = read_pfns(chain, ram.memory(), counters) else {
-            return;
-        };
-        let checked = check_pfns(ram, pfns);
-        counters.rejected_pfns += checked.rejected;
+    drain_pfn_buffers(ram, queue, counters, |checked, counters| {
         counters.deflated_pages += checked.valid_entries;
         counters.unknown_deflates += checked.repeats;
         for pfn in checked.pages() {
             if !balloon.remove(pfn) {
                 counters.unknown_deflates += 1;
             }
+        }
+    })
+}
+
+/// Drains PFN buffers: each one read and checked against guest RAM (rejects counted),
+/// then handed to `handle` before it goes back.
+fn drain_pfn_buffers(
+    ram: &GuestRam,
+    queue: &mut Queue,
+    counters: &mut BalloonCounters,
+    mut handle: impl FnMut(CheckedPfns, &mut BalloonCounters),
+) -> bool {
+    drain(queue, ram.memory(), counters, |chain, counters| {
+        if let Some(pfns) = read_pfns(chain, ram.memory(), counters) {
+            let checked = check_pfns(ram, pfns);
+            counters.rejected_pfns += checked.rejected;
+            handle(checked, counters);
         }
     })
 }
