@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use ebb_devices::ram::GuestRam;
 use ebb_devices::virtio::{
-    Activation, ActivationError, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    Activation, ActivationError, InterruptKind, QueueWork, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 use virtio_queue::Queue;
 use vmm_sys_util::timerfd::TimerFd;
@@ -19,9 +20,9 @@ use crate::protocol::{
     self, config, max_queue_size, queue_roles, QueueRole, BALLOON_PAGE_SIZE, F_DEFLATE_ON_OOM,
     F_PAGE_POISON, F_PAGE_REPORTING, F_STATS_VQ,
 };
-use crate::queues::reporting::ReportedPages;
+use crate::queues::reporting::{ReportedPages, ReportingQueue};
 use crate::queues::statistics::StatsQueue;
-use crate::queues::{self, inflate, notify, reporting};
+use crate::queues::{self, inflate, notify};
 use crate::stats::GuestStats;
 
 /// Event id of the statistics timer.
@@ -72,7 +73,7 @@ struct Active {
     inflate: Queue,
     deflate: Queue,
     statistics: Option<StatsQueue>,
-    reporting: Option<Queue>,
+    reporting: Option<ReportingQueue>,
 }
 
 impl Active {
@@ -124,7 +125,7 @@ impl Active {
             inflate,
             deflate,
             statistics: statistics.map(StatsQueue::new),
-            reporting,
+            reporting: reporting.map(ReportingQueue::new),
         })
     }
 
@@ -321,55 +322,56 @@ impl Balloon {
         ReportedPages::Keep
     }
 
-    /// Does the work of the queue with `role`: pop each chain, validate, discard, give it
-    /// back; then interrupt the guest once.
-    fn process_role(&mut self, role: QueueRole) {
+    /// Does the work of the queue with `role` within its budget: pop each chain,
+    /// validate, discard, give it back; then interrupt the guest once.
+    fn process_role(&mut self, role: QueueRole) -> QueueWork {
         let Some(negotiated) = self.active.as_ref().map(|a| a.negotiated) else {
-            return;
+            return QueueWork::Done;
         };
         let reported = match role {
             QueueRole::Reporting => self.reported_pages(negotiated),
             _ => ReportedPages::Discard,
         };
         let Some(active) = self.active.as_mut() else {
-            return;
+            return QueueWork::Done;
         };
         let counters = &mut self.counters;
         let (ram, interrupt) = (&active.ram, active.interrupt.as_ref());
         let noticed = Instant::now();
-        let (queue, gave_back) = match role {
+        let (queue, pass) = match role {
             QueueRole::Inflate => {
                 let q = &mut active.inflate;
-                let done = inflate::inflate(ram, q, &mut self.held, counters);
-                (q, done)
+                let pass = inflate::inflate(ram, q, &mut self.held, counters);
+                (q, pass)
             }
             QueueRole::Deflate => {
                 let q = &mut active.deflate;
-                let done = inflate::deflate(ram, q, &mut self.held, counters);
-                (q, done)
+                let pass = inflate::deflate(ram, q, &mut self.held, counters);
+                (q, pass)
             }
             QueueRole::Stats => {
                 let Some(s) = active.statistics.as_mut() else {
-                    return;
+                    return QueueWork::Done;
                 };
-                let done = s.take_reports(ram.memory(), &mut self.stats, counters);
-                (s.queue_mut(), done)
+                let pass = s.take_reports(ram.memory(), &mut self.stats, counters);
+                (s.queue_mut(), pass)
             }
             QueueRole::Reporting => {
-                let Some(q) = active.reporting.as_mut() else {
-                    return;
+                let Some(r) = active.reporting.as_mut() else {
+                    return QueueWork::Done;
                 };
-                let done = reporting::process(ram, q, reported, counters);
-                if done {
+                let pass = r.process(ram, reported, counters);
+                if pass.gave_back {
                     counters.report_latency.record(noticed.elapsed());
                 }
-                (q, done)
+                (r.queue_mut(), pass)
             }
-            QueueRole::FreePageHint => return,
+            QueueRole::FreePageHint => return QueueWork::Done,
         };
-        if gave_back {
+        if pass.gave_back {
             notify(queue, ram.memory(), interrupt);
         }
+        pass.work
     }
 
     /// Hands the held statistics buffer back so the guest refills it.
@@ -439,16 +441,8 @@ impl VirtioDevice for Balloon {
         if let Err(e) = self.arm_stats_timer() {
             tracing::warn!("balloon: {e}");
         }
-        // Buffers queued before DRIVER_OK (Linux primes the statistics queue during probe)
-        // were kicked while the device was inactive: pick them up now.
-        for role in [
-            QueueRole::Inflate,
-            QueueRole::Deflate,
-            QueueRole::Stats,
-            QueueRole::Reporting,
-        ] {
-            self.process_role(role);
-        }
+        // Buffers queued before DRIVER_OK wait for the transport's kick: this runs on the
+        // vCPU thread that wrote DRIVER_OK, where device work does not belong.
         Ok(())
     }
 
@@ -460,9 +454,10 @@ impl VirtioDevice for Balloon {
         let _ = self.stats_timer.clear();
     }
 
-    fn process_queue(&mut self, index: u16) {
-        if let Some(role) = self.active.as_ref().and_then(|a| a.role_of(index)) {
-            self.process_role(role);
+    fn process_queue(&mut self, index: u16) -> QueueWork {
+        match self.active.as_ref().and_then(|a| a.role_of(index)) {
+            Some(role) => self.process_role(role),
+            None => QueueWork::Done,
         }
     }
 

@@ -8,7 +8,8 @@ use ebb_balloon::protocol::*;
 use ebb_balloon::{Balloon, BalloonOptions};
 use ebb_devices::ram::{GuestRam, RamOptions};
 use ebb_devices::virtio::{
-    Activation, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    Activation, ActiveQueue, InterruptKind, QueueWork, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -653,7 +654,11 @@ fn stats_buffer_primed_before_activation_is_read_and_held() {
             (2, stats.queue()),
         ],
     );
-    let s = b.stats().expect("stats read at activation").clone();
+    // Activation runs on the vCPU thread: it reads nothing; the transport's kick after
+    // DRIVER_OK brings the event loop here.
+    assert!(b.stats().is_none(), "no device work inside activation");
+    assert_eq!(b.process_queue(2), QueueWork::Done);
+    let s = b.stats().expect("stats read on the first pass").clone();
     assert_eq!(s.free_memory, Some(400));
     assert_eq!(s.total_memory, Some(500));
     assert_eq!(s.hugetlb_failures, Some(900));
@@ -734,4 +739,104 @@ fn reset_forgets_guest_state_but_keeps_the_target() {
     q.inflate.add(&[(DATA, len, false)]);
     b.process_queue(0);
     assert_eq!(b.counters().inflated_pages, 1);
+}
+
+/// A guest keeps the inflate ring full of entries naming one chain of 16 descriptors, each
+/// a 4 KiB array of 1024 scattered page numbers. Each pass stops at the budget and says so;
+/// the pages are discarded once, however often they are named.
+#[test]
+fn an_inflate_flood_is_worked_off_in_bounded_passes_and_discarded_once() {
+    use ebb_balloon::queues::inflate::PFN_BUDGET;
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, q, _) = basic(&ram);
+    // Every other page of region B's first 8 MiB: 1024 PFNs, none adjacent.
+    let pfns: Vec<u32> = (0..1024).map(|i| pfn(B_START) + 2 * i).collect();
+    write_pfns(mem, DATA, &pfns);
+    for i in 0..16u16 {
+        let flags = if i < 15 { VRING_DESC_F_NEXT as u16 } else { 0 };
+        let desc = Descriptor::new(DATA, 4096, flags, i + 1);
+        q.inflate
+            .mock
+            .desc_table()
+            .store(i, RawDescriptor::from(desc))
+            .unwrap();
+    }
+    // 128 entries: the mock lays the used ring over the avail ring's second half.
+    let entries = 128;
+    for slot in 0..entries {
+        q.inflate.mock.avail().ring().ref_at(slot).unwrap().store(0);
+    }
+    q.inflate.mock.avail().idx().store(entries as u16);
+
+    let per_chain = 16 * 1024;
+    let mut passes = 0;
+    let mut used_before = 0;
+    loop {
+        let work = b.process_queue(0);
+        passes += 1;
+        let used = q.inflate.used_count();
+        let chains = u64::from(used - used_before);
+        assert!(
+            chains * per_chain <= PFN_BUDGET + per_chain,
+            "pass {passes} read {chains} chains of {per_chain} PFNs"
+        );
+        used_before = used;
+        if work == QueueWork::Done {
+            break;
+        }
+        assert!(passes < 1000, "the flood never ends");
+    }
+    assert_eq!(
+        q.inflate.used_count(),
+        entries as u16,
+        "every entry went back"
+    );
+    assert!(
+        passes >= entries / 2,
+        "{passes} passes for {entries} maximal chains"
+    );
+    let c = b.counters();
+    assert_eq!(c.rejected_descriptors, 0);
+    assert_eq!(c.inflated_pages, entries as u64 * per_chain);
+    assert_eq!(c.madvise_calls, 1024, "each page discarded once");
+    assert_eq!(c.inflate_discarded_bytes, 1024 * 4096);
+    assert_eq!(b.held_pages(), 1024);
+}
+
+/// A report naming far more memory than one wake-up may discard is finished over several
+/// passes, and goes back only when all of it is discarded.
+#[test]
+fn a_huge_report_is_discarded_over_several_passes() {
+    use ebb_balloon::queues::reporting::REPORT_BUDGET_BYTES;
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut report, irq) = reporting_setup(&ram);
+    let region_b = RAM_END - B_START;
+    touch(mem, B_START, region_b / 4096);
+    // 32 entries naming all of region B each.
+    let entries: Vec<(u64, u32, bool)> =
+        (0..32).map(|_| (B_START, region_b as u32, true)).collect();
+    report.add(&entries);
+    let total = 32 * region_b;
+    let expected_passes = total.div_ceil(REPORT_BUDGET_BYTES);
+    assert_eq!(b.process_queue(2), QueueWork::Yielded);
+    assert_eq!(
+        report.used_count(),
+        0,
+        "not back before it is all discarded"
+    );
+    let mut passes = 1;
+    while b.process_queue(2) == QueueWork::Yielded {
+        passes += 1;
+        assert!(passes < 100);
+    }
+    passes += 1;
+    // The pass that spends the last of the budget yields even if nothing is left.
+    assert!(passes <= expected_passes + 1, "{passes} passes");
+    assert_eq!(report.used_count(), 1);
+    assert_eq!(irq.queue.load(Ordering::SeqCst), 1);
+    let c = b.counters();
+    assert_eq!(c.reported_discarded_bytes, total);
+    assert_eq!(resident(&ram, (B_START, region_b)), 0);
 }

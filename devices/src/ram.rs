@@ -76,6 +76,20 @@ impl RamRange {
     pub fn end(&self) -> u64 {
         self.gpa + self.len
     }
+
+    /// The part `[gpa + offset, gpa + offset + len)`, if it is non-empty, page aligned
+    /// and inside this range.
+    pub fn slice(&self, offset: u64, len: u64) -> Option<RamRange> {
+        let end = offset.checked_add(len)?;
+        if len == 0 || offset % HOST_PAGE_SIZE != 0 || len % HOST_PAGE_SIZE != 0 || end > self.len {
+            return None;
+        }
+        Some(RamRange {
+            gpa: self.gpa + offset,
+            len,
+            host: self.host + offset as usize,
+        })
+    }
 }
 
 /// What [`GuestRam::split`] found in a guest physical range.
@@ -404,6 +418,19 @@ mod tests {
         assert!(m.range(0, 0).is_none(), "empty");
         assert!(m.range(100, 4096).is_none(), "unaligned start");
         assert!(m.range(0, 100).is_none(), "unaligned length");
+    }
+
+    #[test]
+    fn slices_stay_inside_their_range() {
+        let m = ram();
+        let r = m.range(16 * MIB, 2 * MIB).unwrap();
+        let s = r.slice(MIB, MIB).unwrap();
+        assert_eq!((s.gpa(), s.len()), (17 * MIB, MIB));
+        assert_eq!(s.host - r.host, MIB as usize);
+        assert!(r.slice(MIB, MIB + 4096).is_none(), "past the end");
+        assert!(r.slice(0, 0).is_none(), "empty");
+        assert!(r.slice(100, 4096).is_none(), "unaligned");
+        assert!(r.slice(u64::MAX - 4095, 4096).is_none(), "overflow");
     }
 
     #[test]

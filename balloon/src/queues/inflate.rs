@@ -1,49 +1,80 @@
 //! The inflate and deflate queues: arrays of 4 KiB page numbers the guest gives to the
 //! host or takes back.
 
-use ebb_devices::ram::GuestRam;
+use ebb_devices::ram::{GuestRam, RamRange};
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{discard, drain, Chain};
+use super::{discard, drain, Budget, Chain, Pass};
 use crate::counters::{BalloonCounters, DiscardReason};
 use crate::pages::{check_pfns, CheckedPfns, PageSet};
+use crate::protocol::PFN_SHIFT;
 
 /// Descriptors Ebb reads from one inflate or deflate chain (Linux sends one).
 pub const MAX_PFN_CHAIN_DESCRIPTORS: usize = 16;
 /// Largest PFN array Ebb reads from one descriptor (Linux sends at most 256 PFNs).
 pub const MAX_PFN_BYTES: u32 = 4096;
 
-/// Takes every inflate buffer: its valid pages join the balloon and are discarded before
-/// the buffer goes back. True when a buffer went back.
+/// Page numbers one wake-up reads from the inflate or deflate queue before it yields:
+/// 64 of Linux's 256-page buffers, or one of the largest chains Ebb accepts.
+pub const PFN_BUDGET: u64 = (MAX_PFN_CHAIN_DESCRIPTORS as u64) * (MAX_PFN_BYTES as u64) / 4;
+
+/// Takes inflate buffers: their valid pages join the balloon, and pages new to it are
+/// discarded before the buffer goes back. A page already in the balloon is not discarded
+/// again (a guest naming the same pages over and over costs one discard).
 pub fn inflate(
     ram: &GuestRam,
     queue: &mut Queue,
     balloon: &mut PageSet,
     counters: &mut BalloonCounters,
-) -> bool {
+) -> Pass {
     drain_pfn_buffers(ram, queue, counters, |checked, counters| {
         counters.inflated_pages += checked.valid_entries;
         counters.repeated_inflates += checked.repeats;
-        for pfn in checked.pages() {
-            if !balloon.insert(pfn) {
-                counters.repeated_inflates += 1;
+        for range in &checked.ranges {
+            for new in new_runs(range, balloon, counters) {
+                discard(ram, new, DiscardReason::Inflate, counters);
             }
-        }
-        for range in checked.ranges {
-            discard(ram, range, DiscardReason::Inflate, counters);
         }
     })
 }
 
-/// Takes every deflate buffer: its valid pages leave the balloon (the guest may use them
-/// again; they come back as zero pages on first touch). True when a buffer went back.
+/// The parts of `range` whose pages were not in the balloon, now added to it.
+fn new_runs(
+    range: &RamRange,
+    balloon: &mut PageSet,
+    counters: &mut BalloonCounters,
+) -> Vec<RamRange> {
+    let first = range.gpa() >> PFN_SHIFT;
+    let pages = range.len() >> PFN_SHIFT;
+    let mut runs = Vec::new();
+    let mut run_start = None;
+    for i in 0..=pages {
+        // RAM ranges come from 32-bit page numbers.
+        let added = i < pages && balloon.insert((first + i) as u32);
+        if i < pages && !added {
+            counters.repeated_inflates += 1;
+        }
+        match (added, run_start) {
+            (true, None) => run_start = Some(i),
+            (false, Some(start)) => {
+                runs.extend(range.slice(start << PFN_SHIFT, (i - start) << PFN_SHIFT));
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    runs
+}
+
+/// Takes deflate buffers: their valid pages leave the balloon (the guest may use them
+/// again; they come back as zero pages on first touch).
 pub fn deflate(
     ram: &GuestRam,
     queue: &mut Queue,
     balloon: &mut PageSet,
     counters: &mut BalloonCounters,
-) -> bool {
+) -> Pass {
     drain_pfn_buffers(ram, queue, counters, |checked, counters| {
         counters.deflated_pages += checked.valid_entries;
         counters.unknown_deflates += checked.repeats;
@@ -55,21 +86,31 @@ pub fn deflate(
     })
 }
 
-/// Drains PFN buffers: each one read and checked against guest RAM (rejects counted),
-/// then handed to `handle` before it goes back.
+/// Drains PFN buffers within [`PFN_BUDGET`]: each one read and checked against guest RAM
+/// (rejects counted), then handed to `handle` before it goes back.
 fn drain_pfn_buffers(
     ram: &GuestRam,
     queue: &mut Queue,
     counters: &mut BalloonCounters,
     mut handle: impl FnMut(CheckedPfns, &mut BalloonCounters),
-) -> bool {
-    drain(queue, ram.memory(), counters, |chain, counters| {
-        if let Some(pfns) = read_pfns(chain, ram.memory(), counters) {
-            let checked = check_pfns(ram, pfns);
-            counters.rejected_pfns += checked.rejected;
-            handle(checked, counters);
-        }
-    })
+) -> Pass {
+    let budget = Budget::new(PFN_BUDGET);
+    drain(
+        queue,
+        ram.memory(),
+        counters,
+        budget,
+        |chain, counters, budget| {
+            // An empty or malformed chain still costs a unit: a ring of them must yield too.
+            budget.spend(1);
+            if let Some(pfns) = read_pfns(chain, ram.memory(), counters) {
+                budget.spend(pfns.len() as u64);
+                let checked = check_pfns(ram, pfns);
+                counters.rejected_pfns += checked.rejected;
+                handle(checked, counters);
+            }
+        },
+    )
 }
 
 /// Reads the PFN array of an inflate or deflate chain; `None` (counted) when the chain is

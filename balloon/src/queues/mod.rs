@@ -10,7 +10,7 @@ pub mod reporting;
 pub mod statistics;
 
 use ebb_devices::ram::{GuestRam, RamRange};
-use ebb_devices::virtio::{InterruptKind, VirtioInterrupt};
+use ebb_devices::virtio::{InterruptKind, QueueWork, VirtioInterrupt};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -51,21 +51,69 @@ pub fn give_back(
     ok
 }
 
-/// Handles every available chain with `handle`, each given back once handled. True when
-/// at least one went back.
+/// How much work one wake-up may do on one queue before it yields to the event loop, in
+/// units each queue kind defines (page numbers read, bytes discarded, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    left: u64,
+}
+
+impl Budget {
+    /// A budget of `units`.
+    pub fn new(units: u64) -> Self {
+        Self { left: units }
+    }
+
+    /// Takes `units` off what is left.
+    pub fn spend(&mut self, units: u64) {
+        self.left = self.left.saturating_sub(units);
+    }
+
+    /// Units left.
+    pub fn left(&self) -> u64 {
+        self.left
+    }
+
+    /// True when nothing is left.
+    pub fn is_spent(&self) -> bool {
+        self.left == 0
+    }
+}
+
+/// What one pass over a queue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// At least one buffer went back to the guest (it wants an interrupt).
+    pub gave_back: bool,
+    /// Whether buffers may be left.
+    pub work: QueueWork,
+}
+
+/// Handles available chains with `handle`, each given back once handled, until the queue
+/// is empty or `budget` is spent (`handle` spends it).
 pub fn drain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
     counters: &mut BalloonCounters,
-    mut handle: impl FnMut(Chain<'m>, &mut BalloonCounters),
-) -> bool {
+    mut budget: Budget,
+    mut handle: impl FnMut(Chain<'m>, &mut BalloonCounters, &mut Budget),
+) -> Pass {
     let mut gave_back = false;
-    while let Some(chain) = next_chain(queue, mem, counters) {
+    while !budget.is_spent() {
+        let Some(chain) = next_chain(queue, mem, counters) else {
+            return Pass {
+                gave_back,
+                work: QueueWork::Done,
+            };
+        };
         let head = chain.head_index();
-        handle(chain, counters);
+        handle(chain, counters, &mut budget);
         gave_back |= give_back(queue, mem, head, counters);
     }
-    gave_back
+    Pass {
+        gave_back,
+        work: QueueWork::Yielded,
+    }
 }
 
 /// Interrupts the guest about used buffers, unless it asked not to be.

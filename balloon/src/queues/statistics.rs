@@ -3,15 +3,18 @@
 
 use std::time::SystemTime;
 
+use ebb_devices::virtio::QueueWork;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{give_back, next_chain, Chain};
+use super::{give_back, next_chain, Chain, Pass};
 use crate::counters::BalloonCounters;
 use crate::stats::{GuestStats, MAX_STATS_BYTES};
 
 /// Descriptors Ebb reads from one statistics chain.
 const MAX_STATS_DESCRIPTORS: usize = 4;
+/// Statistics buffers one wake-up reads (Linux has one in flight).
+pub const STATS_BUDGET: usize = 16;
 
 /// The statistics queue and the one buffer Ebb holds.
 #[derive(Debug)]
@@ -31,16 +34,23 @@ impl StatsQueue {
         &mut self.queue
     }
 
-    /// Reads every buffer the guest filled into `latest`, keeps the newest and gives any
-    /// older one back (a confused guest sending two). True when a buffer went back.
+    /// Reads the buffers the guest filled into `latest`, keeps the newest and gives any
+    /// older one back (a confused guest sending several), at most [`STATS_BUDGET`] per
+    /// wake-up.
     pub fn take_reports(
         &mut self,
         mem: &GuestMemoryMmap,
         latest: &mut Option<GuestStats>,
         counters: &mut BalloonCounters,
-    ) -> bool {
+    ) -> Pass {
         let mut gave_back = false;
-        while let Some(chain) = next_chain(&mut self.queue, mem, counters) {
+        for _ in 0..STATS_BUDGET {
+            let Some(chain) = next_chain(&mut self.queue, mem, counters) else {
+                return Pass {
+                    gave_back,
+                    work: QueueWork::Done,
+                };
+            };
             let head = chain.head_index();
             match read_stats(chain, mem) {
                 Some(buf) => {
@@ -53,7 +63,10 @@ impl StatsQueue {
                 gave_back |= give_back(&mut self.queue, mem, previous, counters);
             }
         }
-        gave_back
+        Pass {
+            gave_back,
+            work: QueueWork::Yielded,
+        }
     }
 
     /// Gives the held buffer back so the guest refills it. True when one went back.

@@ -9,7 +9,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::MmioTransport;
-use super::VirtioDevice;
+use super::{QueueWork, VirtioDevice};
 use crate::bus::lock;
 
 /// Event data values at or above this mark a device event rather than a queue.
@@ -73,9 +73,16 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioHandler<D> {
         };
         // Drain the kick counter; several kicks are one pass over the queue.
         let _ = evt.read();
-        let mut t = lock(&self.transport);
-        if t.is_activated() {
-            t.device_mut().process_queue(data as u16);
+        let work = {
+            let mut t = lock(&self.transport);
+            if !t.is_activated() {
+                return;
+            }
+            t.device_mut().process_queue(data as u16)
+        };
+        if work == QueueWork::Yielded {
+            // Kick ourselves: epoll reports it again after the events already waiting.
+            let _ = evt.write(1);
         }
     }
 }
@@ -92,5 +99,118 @@ impl<D: VirtioDevice> std::fmt::Debug for VirtioHandler<D> {
                     .collect::<Vec<_>>(),
             )
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use crate::ram::GuestRam;
+    use crate::virtio::MmioInterrupt;
+    use crate::virtio::{Activation, ActivationError};
+    use event_manager::{EventManager, SubscriberOps};
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// Logs which event each pass served, shared by the device and a bystander.
+    type Passes = Arc<Mutex<Vec<&'static str>>>;
+
+    /// A device with `yields` passes of work on queue 0.
+    struct Busy {
+        yields: u32,
+        passes: Passes,
+    }
+
+    impl VirtioDevice for Busy {
+        fn device_type(&self) -> u32 {
+            5
+        }
+        fn features(&self) -> u64 {
+            crate::virtio::VIRTIO_F_VERSION_1
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16]
+        }
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(&mut self, _: Activation) -> Result<(), ActivationError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn process_queue(&mut self, _: u16) -> QueueWork {
+            self.passes.lock().unwrap().push("device");
+            if self.yields == 0 {
+                return QueueWork::Done;
+            }
+            self.yields -= 1;
+            QueueWork::Yielded
+        }
+    }
+
+    /// Another subscriber, standing for the API or the signal handler.
+    struct Bystander {
+        evt: EventFd,
+        passes: Passes,
+    }
+
+    impl MutEventSubscriber for Bystander {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.evt, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.evt.read();
+            self.passes.lock().unwrap().push("bystander");
+        }
+    }
+
+    /// A device that yields is called again, and what else is waiting is served between
+    /// its passes rather than after all of them.
+    #[test]
+    fn a_yielding_device_is_called_again_after_other_events() {
+        let passes = Passes::default();
+        let ram = GuestRam::new(&[(GuestAddress(0), 1 << 20)], Default::default()).unwrap();
+        let irq = Arc::new(MmioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let device = Busy {
+            yields: 3,
+            passes: passes.clone(),
+        };
+        let mut transport = MmioTransport::new(device, ram, irq).unwrap();
+        // The driver's handshake (status 0x70, features 0x20/0x24); DRIVER_OK kicks the
+        // queue.
+        for (offset, value) in [
+            (0x70, 1u32),
+            (0x70, 3),
+            (0x24, 1),
+            (0x20, 1),
+            (0x70, 11),
+            (0x70, 15),
+        ] {
+            transport.write(offset, &value.to_le_bytes());
+        }
+        assert!(transport.is_activated());
+        let transport = Arc::new(Mutex::new(transport));
+        let bystander = Bystander {
+            evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+            passes: passes.clone(),
+        };
+        let poke = bystander.evt.try_clone().unwrap();
+
+        let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().unwrap();
+        em.add_subscriber(Box::new(VirtioHandler::new(transport).unwrap()));
+        em.add_subscriber(Box::new(bystander));
+        em.run_with_timeout(0).unwrap();
+        poke.write(1).unwrap();
+        for _ in 0..5 {
+            em.run_with_timeout(0).unwrap();
+        }
+        let passes = passes.lock().unwrap();
+        let device_passes = passes.iter().filter(|p| **p == "device").count();
+        assert_eq!(device_passes, 4, "three yields, then done: {passes:?}");
+        let bystander = passes.iter().position(|p| *p == "bystander").unwrap();
+        assert!(
+            bystander < 3,
+            "served between the device's passes: {passes:?}"
+        );
     }
 }

@@ -337,7 +337,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
             interrupt: self.interrupt.clone(),
         };
         match self.device.activate(activation) {
-            Ok(()) => self.activated = true,
+            Ok(()) => {
+                self.activated = true;
+                // Buffers may have been queued before DRIVER_OK (Linux primes the balloon's
+                // statistics queue during probe) and their kicks ignored: kick every queue
+                // so the event loop, not this vCPU thread, picks them up.
+                for notifier in &self.notifiers {
+                    let _ = notifier.write(1);
+                }
+            }
             Err(e) => {
                 tracing::warn!("virtio: device refused activation: {e}");
                 self.fail_activation();
@@ -389,7 +397,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::{InterruptKind, VirtioInterrupt, INT_CONFIG};
+    use crate::virtio::{InterruptKind, QueueWork, VirtioInterrupt, INT_CONFIG};
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
 
@@ -436,8 +444,9 @@ mod tests {
             self.resets += 1;
             self.activated_with = None;
         }
-        fn process_queue(&mut self, index: u16) {
+        fn process_queue(&mut self, index: u16) -> QueueWork {
             self.processed.lock().unwrap().push(index);
+            QueueWork::Done
         }
     }
 
@@ -530,6 +539,26 @@ mod tests {
         assert_eq!(r(&mut t, STATUS), 0);
         w(&mut t, QUEUE_SEL, 0);
         assert_eq!(r(&mut t, QUEUE_READY), 0);
+    }
+
+    /// Work queued before DRIVER_OK is left to the event loop: the vCPU's register write
+    /// only kicks every queue, the device processes nothing inside it.
+    #[test]
+    fn activation_kicks_every_queue_instead_of_processing_them() {
+        let dev = Probe::default();
+        let processed = dev.processed.clone();
+        let mut t = transport(dev);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 0x1_0000, 16);
+        for n in t.notifiers() {
+            assert!(n.read().is_err(), "no kick before DRIVER_OK");
+        }
+        w(&mut t, STATUS, ALL_OK);
+        assert!(t.is_activated());
+        assert!(processed.lock().unwrap().is_empty());
+        for n in t.notifiers() {
+            assert_eq!(n.read().unwrap(), 1, "every queue kicked once");
+        }
     }
 
     #[test]

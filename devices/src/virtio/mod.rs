@@ -139,6 +139,16 @@ pub struct Activation {
 #[error("{0}")]
 pub struct ActivationError(pub String);
 
+/// What a pass over a queue left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueWork {
+    /// The queue is empty (or unusable until reset).
+    Done,
+    /// The device stopped at its budget with buffers left: it wants another pass once the
+    /// event loop has served whatever else is waiting (API requests, signals, timers).
+    Yielded,
+}
+
 /// A virtio device, independent of its transport. The transport negotiates features,
 /// configures queues and forwards config accesses; the device does the work.
 pub trait VirtioDevice: Send {
@@ -157,8 +167,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivationError>;
     /// Returns to the pre-activation state (driver reset).
     fn reset(&mut self);
-    /// Processes queue `index` after the driver kicked it.
-    fn process_queue(&mut self, index: u16);
+    /// Processes queue `index` after the driver kicked it, doing a bounded amount of work
+    /// (no guest can hold the caller for long) and saying whether work is left.
+    fn process_queue(&mut self, index: u16) -> QueueWork;
     /// Extra file descriptors the device wants polled (timers and the like), with ids
     /// passed back to [`VirtioDevice::process_event`].
     fn event_fds(&self) -> Vec<(std::os::fd::RawFd, u32)> {
