@@ -8,6 +8,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
 pub mod exit;
+pub mod faults;
 pub mod ged;
 pub mod i8042;
 pub mod ram;
