@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ebb_devices::faults::{self, GuestFault};
 use ebb_devices::ram::GuestRam;
 use ebb_devices::virtio::{
     Activation, ActivationError, InterruptKind, QueueWork, VirtioDevice, VirtioInterrupt,
@@ -85,9 +86,11 @@ impl Active {
         for q in activation.queues {
             let index = usize::from(q.index);
             let Some(&role) = roles_by_index.get(index) else {
-                tracing::warn!(
-                    "balloon: the driver set up queue {index} which its features do not use"
-                );
+                faults::record(GuestFault::QueueSetup, || {
+                    format!(
+                        "balloon: the driver set up queue {index} which its features do not use"
+                    )
+                });
                 continue;
             };
             let slot = match role {
@@ -96,7 +99,9 @@ impl Active {
                 QueueRole::Stats => &mut statistics,
                 QueueRole::Reporting => &mut reporting,
                 QueueRole::FreePageHint => {
-                    tracing::warn!("balloon: free page hinting is not offered; queue ignored");
+                    faults::record(GuestFault::QueueSetup, || {
+                        "balloon: free page hinting is not offered; queue ignored".to_string()
+                    });
                     continue;
                 }
             };
@@ -114,7 +119,9 @@ impl Active {
             (QueueRole::Reporting, F_PAGE_REPORTING, reporting.is_some()),
         ] {
             if activation.features & feature != 0 && !present {
-                tracing::warn!("balloon: {role:?} negotiated but its queue was not set up");
+                faults::record(GuestFault::QueueSetup, || {
+                    format!("balloon: {role:?} negotiated but its queue was not set up")
+                });
             }
         }
         Ok(Self {

@@ -232,6 +232,47 @@ fn inflate_discards_for_real_and_deflate_accounts() {
     assert_eq!(b.counters().unknown_deflates, 2);
 }
 
+/// Indirect descriptors are never offered: a chain that points at an indirect table is
+/// rejected and given back, and the PFNs its table names are not inflated. Without the
+/// check virtio-queue follows the table and the pages are discarded.
+#[test]
+fn a_chain_through_an_indirect_table_is_rejected_unread() {
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut q, _irq) = basic(&ram);
+    let start = B_START + 4 * MIB;
+    touch(mem, start, 16);
+    let pfns: Vec<u32> = (0..16).map(|i| pfn(start) + i).collect();
+    let len = write_pfns(mem, DATA, &pfns);
+    // The indirect table (one descriptor naming the PFN array) at DATA + 64 KiB.
+    let table = DATA + 0x1_0000;
+    mem.write_obj(
+        RawDescriptor::from(Descriptor::new(DATA, len, 0, 0)),
+        GuestAddress(table),
+    )
+    .unwrap();
+    let head = q.inflate.next_desc;
+    let indirect = RawDescriptor::from(Descriptor::new(
+        table,
+        16,
+        virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
+        0,
+    ));
+    q.inflate.mock.add_desc_chains(&[indirect], head).unwrap();
+    q.inflate.next_desc += 1;
+    b.process_queue(0);
+    assert_eq!(q.inflate.used_count(), 1, "given back");
+    assert_eq!(b.counters().inflated_pages, 0);
+    assert_eq!(b.counters().rejected_descriptors, 1);
+    assert_eq!(resident(&ram, (start, 16 * 4096)), 16, "nothing discarded");
+
+    // The queue keeps working.
+    q.inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    assert_eq!(q.inflate.used_count(), 2);
+    assert_eq!(b.counters().inflated_pages, 16);
+}
+
 /// The used entry is written after the inflated pages are discarded. The guest inflates
 /// the very page that holds the inflate queue's used ring: if the used entry were written
 /// first, the discard would wipe it and the used index would read 0.

@@ -62,7 +62,9 @@ impl BusDevice for AcpiPm {
                     if sleep_type == S5_SLEEP_TYPE {
                         self.exit.request(VmExit::PowerOff);
                     } else {
-                        tracing::warn!("guest asked for unsupported sleep type {sleep_type}");
+                        crate::faults::record(crate::faults::GuestFault::SleepType, || {
+                            format!("ACPI: unsupported sleep type {sleep_type}")
+                        });
                     }
                 }
             }
@@ -90,6 +92,56 @@ mod tests {
         assert!(!exit.is_requested());
         pm.write(0, &[(S5_SLEEP_TYPE << 2) | SLP_EN]);
         assert_eq!(exit.reason(), Some(VmExit::PowerOff));
+    }
+
+    /// A guest writing an unsupported sleep type in a loop is counted every time but
+    /// logged only a few times.
+    #[test]
+    fn a_flood_of_bad_sleep_requests_is_counted_not_logged_each_time() {
+        use crate::faults::{self, GuestFault, LOGGED_AT_ONCE};
+        use std::io::Write;
+        use std::sync::Mutex;
+
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Lines::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        let total = |k| {
+            faults::totals()
+                .into_iter()
+                .find(|&(kind, _)| kind == k)
+                .unwrap()
+                .1
+        };
+        let before = total(GuestFault::SleepType);
+        tracing::subscriber::with_default(subscriber, || {
+            let exit = Arc::new(ExitSignal::new().unwrap());
+            let mut pm = AcpiPm::new(exit.clone());
+            for _ in 0..1000 {
+                pm.write(0, &[(3 << 2) | SLP_EN]);
+            }
+            assert!(!exit.is_requested());
+        });
+        assert!(total(GuestFault::SleepType) >= before + 1000);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines = text.lines().filter(|l| l.contains("sleep type")).count();
+        assert!(
+            (1..=LOGGED_AT_ONCE as usize).contains(&lines),
+            "{lines} lines:\n{text}"
+        );
     }
 
     #[test]

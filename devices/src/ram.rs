@@ -164,6 +164,15 @@ impl GuestRam {
             unsafe { libc::munmap(base, total) };
             return Err(reserve_err(e));
         }
+        // A core dump of Ebb must not contain the guest's memory (its secrets, and
+        // gigabytes of it).
+        // SAFETY: advising on our own RAM mapping; it changes no contents.
+        if unsafe { libc::madvise(ram, size_usize, libc::MADV_DONTDUMP) } != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: unmapping exactly the reservation made above.
+            unsafe { libc::munmap(base, total) };
+            return Err(reserve_err(e));
+        }
         if let Some(huge) = options.thp {
             let advice = if huge {
                 libc::MADV_HUGEPAGE
@@ -333,7 +342,9 @@ mod tests {
         vec.iter().filter(|b| **b & 1 != 0).count()
     }
 
-    fn smaps_entry_size_kib(start: usize) -> Option<u64> {
+    /// The value of `field` (e.g. "Size:", "VmFlags:") in the smaps entry starting at
+    /// `start`.
+    fn smaps_field(start: usize, field: &str) -> Option<String> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
         let mut in_entry = false;
         for line in smaps.lines() {
@@ -346,12 +357,19 @@ mod tests {
                 }
             }
             if in_entry {
-                if let Some(v) = line.strip_prefix("Size:") {
-                    return v.trim().trim_end_matches(" kB").parse().ok();
+                if let Some(v) = line.strip_prefix(field) {
+                    return Some(v.trim().to_string());
                 }
             }
         }
         None
+    }
+
+    fn smaps_entry_size_kib(start: usize) -> Option<u64> {
+        smaps_field(start, "Size:")?
+            .trim_end_matches(" kB")
+            .parse()
+            .ok()
     }
 
     /// Two regions with a hole between them, like guest RAM around the MMIO hole.
@@ -387,6 +405,16 @@ mod tests {
         );
         assert_eq!(ram.size(), 16 * MIB);
         assert!(ram.memory().read_obj::<u8>(GuestAddress(12 * MIB)).is_err());
+    }
+
+    #[test]
+    fn guest_ram_is_left_out_of_core_dumps() {
+        let ram = ram();
+        let flags = smaps_field(ram.host_start(), "VmFlags:").unwrap();
+        assert!(
+            flags.split_whitespace().any(|f| f == "dd"),
+            "VmFlags: {flags}"
+        );
     }
 
     #[test]

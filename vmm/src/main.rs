@@ -32,6 +32,25 @@ fn parse_cli() -> Result<Cli, String> {
     }
 }
 
+/// Ebb's own messages at `level` and above on stderr. Libraries that log per guest action
+/// are silenced: virtio-queue logs every unaligned ring address a guest writes, which Ebb
+/// counts and rate-limits itself (`ebb_devices::faults`).
+fn init_logging(level: tracing::Level) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let filter = Targets::new()
+        .with_default(level)
+        .with_target("virtio_queue", LevelFilter::OFF);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+        .with(filter)
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = match parse_cli() {
         Ok(cli) => cli,
@@ -40,11 +59,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(cli.log_level)
-        .with_target(false)
-        .init();
+    init_logging(cli.log_level);
     let config = cli.vm_config();
 
     let signal_fd = match signals::block_stop_signals() {

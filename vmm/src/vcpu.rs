@@ -63,26 +63,38 @@ impl Vcpu {
         }
     }
 
+    /// The size of one element of the port I/O exit KVM_RUN just returned (1, 2 or 4
+    /// bytes; `rep ins/outs` move `count` of them in one exit).
+    fn port_io_element_size(&mut self) -> usize {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called only after a KVM_EXIT_IO, so `io` is the union member the kernel
+        // filled.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        usize::from(io.size)
+    }
+
     /// One KVM_RUN; returns why the VM must stop, if it must.
     fn run_once(&mut self) -> Option<VmExit> {
         let id = self.id;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                if !self.io_bus.read(u64::from(port), data) {
-                    // Nothing there: an ISA bus floats high.
-                    data.fill(0xff);
-                }
+                // The element size is in kvm_run, which `data` borrows: read it after.
+                let (ptr, len) = (data.as_mut_ptr(), data.len());
+                let element = self.port_io_element_size();
+                // SAFETY: `ptr..ptr+len` is the data area KVM_RUN just handed out (in the
+                // vCPU's kvm_run mapping, which lives as long as `self.fd`); it stays valid
+                // until the next KVM_RUN and nothing else refers to it. Reading the element
+                // size touched only kvm_run's `io` header, not this area.
+                let data = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+                port_read(&self.io_bus, port, data, element);
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                if data.len() <= 4 {
-                    self.io_bus.write(u64::from(port), data);
-                } else {
-                    // String I/O (rep outsb): one byte at a time.
-                    for b in data.chunks(1) {
-                        self.io_bus.write(u64::from(port), b);
-                    }
-                }
+                let (ptr, len) = (data.as_ptr(), data.len());
+                let element = self.port_io_element_size();
+                // SAFETY: as for IoIn above.
+                let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+                port_write(&self.io_bus, port, data, element);
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -141,5 +153,84 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => Some(VmExit::Crash(format!("vCPU {id}: KVM_RUN failed: {e}"))),
         }
+    }
+}
+
+/// An IN of `data.len()` bytes, `element` bytes per access: one access for `in`, one per
+/// element for `rep ins`. A port nobody claims reads as all ones (an ISA bus floats high).
+fn port_read(bus: &Bus, port: u16, data: &mut [u8], element: usize) {
+    for chunk in data.chunks_mut(element.max(1)) {
+        if !bus.read(u64::from(port), chunk) {
+            chunk.fill(0xff);
+        }
+    }
+}
+
+/// An OUT of `data`, `element` bytes per access (see [`port_read`]).
+fn port_write(bus: &Bus, port: u16, data: &[u8], element: usize) {
+    for chunk in data.chunks(element.max(1)) {
+        bus.write(u64::from(port), chunk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ebb_devices::bus::BusDevice;
+    use std::sync::Mutex;
+
+    /// Accesses seen: ('r' or 'w', width).
+    type AccessLog = Arc<Mutex<Vec<(char, usize)>>>;
+
+    /// Records every access's width, answers reads with its access count.
+    #[derive(Default)]
+    struct Port(AccessLog);
+
+    impl BusDevice for Port {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            let mut log = self.0.lock().unwrap();
+            log.push(('r', data.len()));
+            data.fill(log.len() as u8);
+        }
+        fn write(&mut self, _offset: u64, data: &[u8]) {
+            self.0.lock().unwrap().push(('w', data.len()));
+        }
+    }
+
+    fn bus() -> (Bus, AccessLog) {
+        let mut bus = Bus::new();
+        let port = Port::default();
+        let log = port.0.clone();
+        bus.insert(Arc::new(Mutex::new(port)), 0x100, 4).unwrap();
+        (bus, log)
+    }
+
+    /// `rep insw` of three words is three 2-byte reads, each landing in its own element;
+    /// `rep outsb` of four bytes is four 1-byte writes.
+    #[test]
+    fn string_port_io_is_one_access_per_element() {
+        let (bus, log) = bus();
+        let mut data = [0u8; 6];
+        port_read(&bus, 0x100, &mut data, 2);
+        assert_eq!(data, [1, 1, 2, 2, 3, 3]);
+        port_write(&bus, 0x100, &[1, 2, 3, 4], 1);
+        port_write(&bus, 0x100, &[1, 2, 3, 4], 4);
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                ('r', 2),
+                ('r', 2),
+                ('r', 2),
+                ('w', 1),
+                ('w', 1),
+                ('w', 1),
+                ('w', 1),
+                ('w', 4)
+            ]
+        );
+        // Nobody at the port: all ones.
+        let mut data = [0u8; 4];
+        port_read(&bus, 0x200, &mut data, 1);
+        assert_eq!(data, [0xff; 4]);
     }
 }

@@ -9,7 +9,9 @@ pub mod inflate;
 pub mod reporting;
 pub mod statistics;
 
+use ebb_devices::faults::{self, GuestFault};
 use ebb_devices::ram::{GuestRam, RamRange};
+use ebb_devices::virtio::chains::uses_indirect_table;
 use ebb_devices::virtio::{InterruptKind, QueueWork, VirtioInterrupt};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -21,19 +23,37 @@ pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
 
 /// The next available chain; `None` when the ring is empty, or unusable (an index that
 /// jumped past the ring: counted, and nothing is safe to do until the driver resets).
+///
+/// Chains that use an indirect table (never offered) are counted and given back unread;
+/// after a ring's worth of them this returns `None` too, so a ring refilled with nothing
+/// else cannot hold the pass: the rest wait for the guest's next kick.
 pub fn next_chain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
     counters: &mut BalloonCounters,
 ) -> Option<Chain<'m>> {
-    match queue.iter(mem) {
-        Ok(mut available) => available.next(),
-        Err(e) => {
-            counters.rejected_descriptors += 1;
-            tracing::warn!("balloon: queue unusable: {e}");
-            None
+    for _ in 0..queue.size() {
+        let chain = match queue.iter(mem) {
+            Ok(mut available) => available.next()?,
+            Err(e) => {
+                counters.rejected_descriptors += 1;
+                faults::record(GuestFault::AvailRing, || {
+                    format!("balloon: queue unusable: {e}")
+                });
+                return None;
+            }
+        };
+        let head = chain.head_index();
+        if !uses_indirect_table(mem, queue, head) {
+            return Some(chain);
         }
+        counters.rejected_descriptors += 1;
+        faults::record(GuestFault::DescriptorChain, || {
+            format!("balloon: chain {head} uses an indirect table, which was not offered")
+        });
+        give_back(queue, mem, head, counters);
     }
+    None
 }
 
 /// Returns the chain at `head` to the guest (nothing written into it). False, counted,

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{status, Activation, ActiveQueue, MmioInterrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
+use crate::faults::{self, GuestFault};
 use crate::ram::GuestRam;
 
 /// "virt" in little-endian.
@@ -69,9 +70,11 @@ pub struct MmioTransport<D: VirtioDevice> {
     interrupt: Arc<MmioInterrupt>,
     notifiers: Vec<EventFd>,
     queues: Vec<Queue>,
-    /// Queues whose driver-written size was invalid: Queue::set_size ignores such writes,
-    /// which would leave device and driver disagreeing about the ring size.
-    bad_queue_size: Vec<bool>,
+    /// Queues given an invalid size or an unaligned ring address: `Queue` ignores such
+    /// writes and keeps the old value, which would leave device and driver disagreeing
+    /// about where the rings are. Activation fails instead.
+    /// One bit per register ([`queue_register_bit`]) whose last write was invalid.
+    bad_queue_config: Vec<u8>,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -97,7 +100,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             ram,
             interrupt,
             notifiers,
-            bad_queue_size: vec![false; queues.len()],
+            bad_queue_config: vec![0; queues.len()],
             queues,
             status: 0,
             device_features_sel: 0,
@@ -166,7 +169,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.interrupt.reset();
-        self.bad_queue_size.fill(false);
+        self.bad_queue_config.fill(0);
         for q in &mut self.queues {
             let max = q.max_size();
             // Queue::new only fails for sizes that are not powers of two, and `max` came
@@ -204,7 +207,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             // No shared memory regions: length all ones means "none".
             SHM_LEN_LOW | SHM_LEN_HIGH => u32::MAX,
             _ => {
-                self.counters.bad_accesses += 1;
+                self.bad_access(offset);
                 0
             }
         }
@@ -216,7 +219,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             DRIVER_FEATURES => {
                 if self.status & status::DRIVER == 0 || self.status & status::FEATURES_OK != 0 {
-                    self.counters.bad_accesses += 1;
+                    self.bad_access(offset);
                     return;
                 }
                 match self.driver_features_sel {
@@ -228,7 +231,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                         self.driver_features =
                             (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
                     }
-                    _ => self.counters.bad_accesses += 1,
+                    _ => self.bad_access(offset),
                 }
             }
             QUEUE_SEL => self.queue_sel = value,
@@ -240,45 +243,74 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 Some(evt) => {
                     let _ = evt.write(1);
                 }
-                None => self.counters.bad_accesses += 1,
+                None => self.bad_access(offset),
             },
             INTERRUPT_ACK => self.interrupt.ack(value),
             STATUS => self.write_status(value),
             SHM_SEL => {}
-            _ => self.counters.bad_accesses += 1,
+            _ => self.bad_access(offset),
         }
     }
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
         if !self.queue_config_allowed() {
-            self.counters.bad_accesses += 1;
+            self.bad_access(offset);
             return;
         }
         let index = self.queue_sel as usize;
         let Some(q) = self.queues.get_mut(index) else {
-            self.counters.bad_accesses += 1;
+            self.bad_access(offset);
             return;
         };
         match offset {
             QUEUE_NUM => {
                 let valid =
                     value != 0 && value <= u32::from(q.max_size()) && value.is_power_of_two();
-                self.bad_queue_size[index] = !valid;
+                mark_queue_register(&mut self.bad_queue_config[index], offset, valid);
                 if valid {
                     q.set_size(value as u16);
                 } else {
-                    self.counters.bad_accesses += 1;
+                    faults::record(GuestFault::QueueSetup, || {
+                        format!("virtio: queue {index} given size {value}")
+                    });
                 }
             }
             QUEUE_READY => q.set_ready(value == 1),
-            QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+            QUEUE_DESC_LOW | QUEUE_AVAIL_LOW | QUEUE_USED_LOW => {
+                let alignment = ring_alignment(offset);
+                let aligned = value % alignment == 0;
+                mark_queue_register(&mut self.bad_queue_config[index], offset, aligned);
+                if !aligned {
+                    faults::record(GuestFault::QueueSetup, || {
+                        format!(
+                            "virtio: queue {index} ring address {value:#x} is not {alignment}-byte aligned"
+                        )
+                    });
+                    return;
+                }
+                match offset {
+                    QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+                    QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(value), None),
+                    _ => q.set_used_ring_address(Some(value), None),
+                }
+            }
             QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
-            QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(value), None),
             QUEUE_AVAIL_HIGH => q.set_avail_ring_address(None, Some(value)),
-            QUEUE_USED_LOW => q.set_used_ring_address(Some(value), None),
             QUEUE_USED_HIGH => q.set_used_ring_address(None, Some(value)),
             _ => {}
         }
+    }
+
+    /// Counts a register access of the wrong width, at an unknown offset or at the wrong
+    /// time; the access itself is ignored (reads see 0).
+    fn bad_access(&mut self, offset: u64) {
+        self.counters.bad_accesses += 1;
+        faults::record(GuestFault::RegisterAccess, || {
+            format!(
+                "virtio: bad access to register {offset:#x} in status {:#x}",
+                self.status
+            )
+        });
     }
 
     fn write_status(&mut self, value: u32) {
@@ -289,17 +321,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let added = value & !self.status;
         if value & self.status != self.status {
             // Clearing bits other than by a full reset is not allowed.
-            self.counters.bad_accesses += 1;
+            self.bad_access(STATUS);
             return;
         }
         if added & status::FEATURES_OK != 0 {
             let offered = self.device.features();
             let unknown = self.driver_features & !offered;
             if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                tracing::warn!(
-                    "virtio: driver accepted features {:#x} but the device offers {offered:#x}",
-                    self.driver_features
-                );
+                let accepted = self.driver_features;
+                faults::record(GuestFault::Features, || {
+                    format!("virtio: driver accepted features {accepted:#x} but the device offers {offered:#x}")
+                });
                 self.counters.refused_features += 1;
                 // Leave FEATURES_OK clear: the driver reads it back and gives up.
                 self.status = value & !status::FEATURES_OK;
@@ -318,8 +350,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             if !q.ready() {
                 continue;
             }
-            if self.bad_queue_size[index] || !q.is_valid(self.ram.memory()) {
-                tracing::warn!("virtio: queue {index} is set up outside guest RAM or badly sized");
+            if self.bad_queue_config[index] != 0 || !q.is_valid(self.ram.memory()) {
+                faults::record(GuestFault::QueueSetup, || {
+                    format!("virtio: queue {index} is set up outside guest RAM, badly sized or unaligned")
+                });
                 self.fail_activation();
                 return;
             }
@@ -347,7 +381,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
             }
             Err(e) => {
-                tracing::warn!("virtio: device refused activation: {e}");
+                faults::record(GuestFault::QueueSetup, || {
+                    format!("virtio: device refused activation: {e}")
+                });
                 self.fail_activation();
             }
         }
@@ -357,6 +393,35 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.counters.failed_activations += 1;
         self.status |= status::DEVICE_NEEDS_RESET;
         super::VirtioInterrupt::trigger(self.interrupt.as_ref(), super::InterruptKind::Config);
+    }
+}
+
+/// The bit of `bad_queue_config` for a queue register whose writes are checked.
+fn queue_register_bit(offset: u64) -> u8 {
+    match offset {
+        QUEUE_NUM => 1,
+        QUEUE_DESC_LOW => 2,
+        QUEUE_AVAIL_LOW => 4,
+        _ => 8,
+    }
+}
+
+/// Records whether the last write to the queue register at `offset` was valid.
+fn mark_queue_register(bad: &mut u8, offset: u64, valid: bool) {
+    let bit = queue_register_bit(offset);
+    if valid {
+        *bad &= !bit;
+    } else {
+        *bad |= bit;
+    }
+}
+
+/// The alignment virtio 1.x requires of the ring whose low address register is `offset`.
+fn ring_alignment(offset: u64) -> u32 {
+    match offset {
+        QUEUE_DESC_LOW => 16,
+        QUEUE_AVAIL_LOW => 2,
+        _ => 4,
     }
 }
 
@@ -372,7 +437,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            self.counters.bad_accesses += 1;
+            self.bad_access(offset);
             data.fill(0);
             return;
         }
@@ -386,7 +451,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            self.counters.bad_accesses += 1;
+            self.bad_access(offset);
             return;
         }
         let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -590,6 +655,34 @@ mod tests {
         setup_queue(&mut t, 1, 0x1_0000, 64);
         w(&mut t, STATUS, ALL_OK);
         assert!(!t.is_activated(), "queue 1 larger than its maximum");
+    }
+
+    /// `Queue` silently keeps the old address on an unaligned write; the transport must
+    /// not activate with rings the driver did not ask for.
+    #[test]
+    fn unaligned_ring_addresses_fail_activation_unless_rewritten() {
+        for (register, bad) in [
+            (QUEUE_DESC_LOW, 0x1_0008),
+            (QUEUE_AVAIL_LOW, 0x1_1001),
+            (QUEUE_USED_LOW, 0x1_2002),
+        ] {
+            let mut t = transport(Probe::default());
+            negotiate(&mut t, VIRTIO_F_VERSION_1);
+            setup_queue(&mut t, 0, 0x1_0000, 16);
+            w(&mut t, register, bad);
+            w(&mut t, STATUS, ALL_OK);
+            assert!(!t.is_activated(), "register {register:#x} = {bad:#x}");
+            assert_ne!(r(&mut t, STATUS) & status::DEVICE_NEEDS_RESET, 0);
+
+            // An aligned value written afterwards makes the queue good again.
+            let mut t = transport(Probe::default());
+            negotiate(&mut t, VIRTIO_F_VERSION_1);
+            w(&mut t, QUEUE_SEL, 0);
+            w(&mut t, register, bad);
+            setup_queue(&mut t, 0, 0x1_0000, 16);
+            w(&mut t, STATUS, ALL_OK);
+            assert!(t.is_activated(), "register {register:#x} rewritten");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! virtio: the device-side contract ([`VirtioDevice`]), interrupts, and the virtio-mmio
 //! transport ([`mmio::MmioTransport`]) that drives a device without knowing what it is.
 
+pub mod chains;
 pub mod handler;
 pub mod mmio;
 
