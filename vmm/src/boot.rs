@@ -303,6 +303,21 @@ pub fn check_memory(
     Ok(())
 }
 
+/// What Ebb adds to the guest's command line about the swiotlb bounce buffer.
+///
+/// A Linux guest with RAM above 4 GiB sets aside and zeroes a 64 MiB bounce buffer at
+/// boot, for devices that cannot reach all of memory. No Ebb device needs it: none offers
+/// VIRTIO_F_ACCESS_PLATFORM, so virtio uses guest-physical addresses directly. Measured in
+/// the nested test host, a 5 GiB idle guest cost the host 290 MiB with the buffer and 223
+/// MiB without. A device that needs bouncing (an emulated DMA-limited device, a
+/// confidential guest) must turn this off where it is configured.
+pub fn swiotlb_parameter(user_cmdline: &str) -> Option<&'static str> {
+    let user_sets_it = user_cmdline
+        .split_whitespace()
+        .any(|p| p.starts_with("swiotlb="));
+    (!user_sets_it).then_some("swiotlb=noforce")
+}
+
 /// Builds the kernel command line, checking it against the kernel's limit.
 pub fn build_cmdline(text: &str, extra: &[String], max_len: usize) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(max_len).map_err(|e| BootError::Cmdline(format!("{e}")))?;
@@ -622,6 +637,19 @@ mod tests {
         img[0x258..0x260].copy_from_slice(&(16 * MIB).to_le_bytes()); // pref_address
         img[0x260..0x264].copy_from_slice(&(40 * MIB as u32).to_le_bytes()); // init_size
         img
+    }
+
+    #[test]
+    fn the_swiotlb_is_turned_off_unless_the_user_sets_it() {
+        assert_eq!(
+            swiotlb_parameter("console=ttyS0 panic=-1"),
+            Some("swiotlb=noforce")
+        );
+        assert_eq!(swiotlb_parameter(""), Some("swiotlb=noforce"));
+        assert_eq!(swiotlb_parameter("console=ttyS0 swiotlb=65536"), None);
+        assert_eq!(swiotlb_parameter("swiotlb=force quiet"), None);
+        // Only a parameter of that name counts.
+        assert_eq!(swiotlb_parameter("foo.swiotlb=1"), Some("swiotlb=noforce"));
     }
 
     #[test]

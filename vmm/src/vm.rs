@@ -375,7 +375,15 @@ fn load_guest(
             )
         })
         .collect();
-    let cmdline = boot::build_cmdline(&config.cmdline, &virtio_cmdline, kernel.cmdline_max)?;
+    let mut extra = virtio_cmdline;
+    match boot::swiotlb_parameter(&config.cmdline) {
+        Some(parameter) => {
+            tracing::info!("guest swiotlb: off ({parameter}): no Ebb device needs bouncing");
+            extra.push(parameter.to_string());
+        }
+        None => tracing::info!("guest swiotlb: as the command line asks"),
+    }
+    let cmdline = boot::build_cmdline(&config.cmdline, &extra, kernel.cmdline_max)?;
     let entry = boot::load(
         ram.memory(),
         BootSetup {
