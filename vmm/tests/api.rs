@@ -1,7 +1,7 @@
 //! The REST API against a fake VM: the real server, dispatcher and event-loop handler
 //! (an event-manager loop in a thread) with a [`VmBackend`] fake instead of a VM, so no
 //! KVM is needed. Covers every endpoint, every error class, hostile and slow clients,
-//! concurrency, the OpenAPI document (`vmm/api/openapi.yaml`) and `ebb-ctl`.
+//! concurrency, the OpenAPI document (`vmm/api-model/openapi.yaml`) and `ebb-ctl`.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -902,8 +902,7 @@ fn the_answer_to_stop_arrives_before_the_server_goes() {
 // OpenAPI conformance
 
 fn openapi() -> Value {
-    let text = include_str!("../api/openapi.yaml");
-    serde_yaml::from_str(text).expect("openapi.yaml parses")
+    serde_yaml::from_str(ebb_api_model::OPENAPI_YAML).expect("openapi.yaml parses")
 }
 
 fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {

@@ -19,8 +19,8 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::client::{Client, ClientError, Connection, Response};
-use super::model::{BalloonConfig, BalloonStatistics, VmInfo};
-use crate::config::{format_size, parse_size, MIB};
+use ebb_api_model::units::{format_size, parse_size, MIB};
+use ebb_api_model::{BalloonInfo, BalloonStatistics, VmInfo};
 
 /// Exit status: the API answered with an error.
 pub const EXIT_API_ERROR: i32 = 1;
@@ -317,27 +317,32 @@ fn on_off(b: bool) -> &'static str {
     }
 }
 
+/// `off`, or `every N s`.
+fn stats_interval(secs: u32) -> String {
+    if secs == 0 {
+        "off".to_string()
+    } else {
+        format!("every {secs} s")
+    }
+}
+
 fn bytes(v: Option<u64>) -> String {
     v.map(format_size).unwrap_or_else(|| "-".to_string())
 }
 
 /// Text for `balloon get`.
-pub fn render_balloon(b: &BalloonConfig) -> String {
-    let stats = if b.stats_polling_interval_s == 0 {
-        "off".to_string()
-    } else {
-        format!("every {} s", b.stats_polling_interval_s)
-    };
+pub fn render_balloon(b: &BalloonInfo) -> String {
+    let stats = stats_interval(b.config.stats_interval_s);
     format!(
         "target:              {} MiB\n\
          actual:              {} MiB\n\
          deflate on OOM:      {}\n\
          free page reporting: {}\n\
          statistics:          {stats}\n",
-        b.target_mib,
-        b.actual_mib,
-        on_off(b.deflate_on_oom),
-        on_off(b.free_page_reporting),
+        b.target_mib(),
+        b.actual_mib(),
+        on_off(b.config.deflate_on_oom),
+        on_off(b.config.free_page_reporting),
     )
 }
 
@@ -431,15 +436,11 @@ pub fn render_vm(v: &VmInfo) -> String {
                 t,
                 "balloon:        target {} MiB, actual {} MiB, deflate on OOM {}, \
                  free page reporting {}, statistics {}",
-                b.target_mib,
-                b.actual_mib,
-                on_off(b.deflate_on_oom),
-                on_off(b.free_page_reporting),
-                if b.stats_polling_interval_s == 0 {
-                    "off".to_string()
-                } else {
-                    format!("every {} s", b.stats_polling_interval_s)
-                }
+                b.target_mib(),
+                b.actual_mib(),
+                on_off(b.config.deflate_on_oom),
+                on_off(b.config.free_page_reporting),
+                stats_interval(b.config.stats_interval_s)
             );
         }
         None => {
@@ -602,7 +603,7 @@ fn bench(
     if let Some(b) = &info.balloon {
         // Re-setting the current target: real work on the VMM side (the guest is told
         // the configuration changed) without changing the guest.
-        let body = serde_json::to_vec(&json!({"amount_mib": b.amount_mib})).unwrap_or_default();
+        let body = serde_json::to_vec(&json!({"amount_mib": b.target_mib()})).unwrap_or_default();
         samples.clear();
         for _ in 0..n {
             samples.push(timed(&mut conn, client, "PATCH", "/balloon", Some(&body))?);
