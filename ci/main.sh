@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash ci/setup.sh
-cargo build --release -p ebb-vmm -p ebb-tests
+cargo build --release -p ebb-vmm -p ebb-ctl -p ebb-tests
 resources/build-guest.sh >/dev/null
 exec target/release/ebb-demo "$@"

@@ -294,7 +294,7 @@ pub fn build_ebb_binary() -> Result<PathBuf> {
     let mut cmd = Command::new(cargo);
     // ebb-ctl too: the API benchmark drives a running Ebb with it.
     cmd.args([
-        "build", "--quiet", "-p", "ebb-vmm", "--bin", "ebb", "--bin", "ebb-ctl",
+        "build", "--quiet", "-p", "ebb-vmm", "-p", "ebb-ctl", "--bin", "ebb", "--bin", "ebb-ctl",
     ])
     .current_dir(paths::repo_root())
     .env("CARGO_TARGET_DIR", paths::target_dir())

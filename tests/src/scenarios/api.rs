@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ebb_vmm::api::client::{Client, Response};
+use ebb_ctl::client::{Client, Response};
 use serde_json::{json, Value};
 
 use super::support::{

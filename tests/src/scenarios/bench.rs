@@ -198,7 +198,7 @@ fn bench_inflate(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             vec!["--api-socket".into(), socket.to_string_lossy().into_owned()],
         );
         let (mut vm, r) = boot(&ebb()?, &c)?;
-        let client = ebb_vmm::api::client::Client::new(&socket, Duration::from_secs(30));
+        let client = ebb_ctl::client::Client::new(&socket, Duration::from_secs(30));
         let rss_before = ram_rss(&vm)?;
         let trace = MadviseTrace::start(vm.pid(), &trace_path("ebb"));
         let t0 = Instant::now();
@@ -402,7 +402,7 @@ fn reclaim_one(
     let reached = last <= within5;
     let m = cmd(&mut vm, "meminfo")?;
     let latency = if matches!(kind, VmmKind::Ebb { .. }) {
-        let client = ebb_vmm::api::client::Client::new(&socket, Duration::from_secs(10));
+        let client = ebb_ctl::client::Client::new(&socket, Duration::from_secs(10));
         match client.get("/metrics") {
             Ok(resp) => report_latency_from_metrics(&resp.text()),
             Err(e) => json!({ "error": e.to_string() }),

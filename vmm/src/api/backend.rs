@@ -8,10 +8,10 @@
 use std::fmt;
 use std::time::Duration;
 
+pub use ebb_api_model::VmState;
 use ebb_balloon::counters::BalloonCounters;
 use ebb_balloon::stats::GuestStats;
 use ebb_balloon::BalloonOptions;
-use serde::{Deserialize, Serialize};
 
 /// An API error: an HTTP status and the message sent as `{"fault_message": ...}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,28 +110,6 @@ impl BalloonSnapshot {
     /// True when the statistics queue exists (statistics were enabled at boot).
     pub fn stats_enabled(&self) -> bool {
         self.options.stats_interval_s > 0
-    }
-}
-
-/// Where the VM is in its life, as far as the API can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmState {
-    /// The guest runs.
-    Running,
-    /// The power button was pressed; the guest has not powered off yet.
-    ShuttingDown,
-    /// The VMM is stopping (power-off, reset, signal or stop request).
-    Stopping,
-}
-
-impl fmt::Display for VmState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            VmState::Running => "running",
-            VmState::ShuttingDown => "shutting down",
-            VmState::Stopping => "stopping",
-        })
     }
 }
 

@@ -14,17 +14,16 @@
 //!
 //! - [`backend`]: the [`backend::VmBackend`] trait the API drives, its snapshots, errors.
 //! - [`dispatch`]: the channel between the server thread and the event loop.
-//! - [`routes`]: the endpoints. [`model`]: their JSON shapes. [`metrics`]: Prometheus.
+//! - [`routes`]: the endpoints. [`model`]: their answers, built from the backend's
+//!   snapshots (the JSON shapes themselves are in `ebb-api-model`). [`metrics`]: Prometheus.
 //! - [`server`]: the socket, the runtime thread, connection limits and timeouts.
 //! - [`vm_backend`]: [`vm_backend::LiveVm`], the backend of a running VM.
-//! - [`client`]: a small blocking client (ebb-ctl, tests). [`ctl`]: ebb-ctl itself.
 //!
-//! The API is described in `vmm/api/openapi.yaml`; the balloon endpoints are compatible
-//! with Firecracker's.
+//! The API is described in `vmm/api-model/openapi.yaml` (`ebb_api_model::OPENAPI_YAML`);
+//! the balloon endpoints are compatible with Firecracker's. The client, `ebb-ctl`, is its own
+//! crate (`vmm/ctl`) and does not link the VMM.
 
 pub mod backend;
-pub mod client;
-pub mod ctl;
 pub mod dispatch;
 pub mod metrics;
 pub mod model;

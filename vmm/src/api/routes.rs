@@ -20,10 +20,9 @@ use serde::Serialize;
 use super::backend::{ApiError, VmBackend};
 use super::dispatch::Dispatcher;
 use super::metrics;
-use super::model::{
-    BalloonConfig, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate, EmptyBody, Fault, VmInfo,
-};
-use crate::config::{MIB, PAGE_SIZE};
+use super::model::{balloon_info, balloon_statistics, vm_info};
+use ebb_api_model::units::{MIB, PAGES_PER_MIB};
+use ebb_api_model::{BalloonStatsUpdate, BalloonUpdate, EmptyBody, Fault};
 
 /// Limits on what a request may send.
 #[derive(Debug, Clone, Copy)]
@@ -193,7 +192,7 @@ fn no_content() -> Response {
 }
 
 fn mib_to_pages(mib: u64) -> u64 {
-    mib * (MIB / PAGE_SIZE)
+    mib * PAGES_PER_MIB
 }
 
 async fn get_balloon(State(s): State<AppState>) -> Result<Response, ApiError> {
@@ -202,7 +201,7 @@ async fn get_balloon(State(s): State<AppState>) -> Result<Response, ApiError> {
         .call(|vm| vm.balloon())
         .await?
         .ok_or_else(ApiError::no_balloon)?;
-    Ok(json_response(StatusCode::OK, &BalloonConfig::from(&b)))
+    Ok(json_response(StatusCode::OK, &balloon_info(&b)))
 }
 
 async fn patch_balloon(
@@ -237,7 +236,7 @@ async fn get_balloon_stats(State(s): State<AppState>) -> Result<Response, ApiErr
     }
     Ok(json_response(
         StatusCode::OK,
-        &BalloonStatistics::new(&b, SystemTime::now()),
+        &balloon_statistics(&b, SystemTime::now()),
     ))
 }
 
@@ -276,7 +275,7 @@ async fn get_vm(State(s): State<AppState>) -> Result<Response, ApiError> {
         .dispatcher
         .call(|vm| {
             let balloon = vm.balloon();
-            VmInfo::new(&vm.summary(), balloon.as_ref(), vm.memory_usage())
+            vm_info(&vm.summary(), balloon.as_ref(), vm.memory_usage())
         })
         .await?;
     Ok(json_response(StatusCode::OK, &info))

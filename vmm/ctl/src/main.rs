@@ -8,7 +8,7 @@
 
 use std::process::ExitCode;
 
-use ebb_vmm::api::ctl;
+use ebb_ctl as ctl;
 
 fn main() -> ExitCode {
     let args = match ctl::parse_args(std::env::args_os()) {

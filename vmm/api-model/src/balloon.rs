@@ -1,0 +1,178 @@
+//! The balloon's configuration: what `ebb --balloon` takes, what the VMM builds the
+//! device from, and what `GET /balloon` reports (with the live target and interval).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::options::{parse_switch, split_options, switch_arg, ParseError};
+use crate::units::{parse_size, size_arg, PAGE_SIZE};
+
+/// Balloon device configuration (`--balloon size=...,deflate_on_oom=...,...`).
+///
+/// [`FromStr`] reads the `--balloon` syntax (a bare first item is the size); [`Display`]
+/// prints every option back in that syntax, e.g.
+/// `size=64M,deflate_on_oom=off,free_page_reporting=on,stats_interval=2`.
+///
+/// [`Display`]: fmt::Display
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Balloon target in bytes (a multiple of 4 KiB): the initial target on the command
+    /// line, the current one in `GET /balloon`.
+    pub size: u64,
+    /// Let the guest take pages back from the balloon under memory pressure.
+    pub deflate_on_oom: bool,
+    /// Offer free page reporting.
+    pub free_page_reporting: bool,
+    /// Seconds between statistics requests; 0 disables the statistics queue.
+    pub stats_interval_s: u32,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        Self {
+            size: 0,
+            deflate_on_oom: false,
+            free_page_reporting: true,
+            stats_interval_s: 0,
+        }
+    }
+}
+
+impl FromStr for BalloonConfig {
+    type Err = ParseError;
+
+    fn from_str(text: &str) -> Result<Self, ParseError> {
+        let (positional, pairs) = split_options(text)?;
+        let mut cfg = BalloonConfig::default();
+        if let Some(p) = positional {
+            cfg.size = parse_size(p)?;
+        }
+        for (key, value) in pairs {
+            match key {
+                "size" => cfg.size = parse_size(value)?,
+                "deflate_on_oom" => cfg.deflate_on_oom = parse_switch(key, value)?,
+                "free_page_reporting" => cfg.free_page_reporting = parse_switch(key, value)?,
+                "stats_interval" => {
+                    cfg.stats_interval_s = value.parse().map_err(|_| {
+                        ParseError(format!(
+                            "invalid stats_interval '{value}': expected whole seconds"
+                        ))
+                    })?
+                }
+                _ => {
+                    return Err(ParseError(format!(
+                        "unknown balloon option '{key}' (known: size, deflate_on_oom, \
+                         free_page_reporting, stats_interval)"
+                    )))
+                }
+            }
+        }
+        if cfg.size % PAGE_SIZE != 0 {
+            return Err(ParseError(format!(
+                "balloon size {} bytes is not a multiple of 4 KiB",
+                cfg.size
+            )));
+        }
+        Ok(cfg)
+    }
+}
+
+impl fmt::Display for BalloonConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "size={},deflate_on_oom={},free_page_reporting={},stats_interval={}",
+            size_arg(self.size),
+            switch_arg(self.deflate_on_oom),
+            switch_arg(self.free_page_reporting),
+            self.stats_interval_s
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::{GIB, MIB};
+
+    #[test]
+    fn parses_the_command_line_syntax() {
+        let b: BalloonConfig =
+            "size=256M,deflate_on_oom=on,free_page_reporting=off,stats_interval=2"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            b,
+            BalloonConfig {
+                size: 256 * MIB,
+                deflate_on_oom: true,
+                free_page_reporting: false,
+                stats_interval_s: 2
+            }
+        );
+        let d: BalloonConfig = "size=0".parse().unwrap();
+        assert!(d.free_page_reporting, "reporting defaults on");
+        assert_eq!(d, BalloonConfig::default());
+        assert_eq!("1G".parse::<BalloonConfig>().unwrap().size, GIB);
+        assert!("size=1G,".parse::<BalloonConfig>().is_err());
+        assert!("size=1G,deflate_on_oom".parse::<BalloonConfig>().is_err());
+    }
+
+    #[test]
+    fn errors_name_the_offending_text() {
+        for (bad, message) in [
+            (
+                "size=1G,bogus=1",
+                "unknown balloon option 'bogus' (known: size, deflate_on_oom, \
+                 free_page_reporting, stats_interval)",
+            ),
+            (
+                "stats_interval=-1",
+                "invalid stats_interval '-1': expected whole seconds",
+            ),
+            (
+                "deflate_on_oom=maybe",
+                "invalid value 'maybe' for deflate_on_oom: expected on or off",
+            ),
+            (
+                "size=1000",
+                "balloon size 1000 bytes is not a multiple of 4 KiB",
+            ),
+            (
+                "size=lots",
+                "invalid size 'lots': unknown unit 'lots' (use K, M, G or T)",
+            ),
+        ] {
+            assert_eq!(
+                bad.parse::<BalloonConfig>().unwrap_err().to_string(),
+                message
+            );
+        }
+    }
+
+    #[test]
+    fn display_is_the_command_line_syntax_and_reads_back() {
+        let b = BalloonConfig {
+            size: 64 * MIB,
+            deflate_on_oom: false,
+            free_page_reporting: true,
+            stats_interval_s: 2,
+        };
+        assert_eq!(
+            b.to_string(),
+            "size=64M,deflate_on_oom=off,free_page_reporting=on,stats_interval=2"
+        );
+        for cfg in [
+            b,
+            BalloonConfig::default(),
+            BalloonConfig {
+                size: 3 * GIB / 2,
+                deflate_on_oom: true,
+                free_page_reporting: false,
+                stats_interval_s: 0,
+            },
+        ] {
+            assert_eq!(cfg.to_string().parse::<BalloonConfig>().unwrap(), cfg);
+        }
+    }
+}

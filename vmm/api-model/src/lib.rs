@@ -1,0 +1,34 @@
+//! Ebb's API model: what the VMM's REST server and its clients (`ebb-ctl`, the tests)
+//! share, with no VMM, HTTP or async code in it.
+//!
+//! - [`json`]: the request and response bodies of the API (serde).
+//! - [`balloon`]: [`BalloonConfig`], the balloon's configuration, with the `--balloon`
+//!   command-line syntax ([`std::str::FromStr`] and [`std::fmt::Display`]).
+//! - [`units`]: sizes: units, parsing (`512M`, `1.5G`) and display.
+//! - [`options`]: `key=value,...` option lists and their [`ParseError`].
+//! - [`OPENAPI_YAML`]: the OpenAPI document describing the API.
+
+pub mod balloon;
+pub mod json;
+pub mod options;
+pub mod units;
+
+pub use balloon::BalloonConfig;
+pub use json::{
+    BalloonInfo, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate, EbbBalloonStats, EmptyBody,
+    Fault, LatencySummary, Rejects, RssInfo, VmInfo, VmState,
+};
+pub use options::ParseError;
+
+/// The OpenAPI 3 document of the API (`vmm/api-model/openapi.yaml`).
+pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openapi_document_parses() {
+        let doc: serde_yaml::Value = serde_yaml::from_str(super::OPENAPI_YAML).unwrap();
+        assert_eq!(doc["openapi"].as_str(), Some("3.0.3"));
+        assert!(doc["paths"]["/balloon"].is_mapping());
+    }
+}
