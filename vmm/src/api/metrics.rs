@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use ebb_balloon::counters::LatencyHistogram;
+use ebb_devices::faults::GuestFault;
 
 use super::backend::{BalloonSnapshot, MemoryUsage, VmState, VmSummary};
 use crate::config::PAGE_SIZE;
@@ -52,6 +53,7 @@ impl Doc {
 pub fn render(
     summary: &VmSummary,
     usage: MemoryUsage,
+    faults: &[(GuestFault, u64)],
     balloon: Option<&BalloonSnapshot>,
 ) -> String {
     let mut d = Doc(String::with_capacity(8192));
@@ -102,6 +104,19 @@ pub fn render(
         "Host resident memory of the whole process.",
         usage.process_rss,
     );
+    d.header(
+        "ebb_guest_faults_total",
+        "counter",
+        "Guest misbehaviour (bad register accesses, queue setups, descriptor chains, ...), \
+         counted by kind; the log shows only the first few of each.",
+    );
+    for (kind, count) in faults {
+        let _ = writeln!(
+            d.0,
+            "ebb_guest_faults_total{{kind=\"{}\"}} {count}",
+            kind.name()
+        );
+    }
     let Some(b) = balloon else {
         return d.0;
     };
@@ -333,7 +348,8 @@ mod tests {
             guest_ram_rss: Some(100),
             process_rss: Some(150),
         };
-        let doc = render(&summary(), usage, Some(&b));
+        let faults = [(GuestFault::QueueSetup, 3), (GuestFault::SleepType, 0)];
+        let doc = render(&summary(), usage, &faults, Some(&b));
         let mut typed = std::collections::HashSet::new();
         for line in doc.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -363,6 +379,10 @@ mod tests {
             Some(12288.0)
         );
         assert_eq!(value(&doc, "ebb_vm_state{state=\"running\"}"), Some(1.0));
+        assert_eq!(
+            value(&doc, "ebb_guest_faults_total{kind=\"queue_setup\"}"),
+            Some(3.0)
+        );
         // Histogram: 3 us in the [2,4) bucket, le=4e-6 -> 1; 100 us twice in [64,128).
         assert_eq!(
             value(
@@ -393,7 +413,7 @@ mod tests {
 
     #[test]
     fn without_a_balloon_only_vm_metrics() {
-        let doc = render(&summary(), MemoryUsage::default(), None);
+        let doc = render(&summary(), MemoryUsage::default(), &[], None);
         assert!(!doc.contains("ebb_balloon_"));
         assert!(!doc.contains("ebb_guest_ram_rss_bytes"));
         assert!(doc.contains("ebb_vm_memory_bytes 536870912"));

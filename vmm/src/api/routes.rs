@@ -302,7 +302,12 @@ async fn get_metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
         .dispatcher
         .call(|vm| {
             let balloon = vm.balloon();
-            metrics::render(&vm.summary(), vm.memory_usage(), balloon.as_ref())
+            metrics::render(
+                &vm.summary(),
+                vm.memory_usage(),
+                &ebb_devices::faults::totals(),
+                balloon.as_ref(),
+            )
         })
         .await?;
     let mut r = Response::new(Body::from(doc));
