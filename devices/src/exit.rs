@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Why the VM stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +31,7 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
-            event: EventFd::new(EFD_NONBLOCK)?,
+            event: crate::new_eventfd()?,
         })
     }
 

@@ -14,3 +14,9 @@ pub mod i8042;
 pub mod ram;
 pub mod serial;
 pub mod virtio;
+
+/// A non-blocking eventfd that a child process does not inherit (vmm-sys-util's
+/// `EventFd::new` leaves close-on-exec to its caller).
+pub fn new_eventfd() -> std::io::Result<vmm_sys_util::eventfd::EventFd> {
+    vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+}

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
@@ -105,7 +105,7 @@ impl SerialDevice {
     /// A UART raising `interrupt` and writing to `output`. Returns the device and the
     /// eventfd that fires when the guest has drained received input.
     pub fn new(interrupt: EventFd, output: SerialOutput) -> io::Result<(Self, EventFd)> {
-        let drained = EventFd::new(EFD_NONBLOCK)?;
+        let drained = crate::new_eventfd()?;
         let events = InputDrained(drained.try_clone()?);
         let serial = Serial::with_events(EventFdTrigger(interrupt), events, output);
         Ok((Self { serial }, drained))
@@ -161,7 +161,7 @@ mod tests {
     fn transmits_to_file_and_receives_input() {
         let path = std::env::temp_dir().join(format!("ebb-serial-test-{}", std::process::id()));
         let file = File::create(&path).unwrap();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = crate::new_eventfd().unwrap();
         let (mut dev, drained) =
             SerialDevice::new(irq.try_clone().unwrap(), SerialOutput::File(file)).unwrap();
         for b in b"hi\n" {
@@ -188,7 +188,7 @@ mod tests {
 
     #[test]
     fn input_beyond_fifo_is_refused_not_lost() {
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = crate::new_eventfd().unwrap();
         let (mut dev, _drained) = SerialDevice::new(irq, SerialOutput::Sink).unwrap();
         let big = vec![b'x'; 200];
         let taken = dev.enqueue_input(&big);

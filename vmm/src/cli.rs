@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{BalloonConfig, MemoryConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use crate::host::{self, HostPaths};
+
+use crate::config::{
+    BalloonConfig, MemoryConfig, SeccompMode, SerialConfig, VmConfig, DEFAULT_CMDLINE,
+};
 
 /// Ebb: a small VMM that gives guests' free memory back to the host.
 #[derive(Debug, Parser)]
@@ -46,6 +50,19 @@ pub struct Cli {
     #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
     pub serial: SerialConfig,
 
+    /// System call filters for Ebb's threads: on (the default) or off, to debug a
+    /// forbidden call.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    pub seccomp: SeccompMode,
+
+    /// Testing only: the KVM device node to open.
+    #[arg(long, value_name = "PATH", default_value = host::DEFAULT_KVM_DEVICE, hide = true)]
+    pub kvm_device: PathBuf,
+
+    /// Testing only: a directory standing in for /sys/module in the PVM check.
+    #[arg(long, value_name = "PATH", default_value = host::DEFAULT_MODULE_DIR, hide = true)]
+    pub sysfs_module_dir: PathBuf,
+
     /// Log level for Ebb's own messages on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: tracing::Level,
@@ -63,6 +80,11 @@ impl Cli {
             balloon: self.balloon,
             api_socket: self.api_socket.clone(),
             serial: self.serial.clone(),
+            seccomp: self.seccomp,
+            host: HostPaths {
+                kvm_device: self.kvm_device.clone(),
+                module_dir: self.sysfs_module_dir.clone(),
+            },
         }
     }
 }

@@ -9,6 +9,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+pub use crate::seccomp::SeccompMode;
+
 pub use ebb_api_model::options::{parse_switch, split_options, ParseError};
 pub use ebb_api_model::units::{format_size, parse_size, GIB, MIB, PAGE_SIZE};
 pub use ebb_api_model::BalloonConfig;
@@ -138,6 +140,10 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Serial console.
     pub serial: SerialConfig,
+    /// System call filters for Ebb's threads.
+    pub seccomp: SeccompMode,
+    /// Where to find KVM and the host's modules.
+    pub host: crate::host::HostPaths,
 }
 
 #[cfg(test)]

@@ -39,27 +39,39 @@ pub enum HostError {
     ApiVersion(i32),
 }
 
-/// The KVM device node; `EBB_KVM_DEVICE` overrides it (used by tests).
-pub fn kvm_device_path() -> PathBuf {
-    std::env::var_os("EBB_KVM_DEVICE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+/// Where Ebb looks at the host. Only tests point these elsewhere (hidden command-line
+/// flags, so a release binary never takes them from the environment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPaths {
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+    /// The kernel's module directory, where a loaded `kvm_pvm` shows.
+    pub module_dir: PathBuf,
 }
 
-/// True when the loaded KVM module is PVM. `EBB_SYSFS_MODULE_DIR` overrides
-/// `/sys/module` so the check itself can be tested on any host.
-pub fn is_pvm_host() -> bool {
-    let dir = std::env::var_os("EBB_SYSFS_MODULE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/sys/module"));
-    dir.join("kvm_pvm").exists()
+impl Default for HostPaths {
+    fn default() -> Self {
+        Self {
+            kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            module_dir: PathBuf::from(DEFAULT_MODULE_DIR),
+        }
+    }
+}
+
+/// The KVM device node of every Linux host.
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+/// Where Linux lists loaded modules.
+pub const DEFAULT_MODULE_DIR: &str = "/sys/module";
+
+/// True when the loaded KVM module is PVM.
+pub fn is_pvm_host(paths: &HostPaths) -> bool {
+    paths.module_dir.join("kvm_pvm").exists()
 }
 
 /// Opens KVM and checks that it can run stock Linux guests with what Ebb uses.
-pub fn open_kvm() -> Result<Kvm, HostError> {
-    let path = kvm_device_path();
-    let kvm = open_kvm_at(&path)?;
-    if is_pvm_host() {
+pub fn open_kvm(paths: &HostPaths) -> Result<Kvm, HostError> {
+    let kvm = open_kvm_at(&paths.kvm_device)?;
+    if is_pvm_host(paths) {
         return Err(HostError::PvmHost);
     }
     let version = kvm.get_api_version();

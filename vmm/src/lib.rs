@@ -16,6 +16,7 @@ pub mod cpu;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;

@@ -6,6 +6,8 @@ use ebb_devices::bus::Bus;
 use ebb_devices::exit::{ExitSignal, VmExit};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::seccomp::{self, SeccompMode, ThreadKind};
+
 /// Everything a vCPU thread needs.
 pub struct Vcpu {
     /// Index (also the APIC ID).
@@ -18,6 +20,8 @@ pub struct Vcpu {
     pub mmio_bus: Arc<Bus>,
     /// Where to report a stop.
     pub exit: Arc<ExitSignal>,
+    /// The system call filter to run under.
+    pub seccomp: SeccompMode,
 }
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -27,6 +31,11 @@ const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 impl Vcpu {
     /// Runs the guest until the VM is asked to stop or this vCPU fails.
     pub fn run(mut self) {
+        if let Err(e) = seccomp::install(ThreadKind::Vcpu, self.seccomp) {
+            self.exit
+                .request(VmExit::Crash(format!("vCPU {}: {e}", self.id)));
+            return;
+        }
         while !self.exit.is_requested() {
             if let Some(stop) = self.run_once() {
                 self.exit.request(stop);

@@ -24,7 +24,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError, GedInfo, MmioDeviceInfo};
 use crate::api::vm_backend::{LiveVm, LiveVmParts};
@@ -36,6 +36,7 @@ use crate::cpu::{self, CpuError};
 use crate::host::{self, HostError};
 use crate::layout;
 use crate::memory::{guest_ram, GuestRam, MemoryError};
+use crate::seccomp::{self, ThreadKind};
 use crate::signals::SignalWatcher;
 use crate::vcpu::Vcpu;
 
@@ -207,7 +208,7 @@ fn add_virtio_mmio<D: VirtioDevice + 'static>(
     device: D,
     info: MmioDeviceInfo,
 ) -> Result<Arc<Mutex<MmioTransport<D>>>, VmError> {
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+    let irq = ebb_devices::new_eventfd().map_err(io_err("creating an eventfd"))?;
     vm.register_irqfd(&irq, info.irq)
         .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
     let interrupt = Arc::new(MmioInterrupt::new(irq));
@@ -240,7 +241,7 @@ fn legacy_devices(
     exit: &Arc<ExitSignal>,
 ) -> Result<LegacyDevices, VmError> {
     let mut io_bus = Bus::new();
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+    let serial_irq = ebb_devices::new_eventfd().map_err(io_err("creating an eventfd"))?;
     vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
     let serial_output = match &config.serial {
@@ -332,7 +333,7 @@ fn mmio_devices(vm: &VmFd, ram: &GuestRam, config: &VmConfig) -> Result<MmioDevi
             "no interrupt left for the ACPI power button".into(),
         ));
     }
-    let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+    let ged_irq = ebb_devices::new_eventfd().map_err(io_err("creating an eventfd"))?;
     vm.register_irqfd(&ged_irq, ged_info.irq)
         .map_err(kvm_err("KVM_IRQFD (GED)"))?;
     let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
@@ -425,6 +426,7 @@ fn create_vcpus(
             io_bus: io_bus.clone(),
             mmio_bus: mmio_bus.clone(),
             exit: exit.clone(),
+            seccomp: config.seccomp,
         });
     }
     Ok(vcpus)
@@ -439,14 +441,18 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     // return from here) removes the socket.
     let (api_server, api_queue) = match &config.api_socket {
         Some(path) => {
-            let (server, queue) = api::start(path, ServerOptions::default())
-                .map_err(|e| VmError::Config(e.to_string()))?;
+            let options = ServerOptions {
+                seccomp: config.seccomp,
+                ..ServerOptions::default()
+            };
+            let (server, queue) =
+                api::start(path, options).map_err(|e| VmError::Config(e.to_string()))?;
             (Some(server), Some(queue))
         }
         None => (None, None),
     };
 
-    let kvm = host::open_kvm()?;
+    let kvm = host::open_kvm(&config.host)?;
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -506,6 +512,10 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
             .map_err(io_err("starting a vCPU thread"))?;
     }
 
+    // Everything is built and every other thread started: from here the main thread only
+    // runs the event loop and the shutdown.
+    seccomp::install(ThreadKind::EventLoop, config.seccomp)
+        .map_err(|e| VmError::Config(e.to_string()))?;
     while !exit.is_requested() {
         if let Err(e) = events.run() {
             tracing::warn!("event loop: {e:?}");

@@ -21,6 +21,7 @@ use ebb_ctl as ctl;
 use ebb_ctl::client::{self, Client, Response};
 use ebb_vmm::api::backend::{BalloonSnapshot, MemoryUsage, VmState, VmSummary};
 use ebb_vmm::api::{routes, ApiError, ApiHandler, ApiServer, ServerOptions, VmBackend};
+use ebb_vmm::seccomp::SeccompMode;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use serde_json::{json, Value};
 
@@ -188,9 +189,12 @@ fn scratch_dir() -> PathBuf {
     dir
 }
 
-/// Short timeouts so the slow-client tests run quickly.
+/// Short timeouts so the slow-client tests run quickly; the server thread runs under its
+/// seccomp filter as in `ebb`, so every test here also checks the API allow-list (a
+/// forbidden call ends the test process with a message naming it).
 fn quick_options() -> ServerOptions {
     ServerOptions {
+        seccomp: SeccompMode::On,
         max_connections: 32,
         header_timeout: Duration::from_millis(600),
         body_timeout: Duration::from_millis(600),
@@ -854,6 +858,64 @@ fn a_stuck_event_loop_gives_503_and_a_gone_one_too() {
     );
 }
 
+/// A client running as another user (not root) is disconnected unanswered, even when
+/// the socket's mode would let it in. Needs root, to become that other user.
+#[test]
+fn clients_of_other_users_are_refused() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root: it connects as user 65534 to check the API's peer check"
+    );
+    let h = Harness::new(Kind::Stats);
+    std::fs::set_permissions(&h.path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(&h.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Everything the child needs is prepared before the fork: it makes only raw calls.
+    // SAFETY: sockaddr_un is plain data; zeroed is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let path = h.path.as_os_str().as_encoded_bytes();
+    assert!(path.len() < addr.sun_path.len());
+    for (slot, &b) in addr.sun_path.iter_mut().zip(path) {
+        *slot = b as libc::c_char;
+    }
+    let request = b"GET /balloon HTTP/1.1\r\nHost: ebb\r\n\r\n";
+    // SAFETY: the child makes only async-signal-safe system calls, then _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: raw system calls on our own buffers in the forked child.
+        unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                libc::_exit(3);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            if fd < 0 || libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0 {
+                libc::_exit(2);
+            }
+            libc::write(fd, request.as_ptr().cast(), request.len());
+            let mut answer = [0u8; 64];
+            let n = libc::read(fd, answer.as_mut_ptr().cast(), answer.len());
+            // Closed (0) or reset (-1: the server dropped it with the request unread).
+            libc::_exit(if n <= 0 { 0 } else { 1 });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status));
+    match libc::WEXITSTATUS(status) {
+        0 => {}
+        1 => panic!("the other user's request was answered"),
+        2 => panic!("the other user could not connect (the test's chmod did not take)"),
+        code => panic!("child failed to switch users ({code})"),
+    }
+    // This user is still served.
+    h.assert_serving();
+}
+
 #[test]
 fn socket_mode_and_removal() {
     let h = Harness::new(Kind::Stats);
@@ -1283,8 +1345,7 @@ fn fake_kernel(dir: &Path) -> PathBuf {
 fn ebb(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_ebb"))
         .args(args)
-        .args(["--serial", "off"])
-        .env("EBB_KVM_DEVICE", "/nonexistent")
+        .args(["--serial", "off", "--kvm-device", "/nonexistent"])
         .stdin(Stdio::null())
         .output()
         .unwrap();

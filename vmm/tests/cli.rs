@@ -3,8 +3,8 @@
 //! hang. These run the real binary directly (no guest is ever started): the kernels here
 //! are synthetic boot headers, so nothing can boot even on a host with working KVM.
 //!
-//! The host checks (KVM missing, not permitted, PVM) are steered with `EBB_KVM_DEVICE` and
-//! `EBB_SYSFS_MODULE_DIR`. The limits that need a KVM that can run stock guests (`--cpus`
+//! The host checks (KVM missing, not permitted, PVM) are steered with the hidden flags
+//! `--kvm-device` and `--sysfs-module-dir`. The limits that need a KVM that can run stock guests (`--cpus`
 //! above KVM's limit, `--memory` above what the host can address) are checked for real in
 //! the test host by the `cli-host-limits` scenario (tests/, run by `cargo test -p
 //! ebb-tests --test boot`); here they must still fail cleanly with whatever this host
@@ -505,12 +505,19 @@ fn kvm_device_missing() {
     let s = Scratch::new("kvmmissing");
     let k = good_kernel(&s);
     let dev = s.path("no-kvm-here");
-    ebb_env(&["--kernel", p(&k)], &[("EBB_KVM_DEVICE", p(&dev))]).expect_error(&[
+    ebb(&["--kernel", p(&k), "--kvm-device", p(&dev)]).expect_error(&[
         &format!("{} not found: this host has no KVM", p(&dev)),
         "kvm_intel or kvm_amd",
     ]);
-    ebb_env(&["--kernel", p(&k)], &[("EBB_KVM_DEVICE", "/nonexistent")])
+    ebb(&["--kernel", p(&k), "--kvm-device", "/nonexistent"])
         .expect_error(&["/nonexistent not found: this host has no KVM"]);
+    // The environment is not a way in: the variable tests once used is ignored.
+    let msg = ebb_env(
+        &["--kernel", p(&k), "--kvm-device", p(&dev)],
+        &[("EBB_KVM_DEVICE", "/nonexistent")],
+    )
+    .expect_error(&[&format!("{} not found", p(&dev))]);
+    assert!(!msg.contains("/nonexistent"), "{msg}");
 }
 
 #[test]
@@ -522,8 +529,15 @@ fn kvm_device_not_permitted() {
     let dev = s.file("kvm", b"", 0o000);
     ebb_unprivileged(
         &s,
-        &["--kernel", p(&k), "--initramfs", p(&i)],
-        &[("EBB_KVM_DEVICE", p(&dev))],
+        &[
+            "--kernel",
+            p(&k),
+            "--initramfs",
+            p(&i),
+            "--kvm-device",
+            p(&dev),
+        ],
+        &[],
     )
     .expect_error(&[
         &format!("permission denied opening {}", p(&dev)),
@@ -550,23 +564,15 @@ fn pvm_host_is_reported() {
     // /dev/null opens read-write like a KVM device would, so the module check is reached
     // on any host.
     let args = ["--kernel", p(&k), "--initramfs", p(&i)];
-    ebb_env(
-        &args,
-        &[
-            ("EBB_KVM_DEVICE", "/dev/null"),
-            ("EBB_SYSFS_MODULE_DIR", p(&with_pvm)),
-        ],
-    )
-    .expect_error(&[PVM_TEXT, "hardware KVM (kvm_intel or kvm_amd)"]);
+    let steered = |modules: &Path| {
+        let mut a = args.to_vec();
+        a.extend(["--kvm-device", "/dev/null", "--sysfs-module-dir"]);
+        a.push(p(modules));
+        ebb(&a)
+    };
+    steered(&with_pvm).expect_error(&[PVM_TEXT, "hardware KVM (kvm_intel or kvm_amd)"]);
     // Control: without kvm_pvm the same device is not called PVM (it is not KVM at all).
-    let msg = ebb_env(
-        &args,
-        &[
-            ("EBB_KVM_DEVICE", "/dev/null"),
-            ("EBB_SYSFS_MODULE_DIR", p(&without)),
-        ],
-    )
-    .expect_error(&[]);
+    let msg = steered(&without).expect_error(&[]);
     assert!(!msg.contains("PVM"), "{msg}");
     // This host for real.
     match host_kvm() {
@@ -575,7 +581,9 @@ fn pvm_host_is_reported() {
         }
         other => {
             // Not PVM: the module check must not fire on the real /sys/module.
-            let msg = ebb_env(&args, &[("EBB_KVM_DEVICE", "/dev/null")]).expect_error(&[]);
+            let mut a = args.to_vec();
+            a.extend(["--kvm-device", "/dev/null"]);
+            let msg = ebb(&a).expect_error(&[]);
             assert!(!msg.contains("PVM"), "{other:?}: {msg}");
         }
     }

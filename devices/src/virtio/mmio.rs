@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{status, Activation, ActiveQueue, MmioInterrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
@@ -93,7 +93,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let mut notifiers = Vec::with_capacity(sizes.len());
         for size in sizes {
             queues.push(new_queue(size)?);
-            notifiers.push(EventFd::new(EFD_NONBLOCK)?);
+            notifiers.push(crate::new_eventfd()?);
         }
         Ok(Self {
             device,
@@ -517,7 +517,7 @@ mod tests {
 
     fn transport(dev: Probe) -> MmioTransport<Probe> {
         let ram = GuestRam::new(&[(GuestAddress(0), 0x10_0000)], Default::default()).unwrap();
-        let irq = Arc::new(MmioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let irq = Arc::new(MmioInterrupt::new(crate::new_eventfd().unwrap()));
         MmioTransport::new(dev, ram, irq).unwrap()
     }
 

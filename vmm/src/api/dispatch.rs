@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{ApiError, VmBackend};
 
@@ -54,7 +54,7 @@ impl std::fmt::Debug for ApiQueue {
 /// A connected [`Dispatcher`] and [`ApiQueue`]. A job not answered within
 /// `reply_timeout` fails with 503.
 pub fn channel(reply_timeout: Duration) -> std::io::Result<(Dispatcher, ApiQueue)> {
-    let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    let wake = Arc::new(ebb_devices::new_eventfd()?);
     let (tx, rx) = mpsc::channel();
     Ok((
         Dispatcher {

@@ -10,7 +10,7 @@
 use std::fs;
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::mpsc as std_mpsc;
@@ -30,6 +30,7 @@ use tokio::time::Sleep;
 
 use super::dispatch::Dispatcher;
 use super::routes::{self, BodyLimits};
+use crate::seccomp::{self, SeccompMode, ThreadKind};
 
 /// Tunables of the server. The defaults suit a local control socket.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +49,9 @@ pub struct ServerOptions {
     pub max_body_bytes: usize,
     /// Time in-flight requests get to finish when the server stops.
     pub shutdown_grace: Duration,
+    /// System call filter for the server thread (off by default here; `ebb` turns it
+    /// on unless told not to).
+    pub seccomp: SeccompMode,
 }
 
 impl Default for ServerOptions {
@@ -60,6 +64,7 @@ impl Default for ServerOptions {
             reply_timeout: Duration::from_secs(10),
             max_body_bytes: 16 * 1024,
             shutdown_grace: Duration::from_secs(1),
+            seccomp: SeccompMode::Off,
         }
     }
 }
@@ -133,12 +138,28 @@ fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ServerError> {
             io_error(path, "binding the socket")(e)
         }
     })?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .map_err(io_error(path, "setting the socket's mode"))?;
+    // No chmod here: the umask already made it 0600, and chmod by path would follow a
+    // symlink someone put in its place since the bind.
     listener
         .set_nonblocking(true)
         .map_err(io_error(path, "making the socket non-blocking"))?;
     Ok(listener)
+}
+
+/// Whether the peer of `stream` may use the API: the user Ebb runs as (`own_uid`), or
+/// root. The
+/// socket's mode already keeps others out; this holds even if it is ever loosened (or
+/// the socket is reached through a descriptor passed on).
+fn may_connect(stream: &UnixStream, own_uid: u32) -> bool {
+    match stream.peer_cred() {
+        Ok(cred) => peer_allowed(cred.uid(), own_uid),
+        Err(_) => false,
+    }
+}
+
+/// The rule of [`may_connect`].
+fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == own_uid || peer_uid == 0
 }
 
 /// A running API server. Dropping it stops the server, gives in-flight requests
@@ -171,11 +192,20 @@ impl ApiServer {
             .build()
             .map_err(io_error(path, "starting the API runtime"))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        // SAFETY: geteuid has no preconditions and cannot fail. (Asked here: the server
+        // thread's system call filter does not allow it.)
+        let own_uid = unsafe { libc::geteuid() };
         let (done_tx, done) = std_mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("ebb-api".into())
             .spawn(move || {
-                runtime.block_on(serve(listener, dispatcher, options, shutdown_rx));
+                if let Err(e) = seccomp::install(ThreadKind::Api, options.seccomp) {
+                    // Serving unfiltered is not an option: refuse every request instead.
+                    tracing::error!("API server not started: {e}");
+                    let _ = done_tx.send(());
+                    return;
+                }
+                runtime.block_on(serve(listener, dispatcher, options, own_uid, shutdown_rx));
                 let _ = done_tx.send(());
             })
             .map_err(io_error(path, "starting the API thread"))?;
@@ -237,6 +267,7 @@ async fn serve(
     listener: std::os::unix::net::UnixListener,
     dispatcher: Dispatcher,
     options: ServerOptions,
+    own_uid: u32,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let listener = match tokio::net::UnixListener::from_std(listener) {
@@ -255,11 +286,21 @@ async fn serve(
     );
     let permits = Arc::new(Semaphore::new(options.max_connections));
     let mut connections = JoinSet::new();
+    let mut refused_logged = false;
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
+                Ok((stream, _)) if !may_connect(&stream, own_uid) => {
+                    if !refused_logged {
+                        refused_logged = true;
+                        tracing::warn!(
+                            "API: refused a client of another user (only this user and root \
+                             are served; further refusals are not logged)"
+                        );
+                    }
+                }
                 Ok((stream, _)) => match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let router = router.clone();
@@ -414,6 +455,16 @@ impl AsyncWrite for WriteDeadline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn only_the_same_user_or_root_may_connect() {
+        assert!(peer_allowed(1000, 1000));
+        assert!(peer_allowed(0, 1000));
+        assert!(!peer_allowed(1001, 1000));
+        assert!(peer_allowed(0, 0));
+        assert!(!peer_allowed(65534, 0));
+    }
 
     fn temp_path(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("ebb-api-{}-{name}.sock", std::process::id()))
