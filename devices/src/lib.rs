@@ -7,6 +7,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
+pub mod console_output;
 pub mod exit;
 pub mod faults;
 pub mod ged;

@@ -1,6 +1,5 @@
 //! The 16550 UART at COM1 (vm-superio's model) with its output sink and interrupt.
 
-use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -9,6 +8,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::console_output::ConsoleOutput;
 
 /// COM1's first port.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -43,14 +43,12 @@ impl SerialEvents for InputDrained {
     }
 }
 
-/// Where guest console output goes. Writes are unbuffered: the guest writes a byte at a
-/// time and a prompt without a newline must still show up.
+/// Where guest console output goes: through a bounded buffer and a writer thread
+/// ([`ConsoleOutput`]), so a slow terminal or disk never stalls the vCPU, or nowhere.
 #[derive(Debug)]
 pub enum SerialOutput {
-    /// The VMM's standard output.
-    Stdout,
-    /// A file (created or truncated at start).
-    File(File),
+    /// To a destination (stdout, a file) through its writer thread.
+    Console(ConsoleOutput),
     /// Discarded.
     Sink,
 }
@@ -58,21 +56,33 @@ pub enum SerialOutput {
 impl Write for SerialOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            SerialOutput::Stdout => {
-                // SAFETY: fd 1 stays open for the life of the process.
-                let fd = unsafe { BorrowedFd::borrow_raw(io::stdout().as_raw_fd()) };
-                write_fd(fd, buf)
-            }
-            SerialOutput::File(f) => f.write(buf),
+            SerialOutput::Console(c) => c.write(buf),
             SerialOutput::Sink => Ok(buf.len()),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            SerialOutput::File(f) => f.flush(),
-            _ => Ok(()),
+            SerialOutput::Console(c) => c.flush(),
+            SerialOutput::Sink => Ok(()),
         }
+    }
+}
+
+/// The process's standard output, written with plain write(2) calls (no buffering, no
+/// lock shared with Rust's `stdout()`).
+#[derive(Debug, Default)]
+pub struct RawStdout;
+
+impl Write for RawStdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: fd 1 stays open for the life of the process.
+        let fd = unsafe { BorrowedFd::borrow_raw(io::stdout().as_raw_fd()) };
+        write_fd(fd, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -160,10 +170,11 @@ mod tests {
     #[test]
     fn transmits_to_file_and_receives_input() {
         let path = std::env::temp_dir().join(format!("ebb-serial-test-{}", std::process::id()));
-        let file = File::create(&path).unwrap();
+        let file = std::fs::File::create(&path).unwrap();
+        let (output, _writer) = ConsoleOutput::spawn(file, None, || Ok(())).unwrap();
         let irq = crate::new_eventfd().unwrap();
         let (mut dev, drained) =
-            SerialDevice::new(irq.try_clone().unwrap(), SerialOutput::File(file)).unwrap();
+            SerialDevice::new(irq.try_clone().unwrap(), SerialOutput::Console(output)).unwrap();
         for b in b"hi\n" {
             dev.write(THR, &[*b]);
         }

@@ -46,8 +46,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
-    /// Serial console: stdio, file=PATH or off.
-    #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
+    /// Serial console: stdio, file=PATH (at most max=SIZE of output, default 1G) or off.
+    #[arg(
+        long,
+        value_name = "stdio|file=PATH[,max=SIZE]|off",
+        default_value = "stdio"
+    )]
     pub serial: SerialConfig,
 
     /// System call filters for Ebb's threads: on (the default) or off, to debug a
@@ -134,7 +138,13 @@ mod tests {
         assert_eq!(c.memory.size, 5 * GIB);
         assert_eq!(c.cpus, 2);
         assert_eq!(c.balloon.unwrap().size, GIB);
-        assert_eq!(c.serial, SerialConfig::File("/tmp/s".into()));
+        assert_eq!(
+            c.serial,
+            SerialConfig::File {
+                path: "/tmp/s".into(),
+                max: crate::config::DEFAULT_SERIAL_FILE_MAX
+            }
+        );
     }
 
     #[test]

@@ -82,14 +82,23 @@ impl std::str::FromStr for MemoryConfig {
     }
 }
 
+/// The default cap of `--serial file=PATH`: a guest must not fill the host's disk.
+pub const DEFAULT_SERIAL_FILE_MAX: u64 = GIB;
+
 /// Where the guest's serial console goes (`--serial`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum SerialConfig {
     /// Output on stdout, input from stdin.
     #[default]
     Stdio,
-    /// Output to a file; no input.
-    File(PathBuf),
+    /// Output to a file, at most `max` bytes of it; no input.
+    File {
+        /// The file (created or truncated at start).
+        path: PathBuf,
+        /// Largest size the file may reach; past it output is dropped, after a line
+        /// that says so.
+        max: u64,
+    },
     /// No console.
     Off,
 }
@@ -102,9 +111,33 @@ impl std::str::FromStr for SerialConfig {
             "stdio" => Ok(SerialConfig::Stdio),
             "off" => Ok(SerialConfig::Off),
             _ => match text.strip_prefix("file=") {
-                Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
-                _ => err(format!(
-                    "invalid serial '{text}': expected stdio, file=PATH or off"
+                Some(rest) => {
+                    // `,max=` ends the path (a path may hold other commas).
+                    let (path, max) = match rest.rsplit_once(",max=") {
+                        Some((path, size)) => {
+                            let max = parse_size(size).map_err(|e| {
+                                ParseError::new(format!("invalid serial '{text}': max: {e}"))
+                            })?;
+                            if max == 0 {
+                                return err(format!(
+                                    "invalid serial '{text}': max must be above 0 (use \
+                                     --serial off for no output)"
+                                ));
+                            }
+                            (path, max)
+                        }
+                        None => (rest, DEFAULT_SERIAL_FILE_MAX),
+                    };
+                    if path.is_empty() {
+                        return err(format!("invalid serial '{text}': the file path is empty"));
+                    }
+                    Ok(SerialConfig::File {
+                        path: PathBuf::from(path),
+                        max,
+                    })
+                }
+                None => err(format!(
+                    "invalid serial '{text}': expected stdio, file=PATH[,max=SIZE] or off"
                 )),
             },
         }
@@ -115,7 +148,12 @@ impl fmt::Display for SerialConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SerialConfig::Stdio => write!(f, "stdio"),
-            SerialConfig::File(p) => write!(f, "file={}", p.display()),
+            SerialConfig::File { path, max } => write!(
+                f,
+                "file={},max={}",
+                path.display(),
+                ebb_api_model::units::size_arg(*max)
+            ),
             SerialConfig::Off => write!(f, "off"),
         }
     }
@@ -196,9 +234,24 @@ mod tests {
         assert_eq!("off".parse::<SerialConfig>().unwrap(), SerialConfig::Off);
         assert_eq!(
             "file=/tmp/x".parse::<SerialConfig>().unwrap(),
-            SerialConfig::File("/tmp/x".into())
+            SerialConfig::File {
+                path: "/tmp/x".into(),
+                max: DEFAULT_SERIAL_FILE_MAX
+            }
         );
+        let capped: SerialConfig = "file=/tmp/a,b,max=10M".parse().unwrap();
+        assert_eq!(
+            capped,
+            SerialConfig::File {
+                path: "/tmp/a,b".into(),
+                max: 10 * MIB
+            }
+        );
+        assert_eq!(capped.to_string().parse::<SerialConfig>().unwrap(), capped);
         assert!("file=".parse::<SerialConfig>().is_err());
+        assert!("file=,max=1M".parse::<SerialConfig>().is_err());
+        assert!("file=/x,max=0".parse::<SerialConfig>().is_err());
+        assert!("file=/x,max=lots".parse::<SerialConfig>().is_err());
         assert!("tty".parse::<SerialConfig>().is_err());
     }
 }

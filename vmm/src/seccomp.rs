@@ -2,10 +2,10 @@
 //! needs, so that a guest that gained control of a device model (or an API client that
 //! gained control of the server) can do little with the process.
 //!
-//! Three kinds of thread, three allow-lists ([`ThreadKind`]). Each thread installs its own
-//! filter once its setup is done ([`install`]): the API thread when it starts serving, each
-//! vCPU thread before its first KVM_RUN, the main thread (the event loop) once it has built
-//! the VM and started the others. A forbidden call raises SIGSYS, whose handler names the
+//! Four kinds of thread, four allow-lists ([`ThreadKind`]). Each thread installs its own
+//! filter once its setup is done ([`install`]): the API and console threads when they
+//! start, each vCPU thread before its first KVM_RUN, the main thread (the event loop) once
+//! it has built the VM and started the others. A forbidden call raises SIGSYS, whose handler names the
 //! call on stderr and ends the process with [`EXIT_SECCOMP`]; `--seccomp off` runs without
 //! filters, for debugging.
 //!
@@ -54,6 +54,8 @@ pub enum ThreadKind {
     Vcpu,
     /// The REST API server (a single-threaded async runtime on a Unix socket).
     Api,
+    /// Writes the guest's console output to stdout or a file.
+    Console,
 }
 
 /// A failure to build or install a filter.
@@ -130,6 +132,8 @@ fn extra_calls(kind: ThreadKind) -> &'static [i64] {
         // Device accesses that exit to the vCPU: eventfd writes (COMMON), the balloon
         // arming its statistics timer when the driver activates it.
         ThreadKind::Vcpu => &[libc::SYS_timerfd_settime, libc::SYS_fsync],
+        // Writing (COMMON) is all it does.
+        ThreadKind::Console => &[libc::SYS_fsync],
         ThreadKind::Api => &[
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
@@ -158,6 +162,7 @@ fn ioctl_requests(kind: ThreadKind) -> &'static [u64] {
         ThreadKind::EventLoop => &[TCGETS, TCSETS, TCSETSW],
         ThreadKind::Vcpu => &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS],
         ThreadKind::Api => &[FIONBIO],
+        ThreadKind::Console => &[],
     }
 }
 
@@ -185,7 +190,10 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         .iter()
         .map(|&request| rule(vec![condition(1, SeccompCmpOp::Eq, request, kind)?], kind))
         .collect::<Result<Vec<_>, _>>()?;
-    rules.insert(libc::SYS_ioctl, ioctls);
+    // An empty rule list would allow every ioctl: only add it with requests to match.
+    if !ioctls.is_empty() {
+        rules.insert(libc::SYS_ioctl, ioctls);
+    }
     // Opening for reading only: the event loop reads /proc for the memory figures, and
     // glibc's malloc reads /proc/sys/vm/overcommit_memory the first time it shrinks a
     // thread's heap, on whichever thread that happens.
@@ -286,7 +294,12 @@ mod tests {
 
     #[test]
     fn every_filter_compiles_and_modes_parse() {
-        for kind in [ThreadKind::EventLoop, ThreadKind::Vcpu, ThreadKind::Api] {
+        for kind in [
+            ThreadKind::EventLoop,
+            ThreadKind::Vcpu,
+            ThreadKind::Api,
+            ThreadKind::Console,
+        ] {
             assert!(!filter(kind).unwrap().is_empty());
         }
         assert_eq!("on".parse(), Ok(SeccompMode::On));
@@ -365,6 +378,23 @@ mod tests {
         assert!(text.starts_with("allowed\n"), "{text}");
         let expected = format!("forbidden system call {} (run", libc::SYS_socket);
         assert!(text.contains(&expected), "{text}");
+    }
+
+    /// A kind with no ioctl requests may make none (an empty rule list would allow all).
+    #[test]
+    fn the_console_thread_may_not_ioctl() {
+        let (status, text) = run_filtered(ThreadKind::Console, || {
+            say(b"writing works\n");
+            let mut size = [0u16; 4];
+            // SAFETY: TIOCGWINSZ into our own buffer.
+            unsafe { libc::ioctl(2, libc::TIOCGWINSZ, size.as_mut_ptr()) };
+        });
+        assert_eq!(status, EXIT_SECCOMP, "{text}");
+        assert!(text.starts_with("writing works\n"), "{text}");
+        assert!(
+            text.contains(&format!("system call {} ", libc::SYS_ioctl)),
+            "{text}"
+        );
     }
 
     /// Files open for reading only: a read-only open works, one that could write or

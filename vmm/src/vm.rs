@@ -11,10 +11,11 @@ use ebb_balloon::{Balloon, BalloonOptions};
 use ebb_devices::acpi_pm::{self, AcpiPm};
 use ebb_devices::bus::{lock, Bus, BusError};
 use ebb_devices::cmos::{self, Cmos};
+use ebb_devices::console_output::{ConsoleOutput, ConsoleWriter};
 use ebb_devices::exit::{ExitSignal, VmExit};
 use ebb_devices::ged::Ged;
 use ebb_devices::i8042::{self, I8042};
-use ebb_devices::serial::{self, SerialDevice, SerialOutput};
+use ebb_devices::serial::{self, RawStdout, SerialDevice, SerialOutput};
 use ebb_devices::virtio::handler::VirtioHandler;
 use ebb_devices::virtio::mmio::{self, MmioTransport};
 use ebb_devices::virtio::{MmioInterrupt, VirtioDevice};
@@ -233,6 +234,8 @@ struct LegacyDevices {
     io_bus: Bus,
     serial: Arc<Mutex<SerialDevice>>,
     serial_drained: EventFd,
+    /// Writes the console out; closed (what is left written) when the VM ends.
+    console_writer: Option<ConsoleWriter>,
 }
 
 fn legacy_devices(
@@ -244,12 +247,25 @@ fn legacy_devices(
     let serial_irq = ebb_devices::new_eventfd().map_err(io_err("creating an eventfd"))?;
     vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-    let serial_output = match &config.serial {
-        SerialConfig::Stdio => SerialOutput::Stdout,
-        SerialConfig::File(path) => SerialOutput::File(File::create(path).map_err(io_err(
-            format!("cannot open serial output file '{}'", path.display()),
-        ))?),
-        SerialConfig::Off => SerialOutput::Sink,
+    let seccomp = config.seccomp;
+    let filter = move || seccomp::install(ThreadKind::Console, seccomp).map_err(|e| e.to_string());
+    let spawned = match &config.serial {
+        SerialConfig::Stdio => Some(ConsoleOutput::spawn(RawStdout, None, filter)),
+        SerialConfig::File { path, max } => {
+            let file = File::create(path).map_err(io_err(format!(
+                "cannot open serial output file '{}'",
+                path.display()
+            )))?;
+            Some(ConsoleOutput::spawn(file, Some(*max), filter))
+        }
+        SerialConfig::Off => None,
+    };
+    let (serial_output, console_writer) = match spawned {
+        Some(spawned) => {
+            let (output, writer) = spawned.map_err(io_err("starting the console thread"))?;
+            (SerialOutput::Console(output), Some(writer))
+        }
+        None => (SerialOutput::Sink, None),
     };
     let (serial_dev, serial_drained) =
         SerialDevice::new(serial_irq, serial_output).map_err(io_err("creating the serial port"))?;
@@ -280,6 +296,7 @@ fn legacy_devices(
         io_bus,
         serial,
         serial_drained,
+        console_writer,
     })
 }
 
@@ -526,6 +543,9 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     drop(events);
     drop(api_server);
     lock(&legacy.serial).flush();
+    if let Some(mut writer) = legacy.console_writer {
+        writer.close();
+    }
     // Guest RAM is never unmapped, so vCPU threads still in KVM_RUN stay safe until the
     // process exits.
     Ok(exit.reason().unwrap_or(VmExit::Stopped("unknown".into())))
