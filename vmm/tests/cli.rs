@@ -481,7 +481,10 @@ fn command_line_mistakes() {
     ebb(&[]).expect_error(&["--kernel"]);
     ebb(&["--kernel", p(&k), "--frobnicate"]).expect_error(&["--frobnicate"]);
     ebb(&["--kernel", p(&k), "--serial", "tty"])
-        .expect_error(&["invalid serial 'tty'", "stdio, file=PATH or off"]);
+        .expect_error(&["invalid serial 'tty'", "stdio, file=PATH[,max=SIZE] or off"]);
+    ebb(&["--kernel", p(&k), "--serial", "file=/tmp/x,max=0"])
+        .expect_error(&["max must be above 0", "--serial off"]);
+    ebb(&["--kernel", p(&k), "--serial", "file=/tmp/x,max=big"]).expect_error(&["max:"]);
     ebb(&["--kernel", p(&k), "--log-level", "loud"]).expect_error(&["loud"]);
     ebb(&["--kernel"]).expect_error(&["--kernel"]);
 }
