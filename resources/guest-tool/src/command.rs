@@ -20,6 +20,8 @@ pub enum Command {
     Sleep(Duration),
     Poweroff,
     Reboot,
+    /// Drive the balloon device as a hostile driver would (see `hostile.rs`).
+    Hostile(crate::hostile::Mode, Duration),
 }
 
 impl Command {
@@ -37,6 +39,7 @@ impl Command {
             Command::Sleep(_) => "sleep",
             Command::Poweroff => "poweroff",
             Command::Reboot => "reboot",
+            Command::Hostile(..) => "hostile",
         }
     }
 }
@@ -118,6 +121,16 @@ pub fn parse_line(line: &str) -> Option<Result<Command, ParseError>> {
         "sh" if rest.is_empty() => Err(err(name, "usage: sh CMD...")),
         "sh" => Ok(Command::Sh(rest.to_string())),
         "sleep" => parse_secs(rest).map(Command::Sleep),
+        "hostile" => {
+            let (mode, secs) = rest.split_once(' ').unwrap_or((rest, ""));
+            match (crate::hostile::Mode::parse(mode), parse_secs(secs.trim())) {
+                (Some(mode), Ok(d)) => Ok(Command::Hostile(mode, d)),
+                _ => Err(err(
+                    "hostile",
+                    "usage: hostile inflate|report|stats|malformed SECS",
+                )),
+            }
+        }
         "poweroff" => no_args(Command::Poweroff, rest),
         "reboot" => no_args(Command::Reboot, rest),
         _ => Err(err(name, "unknown command")),
@@ -205,6 +218,15 @@ mod tests {
         assert_eq!(ok("sleep 0"), Command::Sleep(Duration::ZERO));
         assert_eq!(ok("poweroff"), Command::Poweroff);
         assert_eq!(ok("reboot"), Command::Reboot);
+        assert_eq!(
+            parse_line("hostile inflate 60"),
+            Some(Ok(Command::Hostile(
+                crate::hostile::Mode::Inflate,
+                Duration::from_secs(60)
+            )))
+        );
+        assert!(matches!(parse_line("hostile explode 5"), Some(Err(_))));
+        assert!(matches!(parse_line("hostile report"), Some(Err(_))));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!                    unless started with `--restarted`.
 
 mod command;
+mod hostile;
 mod init;
 mod json;
 mod procfs;

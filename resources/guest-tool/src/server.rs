@@ -120,6 +120,16 @@ impl Server {
                 }
             }
             Command::Sh(script) => sh(&script),
+            Command::Hostile(mode, d) => match crate::hostile::run(mode, d.as_secs_f64()) {
+                Ok(o) => result(name, true)
+                    .str("mode", &o.mode)
+                    .float("secs", o.secs)
+                    .uint("completed", o.completed)
+                    .uint("kicks", o.kicks)
+                    .uint("final_status", o.final_status.into())
+                    .bool("bystander_intact", o.bystander_intact),
+                Err(e) => result(name, false).str("error", &e),
+            },
             Command::Sleep(d) => {
                 std::thread::sleep(d);
                 result(name, true).float("secs", d.as_secs_f64())
