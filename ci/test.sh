@@ -9,4 +9,6 @@ start=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo test --workspace --release -- --test-threads=2
+# Fuzz targets, a short budget each from the committed corpus (nightly; installs cargo-fuzz).
+bash tests/fuzz/run.sh all 30
 echo "ci/test.sh: all checks passed in $(( $(date +%s) - start )) s"
