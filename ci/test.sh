@@ -7,6 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash ci/setup.sh
 start=$(date +%s)
 cargo fmt --all -- --check
+rustfmt --edition 2021 --check tests/fuzz/src/lib.rs tests/fuzz/fuzz_targets/*.rs
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo test --workspace --release -- --test-threads=2
 # Fuzz targets, a short budget each from the committed corpus (nightly; installs cargo-fuzz).

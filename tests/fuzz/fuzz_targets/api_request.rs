@@ -42,7 +42,10 @@ impl VmBackend for FakeVm {
         Some(self.balloon.clone())
     }
     fn set_balloon_target(&mut self, pages: u64) -> Result<(), ApiError> {
-        assert!(pages * 4096 <= self.balloon.guest_memory_bytes, "checked by the API");
+        assert!(
+            pages * 4096 <= self.balloon.guest_memory_bytes,
+            "checked by the API"
+        );
         self.balloon.target_pages = pages as u32;
         Ok(())
     }
@@ -122,7 +125,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let method = METHODS[usize::from(data[0]) % METHODS.len()];
     let (path, body) = if data[1] & 0x80 == 0 {
-        (PATHS[usize::from(data[1]) % PATHS.len()].to_string(), &data[3..])
+        (
+            PATHS[usize::from(data[1]) % PATHS.len()].to_string(),
+            &data[3..],
+        )
     } else {
         // A path of the fuzzer's own, up to the first NUL.
         let rest = &data[3..];

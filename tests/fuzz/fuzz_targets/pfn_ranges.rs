@@ -30,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
     let mut previous_end = 0;
     for r in &checked.ranges {
         assert!(r.len() > 0);
-        assert!(r.gpa() >= previous_end, "ranges overlap or are out of order");
+        assert!(
+            r.gpa() >= previous_end,
+            "ranges overlap or are out of order"
+        );
         assert!(ram.range(r.gpa(), r.len()).is_some(), "range outside RAM");
         previous_end = r.end();
     }

@@ -15,10 +15,7 @@ pub fn small_ram() -> GuestRam {
     static RAM: std::sync::OnceLock<GuestRam> = std::sync::OnceLock::new();
     let ram = RAM.get_or_init(|| {
         GuestRam::new(
-            &[
-                (GuestAddress(0), 4 * MIB),
-                (GuestAddress(8 * MIB), 4 * MIB),
-            ],
+            &[(GuestAddress(0), 4 * MIB), (GuestAddress(8 * MIB), 4 * MIB)],
             RamOptions::default(),
         )
         .expect("guest RAM")
@@ -47,7 +44,10 @@ pub fn check_discard(addr: usize, len: usize) {
     if ram_len == 0 {
         return;
     }
-    let inside = addr >= start && addr.checked_add(len).is_some_and(|end| end <= start + ram_len);
+    let inside = addr >= start
+        && addr
+            .checked_add(len)
+            .is_some_and(|end| end <= start + ram_len);
     if !inside {
         eprintln!(
             "FINDING: discard of {len:#x} bytes at {addr:#x} outside guest RAM {start:#x}+{ram_len:#x}"
@@ -71,7 +71,10 @@ macro_rules! madvise_oracle {
             len: libc::size_t,
             advice: libc::c_int,
         ) -> libc::c_int {
-            if matches!(advice, libc::MADV_DONTNEED | libc::MADV_REMOVE | libc::MADV_FREE) {
+            if matches!(
+                advice,
+                libc::MADV_DONTNEED | libc::MADV_REMOVE | libc::MADV_FREE
+            ) {
                 $crate::check_discard(addr as usize, len);
             }
             // SAFETY: the same call the code under test made, unchanged.
