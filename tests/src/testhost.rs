@@ -674,22 +674,48 @@ pub fn ensure_qemu() -> Result<PathBuf, Error> {
     })
 }
 
-/// Paths that L1 sees through its read-only view of `/` at the same place, except under
-/// the tmpfs mounts its init puts on top.
-fn check_visible_in_l1(what: &str, p: &Path) -> Result<(), Error> {
-    let s = path_str(p);
-    if !p.is_absolute() {
-        return Err(Error::Setup(format!("{what} {s} is not absolute")));
-    }
-    for hidden in ["/tmp", "/run", "/proc", "/sys", "/dev"] {
-        if p.starts_with(hidden) {
+/// Directories L1's init covers with scratch tmpfs mounts of its own: outer paths under
+/// them that a run needs are bound through (`ebbth.keep=`), see [`paths_to_keep`].
+const SCRATCH_MOUNTS: &[&str] = &["/tmp", "/run", "/dev/shm"];
+/// Directories L1 mounts its own kernel's views on: nothing of the outer machine there.
+const L1_OWN_MOUNTS: &[&str] = &["/proc", "/sys", "/dev"];
+
+/// Of the outer directories a run needs (`(what, path)`), those under L1's scratch
+/// mounts, without the ones inside another: L1 binds each through from its view of the
+/// outer root, so a checkout, target directory or cache under /tmp works as anywhere else.
+fn paths_to_keep(needed: &[(&str, &Path)]) -> Result<Vec<PathBuf>, Error> {
+    let mut keep: Vec<PathBuf> = Vec::new();
+    for (what, p) in needed {
+        let s = path_str(p);
+        if !p.is_absolute() {
+            return Err(Error::Setup(format!("{what} {s} is not absolute")));
+        }
+        if SCRATCH_MOUNTS.iter().any(|m| *p == Path::new(m)) {
             return Err(Error::Setup(format!(
-                "{what} {s} is under {hidden}, which the test host covers with its own \
-                 mount: use a directory elsewhere"
+                "{what} is {s} itself, which the test host replaces by a scratch tmpfs: use \
+                 a directory below it or elsewhere"
+            )));
+        }
+        if SCRATCH_MOUNTS.iter().any(|m| p.starts_with(m)) {
+            if s.contains([',', ' ', '\t', '\n', '"']) {
+                return Err(Error::Setup(format!(
+                    "{what} {s} contains a comma, quote or white space (the test host's \
+                     kernel command line cannot carry it)"
+                )));
+            }
+            keep.push(p.to_path_buf());
+        } else if let Some(m) = L1_OWN_MOUNTS.iter().find(|m| p.starts_with(m)) {
+            return Err(Error::Setup(format!(
+                "{what} {s} is under {m}, where the test host mounts its own kernel's view: \
+                 use a directory elsewhere"
             )));
         }
     }
-    Ok(())
+    keep.sort();
+    keep.dedup();
+    let all = keep.clone();
+    keep.retain(|p| !all.iter().any(|q| q != p && p.starts_with(q)));
+    Ok(keep)
 }
 
 /// How one L1 attempt ended.
@@ -710,9 +736,12 @@ fn run_nested(scenario: &Scenario) -> Result<RunOutput, Error> {
     let t0 = Instant::now();
     let target = paths::target_dir();
     let cache = paths::cache_dir();
-    check_visible_in_l1("the cargo target directory", &target)?;
-    check_visible_in_l1("the Ebb cache directory (EBB_CACHE_DIR)", &cache)?;
-    check_visible_in_l1("the working directory", &scenario_cwd(scenario))?;
+    let cwd = scenario_cwd(scenario);
+    let keep = paths_to_keep(&[
+        ("the cargo target directory", &target),
+        ("the Ebb cache directory (EBB_CACHE_DIR)", &cache),
+        ("the working directory", &cwd),
+    ])?;
     let lock = lock_test_host()?;
     let lock_wait = t0.elapsed();
     let t_prep = Instant::now();
@@ -727,8 +756,7 @@ fn run_nested(scenario: &Scenario) -> Result<RunOutput, Error> {
     for attempt in 1..=MAX_ATTEMPTS {
         let script = scenario_script(&current, &nested_env(&current))?;
         let dir = new_run_dir(&format!("nested-a{attempt}"))?;
-        check_visible_in_l1("the run directory", &dir)?;
-        match nested_attempt(&current, &qemu, &files, &dir, &script) {
+        match nested_attempt(&current, &qemu, &files, &keep, &dir, &script) {
             Attempt::Done(mut out) => {
                 drop(lock);
                 earlier_stdout.push_str(&out.stdout);
@@ -872,6 +900,7 @@ fn l1_command(
     qemu: &Path,
     files: &TestHostFiles,
     scenario: &Scenario,
+    keep: &[PathBuf],
     dir: &Path,
 ) -> Result<Command, Error> {
     let dir_s = path_str(dir);
@@ -891,6 +920,10 @@ fn l1_command(
         "tsc=reliable".into(),
         format!("ebbth.out={dir_s}"),
     ];
+    if !keep.is_empty() {
+        let keep: Vec<String> = keep.iter().map(|p| path_str(p)).collect();
+        append.push(format!("ebbth.keep={}", keep.join(",")));
+    }
     if let Some(m) = &files.modtree {
         let m = path_str(m);
         if !m.contains(char::is_whitespace) {
@@ -938,13 +971,14 @@ fn nested_attempt(
     scenario: &Scenario,
     qemu: &Path,
     files: &TestHostFiles,
+    keep: &[PathBuf],
     dir: &Path,
     script: &str,
 ) -> Attempt {
     if let Err(e) = fs::write(dir.join("scenario.sh"), script) {
         return Attempt::Fail(Error::Setup(format!("writing scenario.sh: {e}")));
     }
-    let mut cmd = match l1_command(qemu, files, scenario, dir) {
+    let mut cmd = match l1_command(qemu, files, scenario, keep, dir) {
         Ok(c) => c,
         Err(e) => return Attempt::Fail(e),
     };
@@ -1209,10 +1243,22 @@ mod tests {
     }
 
     #[test]
-    fn hidden_paths_rejected() {
-        assert!(check_visible_in_l1("x", Path::new("/tmp/a")).is_err());
-        assert!(check_visible_in_l1("x", Path::new("/tmpfoo/a")).is_ok());
-        assert!(check_visible_in_l1("x", Path::new("rel")).is_err());
+    fn paths_under_scratch_mounts_are_kept() {
+        let keep = |ps: &[&str]| {
+            let v: Vec<(&str, &Path)> = ps.iter().map(|p| ("x", Path::new(*p))).collect();
+            paths_to_keep(&v)
+        };
+        assert_eq!(
+            keep(&["/tmp/c/target", "/work/cache", "/tmp/c", "/tmpfoo/a"]).unwrap(),
+            vec![PathBuf::from("/tmp/c")]
+        );
+        assert_eq!(
+            keep(&["/run/a", "/dev/shm/b"]).unwrap(),
+            vec![PathBuf::from("/dev/shm/b"), PathBuf::from("/run/a")]
+        );
+        assert!(keep(&["rel"]).is_err());
+        assert!(keep(&["/proc/1"]).is_err());
+        assert!(keep(&["/tmp/a b"]).is_err());
     }
 
     #[test]
