@@ -32,10 +32,7 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
 ///   registers a legacy CMOS RTC and its probe spins on port 0x70/0x71 for ~10 s.
 pub const BOOT_SPEEDUPS: &str = "pci=noearly initcall_blacklist=cmos_init";
 
-/// What Ebb says when its guest triple-faults. In the emulated test host this also
-/// happens at random to healthy guests (QEMU's TCG emulation of SVM), which the batch
-/// runner and the density run retry once.
-pub const TRIPLE_FAULT_EXIT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
+pub use crate::testhost::TRIPLE_FAULT_EXIT;
 /// Lines of transcript/stderr in error messages.
 const TAIL_LINES: usize = 40;
 
@@ -327,18 +324,7 @@ pub fn build_ebb_binary() -> Result<PathBuf> {
 
 /// Finds qemu-system-x86_64 on PATH.
 pub fn find_qemu() -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join("qemu-system-x86_64"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            GuestError::Missing(
-                "qemu-system-x86_64 is not installed: install Debian's qemu-system-x86 \
-                 (`apt-get install qemu-system-x86`, or `ensure_packages qemu-system-x86` \
-                 from resources/common.sh) on the outer machine"
-                    .into(),
-            )
-        })
+    crate::testhost::find_qemu().map_err(GuestError::Missing)
 }
 
 fn check_kvm() -> Result<()> {

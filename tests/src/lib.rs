@@ -11,6 +11,8 @@
 //!   benchmarks) that the runners (`ebb-scenario`, `ebb-bench`) and the integration
 //!   tests run inside the test host.
 //! - [`qmp`], [`madvise`]: driving QEMU over QMP; counting a VMM's discards with perf.
+//! - [`results`]: the one result line protocol of every job (scenarios, demo, density).
+//! - [`util`]: median, MiB, polling, processes with a time limit.
 //! - [`paths`]: where the repository, the cargo target directory and the cache are.
 
 pub mod density;
@@ -19,6 +21,8 @@ pub mod madvise;
 pub mod paths;
 pub mod procfs;
 pub mod qmp;
+pub mod results;
 pub mod scenarios;
 pub mod testhost;
 mod text;
+pub mod util;

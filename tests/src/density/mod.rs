@@ -351,23 +351,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-/// Median of the values.
-pub fn median(values: &mut [f64]) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(|a, b| a.total_cmp(b));
-    let n = values.len();
-    Some(if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    })
-}
+pub use crate::util::{median, mib};
 
 /// Runs `spec` with `launcher` and returns its figures; `progress` receives one line per
 /// step.
@@ -530,14 +514,14 @@ pub fn run_density(
                 / fitting.len() as f64,
         )
     };
-    let mut reclaims: Vec<f64> = fitting.iter().filter_map(|r| r.reclaim_s).collect();
+    let reclaims: Vec<f64> = fitting.iter().filter_map(|r| r.reclaim_s).collect();
     let timeline = std::mem::take(&mut *lock(&timeline));
     RunResult {
         vmm: spec.vmm,
         reporting: spec.reporting,
         guests_fit: fitting.len() as u32,
         residual_mib_per_guest: residual,
-        reclaim_s_median: median(&mut reclaims),
+        reclaim_s_median: median(&reclaims),
         failure,
         guests: records,
         timeline,
@@ -873,8 +857,5 @@ mod tests {
             assert_eq!(RunSpec::parse(l).unwrap().label(), l);
         }
         assert!(RunSpec::parse("ebb").is_none());
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(median(&mut []), None);
     }
 }

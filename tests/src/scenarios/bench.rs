@@ -74,7 +74,7 @@ fn kinds() -> Result<Vec<VmmKind>, String> {
 fn stats(v: &[f64]) -> Value {
     let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
     let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    json!({ "median": median(v), "min": min, "max": max, "all": v })
+    json!({ "median": median(v).unwrap_or(0.0), "min": min, "max": max, "all": v })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ fn bench_inflate(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         let done =
             super::support::poll(Duration::from_secs(300), Duration::from_millis(100), || {
                 polls += 1;
-                Ok((qmp.balloon_actual()? <= keep).then_some(()))
+                Ok::<_, String>((qmp.balloon_actual()? <= keep).then_some(()))
             })?;
         let qmp_ms = ms(t0.elapsed());
         ensure(done.is_some(), || {
