@@ -12,6 +12,8 @@
 //!   tests run inside the test host.
 //! - [`qmp`], [`madvise`]: driving QEMU over QMP; counting a VMM's discards with perf.
 //! - [`results`]: the one result line protocol of every job (scenarios, demo, density).
+//! - [`vmm`]: the `Vmm` trait, with Ebb and QEMU: command lines, balloon control (REST or
+//!   QMP), power-off.
 //! - [`util`]: median, MiB, polling, processes with a time limit.
 //! - [`paths`]: where the repository, the cargo target directory and the cache are.
 
@@ -26,3 +28,4 @@ pub mod scenarios;
 pub mod testhost;
 mod text;
 pub mod util;
+pub mod vmm;

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use ebb_tests::guest::{find_ebb_binary, BalloonConfig, GuestConfig, GuestVm, VmmKind};
+use ebb_tests::guest::{BalloonConfig, GuestConfig, GuestVm, VmmKind};
 use ebb_tests::results;
 use ebb_tests::testhost::{self, HostMode, Job};
 use ebb_tests::util::{mib, poll};
@@ -27,7 +27,7 @@ fn step(text: &str) {
 }
 
 fn inside() -> Result<(), String> {
-    let binary = find_ebb_binary().map_err(|e| e.to_string())?;
+    let ebb = VmmKind::Ebb.vmm().map_err(|e| e.to_string())?;
     let config = GuestConfig {
         memory_mib: MEMORY_MIB,
         cpus: 2,
@@ -44,7 +44,7 @@ fn inside() -> Result<(), String> {
         "Booting the default guest: {MEMORY_MIB} MiB, 2 vCPUs, balloon target {BALLOON_MIB} MiB, \
          free page reporting on"
     ));
-    let mut vm = GuestVm::spawn(VmmKind::Ebb { binary }, &config).map_err(|e| e.to_string())?;
+    let mut vm = GuestVm::spawn(ebb, &config).map_err(|e| e.to_string())?;
     println!("   {}", vm.argv().join(" "));
     let ready = vm.wait_ready(TIMEOUT).map_err(|e| e.to_string())?;
     println!(

@@ -86,31 +86,13 @@ impl DensityConfig {
     }
 }
 
-/// Which VMM a run uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmmName {
-    /// Ebb.
-    Ebb,
-    /// QEMU (`-M microvm,acpi=on`, virtio-balloon-device).
-    Qemu,
-}
-
-impl VmmName {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmmName::Ebb => "ebb",
-            VmmName::Qemu => "qemu",
-        }
-    }
-}
+pub use crate::vmm::VmmKind;
 
 /// One run: a VMM with reporting on or off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSpec {
     /// VMM.
-    pub vmm: VmmName,
+    pub vmm: VmmKind,
     /// Free page reporting.
     pub reporting: bool,
 }
@@ -128,11 +110,7 @@ impl RunSpec {
     /// Parses a label.
     pub fn parse(label: &str) -> Option<RunSpec> {
         let (vmm, rep) = label.split_once('-')?;
-        let vmm = match vmm {
-            "ebb" => VmmName::Ebb,
-            "qemu" => VmmName::Qemu,
-            _ => return None,
-        };
+        let vmm: VmmKind = vmm.parse().ok()?;
         let reporting = match rep {
             "on" => true,
             "off" => false,
@@ -206,7 +184,7 @@ pub struct Sample {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunResult {
     /// VMM.
-    pub vmm: VmmName,
+    pub vmm: VmmKind,
     /// Free page reporting.
     pub reporting: bool,
     /// Guests that booted, completed their touch and were alive at the end.
@@ -740,7 +718,7 @@ mod tests {
     #[test]
     fn small_residual_fits_many_and_stops_at_the_first_failure() {
         let spec = RunSpec {
-            vmm: VmmName::Ebb,
+            vmm: VmmKind::Ebb,
             reporting: true,
         };
         let mut lines = Vec::new();
@@ -779,19 +757,19 @@ mod tests {
         let mut h = host(60);
         h.fail_boot_at = Some(3);
         let spec = RunSpec {
-            vmm: VmmName::Qemu,
+            vmm: VmmKind::Qemu,
             reporting: false,
         };
         let r = run_density(spec, &cfg(), &mut h, Duration::from_millis(50), &mut |_| {});
         assert_eq!(r.guests_fit, 2);
         assert_eq!(r.failure.as_ref().unwrap().kind, FailureKind::Launch);
-        assert_eq!(r.vmm, VmmName::Qemu);
+        assert_eq!(r.vmm, VmmKind::Qemu);
     }
 
     #[test]
     fn a_guest_crash_is_retried_once_only_in_the_emulated_host() {
         let spec = RunSpec {
-            vmm: VmmName::Ebb,
+            vmm: VmmKind::Ebb,
             reporting: true,
         };
         let mut cfg = cfg();

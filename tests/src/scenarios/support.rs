@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::guest::{
-    find_ebb_binary, BalloonConfig, GuestArtifacts, GuestConfig, GuestExit, GuestVm, KernelImage,
-    VmmKind,
+    BalloonConfig, GuestArtifacts, GuestConfig, GuestExit, GuestVm, KernelImage, VmmKind, VmmRef,
 };
 
 pub use crate::util::{median, mib, poll};
@@ -52,14 +51,16 @@ pub fn artifacts() -> Result<GuestArtifacts, String> {
     GuestArtifacts::locate().s()
 }
 
-pub fn ebb() -> Result<VmmKind, String> {
-    Ok(VmmKind::Ebb {
-        binary: find_ebb_binary().s()?,
-    })
+pub fn ebb() -> Result<VmmRef, String> {
+    VmmKind::Ebb.vmm().s()
+}
+
+pub fn qemu() -> Result<VmmRef, String> {
+    VmmKind::Qemu.vmm().s()
 }
 
 pub fn ebb_binary() -> Result<PathBuf, String> {
-    find_ebb_binary().s()
+    crate::guest::find_ebb_binary().s()
 }
 
 /// The kernel image named by a scenario argument (`bzimage` or `elf`).
@@ -82,10 +83,7 @@ pub fn config(memory_mib: u64, cpus: u32, balloon: Option<BalloonConfig>) -> Gue
 }
 
 /// Spawns the VMM and waits for `EBB-READY`.
-pub fn boot(
-    kind: &VmmKind,
-    config: &GuestConfig,
-) -> Result<(GuestVm, crate::guest::Ready), String> {
+pub fn boot(kind: &VmmRef, config: &GuestConfig) -> Result<(GuestVm, crate::guest::Ready), String> {
     let artifacts = artifacts()?;
     progress(&format!(
         "{}: booting {} MiB, {} vCPU, cmdline `{}`",
@@ -269,22 +267,14 @@ pub fn expect_exit(exit: &GuestExit, code: i32, message: &str) -> Result<(), Str
 
 /// Powers off and checks Ebb's clean exit.
 pub fn poweroff_ebb(vm: &mut GuestVm) -> Result<GuestExit, String> {
-    let exit = vm.poweroff(EXIT_TIMEOUT).s()?;
-    expect_exit(&exit, 0, "ebb: guest powered off")?;
-    Ok(exit)
+    ensure(vm.kind() == VmmKind::Ebb, || "not an Ebb guest".into())?;
+    poweroff_any(vm)
 }
 
-/// Powers off any VMM (QEMU exits 0 too).
+/// Powers off and checks the VMM's clean exit (its own idea of one: [`crate::vmm::Vmm`]).
 pub fn poweroff_any(vm: &mut GuestVm) -> Result<GuestExit, String> {
     let exit = vm.poweroff(EXIT_TIMEOUT).s()?;
-    ensure(exit.status.success(), || {
-        format!(
-            "{} exited with {} after poweroff; stderr:\n{}",
-            vm.kind().name(),
-            exit.status,
-            exit.stderr
-        )
-    })?;
+    vm.vmm().check_poweroff(&exit)?;
     Ok(exit)
 }
 
