@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::paths;
 use crate::procfs;
 use crate::text::{indent, tail};
+pub use crate::vmm::{Ebb, Qemu, Vmm, VmmKind, VmmRef};
 
 /// The command line every guest gets before [`GuestConfig::cmdline_extra`].
 pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -32,10 +33,7 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
 ///   registers a legacy CMOS RTC and its probe spins on port 0x70/0x71 for ~10 s.
 pub const BOOT_SPEEDUPS: &str = "pci=noearly initcall_blacklist=cmos_init";
 
-/// What Ebb says when its guest triple-faults. In the emulated test host this also
-/// happens at random to healthy guests (QEMU's TCG emulation of SVM), which the batch
-/// runner and the density run retry once.
-pub const TRIPLE_FAULT_EXIT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
+pub use crate::testhost::TRIPLE_FAULT_EXIT;
 /// Lines of transcript/stderr in error messages.
 const TAIL_LINES: usize = 40;
 
@@ -144,24 +142,6 @@ pub fn build_default_guest() -> Result<GuestArtifacts> {
         )));
     }
     GuestArtifacts::in_dir(Path::new(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-/// Which VMM runs the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmmKind {
-    /// Ebb, from this binary.
-    Ebb { binary: PathBuf },
-    /// QEMU (`qemu-system-x86_64 -M microvm,acpi=on -accel kvm`), the peer.
-    Qemu,
-}
-
-impl VmmKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            VmmKind::Ebb { .. } => "ebb",
-            VmmKind::Qemu => "qemu",
-        }
-    }
 }
 
 /// The guest kernel image to boot.
@@ -327,18 +307,7 @@ pub fn build_ebb_binary() -> Result<PathBuf> {
 
 /// Finds qemu-system-x86_64 on PATH.
 pub fn find_qemu() -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join("qemu-system-x86_64"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            GuestError::Missing(
-                "qemu-system-x86_64 is not installed: install Debian's qemu-system-x86 \
-                 (`apt-get install qemu-system-x86`, or `ensure_packages qemu-system-x86` \
-                 from resources/common.sh) on the outer machine"
-                    .into(),
-            )
-        })
+    crate::testhost::find_qemu().map_err(GuestError::Missing)
 }
 
 fn check_kvm() -> Result<()> {
@@ -355,16 +324,17 @@ fn check_kvm() -> Result<()> {
     }
 }
 
-/// The full command (program and arguments) for `kind` and `config`.
+/// The full command (program and arguments) for `vmm` and `config`.
 pub fn vmm_command(
-    kind: &VmmKind,
+    vmm: &dyn Vmm,
     config: &GuestConfig,
     artifacts: &GuestArtifacts,
 ) -> Result<Vec<String>> {
-    let kernel = match config.kernel.clone().unwrap_or(match kind {
-        VmmKind::Qemu if artifacts.vmlinux.is_some() => KernelImage::Elf,
-        _ => KernelImage::BzImage,
-    }) {
+    let kernel = match config
+        .kernel
+        .clone()
+        .unwrap_or_else(|| vmm.default_kernel(artifacts))
+    {
         KernelImage::BzImage => artifacts.vmlinuz.clone(),
         KernelImage::Elf => artifacts.vmlinux.clone().ok_or_else(|| {
             GuestError::Missing(format!(
@@ -378,84 +348,7 @@ pub fn vmm_command(
         .initramfs
         .clone()
         .unwrap_or_else(|| artifacts.initramfs.clone());
-    let s = |p: &Path| p.to_string_lossy().into_owned();
-    let onoff = |b: bool| if b { "on" } else { "off" };
-    let mut argv: Vec<String> = Vec::new();
-    match kind {
-        VmmKind::Ebb { binary } => {
-            argv.push(s(binary));
-            argv.extend(["--kernel".into(), s(&kernel)]);
-            argv.extend(["--initramfs".into(), s(&initramfs)]);
-            argv.extend(["--cmdline".into(), config.cmdline()]);
-            let thp = match config.thp {
-                Some(true) => ",thp=on",
-                Some(false) => ",thp=off",
-                None => "",
-            };
-            argv.extend(["--memory".into(), format!("{}M{thp}", config.memory_mib)]);
-            argv.extend(["--cpus".into(), config.cpus.to_string()]);
-            argv.extend(["--serial".into(), "stdio".into()]);
-            if let Some(b) = &config.balloon {
-                argv.push("--balloon".into());
-                argv.push(format!(
-                    "size={}M,deflate_on_oom={},free_page_reporting={},stats_interval={}",
-                    b.size_mib,
-                    onoff(b.deflate_on_oom),
-                    onoff(b.free_page_reporting),
-                    b.stats_interval
-                ));
-            }
-        }
-        VmmKind::Qemu => {
-            argv.push(s(&find_qemu()?));
-            argv.extend(
-                [
-                    "-M",
-                    "microvm,acpi=on",
-                    "-accel",
-                    "kvm",
-                    "-cpu",
-                    "host",
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-display",
-                    "none",
-                    "-monitor",
-                    "none",
-                    "-serial",
-                    "stdio",
-                    "-no-reboot",
-                ]
-                .map(String::from),
-            );
-            argv.extend(["-m".into(), format!("{}M", config.memory_mib)]);
-            argv.extend(["-smp".into(), config.cpus.to_string()]);
-            argv.extend(["-kernel".into(), s(&kernel)]);
-            argv.extend(["-initrd".into(), s(&initramfs)]);
-            argv.extend(["-append".into(), config.cmdline()]);
-            if let Some(b) = &config.balloon {
-                if b.size_mib != 0 {
-                    return Err(GuestError::Unsupported(
-                        "an initial balloon size for QEMU needs QMP (`balloon` command), which \
-                         the harness does not drive yet"
-                            .into(),
-                    ));
-                }
-                let mut dev = format!(
-                    "virtio-balloon-device,free-page-reporting={},deflate-on-oom={}",
-                    onoff(b.free_page_reporting),
-                    onoff(b.deflate_on_oom)
-                );
-                if b.stats_interval != 0 {
-                    dev.push_str(&format!(
-                        ",guest-stats-polling-interval={}",
-                        b.stats_interval
-                    ));
-                }
-                argv.extend(["-device".into(), dev]);
-            }
-        }
-    }
+    let mut argv = vmm.argv(config, &kernel, &initramfs)?;
     argv.extend(config.extra_args.iter().cloned());
     Ok(argv)
 }
@@ -613,7 +506,7 @@ enum WaitEnd {
 
 /// A running VMM with the default guest.
 pub struct GuestVm {
-    kind: VmmKind,
+    vmm: VmmRef,
     config: GuestConfig,
     argv: Vec<String>,
     child: Child,
@@ -625,27 +518,19 @@ pub struct GuestVm {
 
 impl GuestVm {
     /// Starts the VMM; time to ready counts from here.
-    pub fn spawn(kind: VmmKind, config: &GuestConfig) -> Result<GuestVm> {
+    pub fn spawn(vmm: VmmRef, config: &GuestConfig) -> Result<GuestVm> {
         let artifacts = GuestArtifacts::locate()?;
-        Self::spawn_with(kind, config, &artifacts)
+        Self::spawn_with(vmm, config, &artifacts)
     }
 
     /// Starts the VMM with explicit artifacts.
     pub fn spawn_with(
-        kind: VmmKind,
+        vmm: VmmRef,
         config: &GuestConfig,
         artifacts: &GuestArtifacts,
     ) -> Result<GuestVm> {
-        if let VmmKind::Ebb { binary } = &kind {
-            if !binary.is_file() {
-                return Err(GuestError::Missing(format!(
-                    "the ebb binary {} is missing: build it with `cargo build -p ebb-vmm --bin ebb`",
-                    binary.display()
-                )));
-            }
-        }
         check_kvm()?;
-        let argv = vmm_command(&kind, config, artifacts)?;
+        let argv = vmm_command(vmm.as_ref(), config, artifacts)?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .stdin(Stdio::piped())
@@ -682,7 +567,7 @@ impl GuestVm {
         }
         let stdin = child.stdin.take();
         Ok(GuestVm {
-            kind,
+            vmm,
             config: config.clone(),
             argv,
             child,
@@ -693,8 +578,14 @@ impl GuestVm {
         })
     }
 
-    pub fn kind(&self) -> &VmmKind {
-        &self.kind
+    /// The VMM running the guest.
+    pub fn vmm(&self) -> &dyn Vmm {
+        self.vmm.as_ref()
+    }
+
+    /// Which VMM runs the guest.
+    pub fn kind(&self) -> VmmKind {
+        self.vmm.kind()
     }
 
     pub fn config(&self) -> &GuestConfig {
@@ -781,12 +672,12 @@ impl GuestVm {
         };
         format!(
             "{} (pid {}) {status}, {:.1} s after spawn\ncommand: {}\n--- console (tail) ---\n{}\n--- {} stderr (tail) ---\n{}",
-            self.kind.name(),
+            self.vmm.name(),
             self.pid(),
             self.spawned.elapsed().as_secs_f64(),
             self.argv.join(" "),
             indent(&tail(&self.transcript(), TAIL_LINES)),
-            self.kind.name(),
+            self.vmm.name(),
             indent(&tail(&self.stderr_text(), TAIL_LINES)),
         )
     }
@@ -1043,14 +934,10 @@ mod tests {
             }),
             ..GuestConfig::default()
         };
-        let argv = vmm_command(
-            &VmmKind::Ebb {
-                binary: "/t/ebb".into(),
-            },
-            &cfg,
-            &artifacts(),
-        )
-        .unwrap();
+        let ebb = Ebb {
+            binary: "/t/ebb".into(),
+        };
+        let argv = vmm_command(&ebb, &cfg, &artifacts()).unwrap();
         assert_eq!(argv[0], "/t/ebb");
         let joined = argv.join(" ");
         assert!(joined.contains("--kernel /c/guest/vmlinuz"));
@@ -1074,12 +961,13 @@ mod tests {
             }),
             ..GuestConfig::default()
         };
-        if find_qemu().is_ok() {
-            assert!(matches!(
-                vmm_command(&VmmKind::Qemu, &cfg, &artifacts()),
-                Err(GuestError::Unsupported(_))
-            ));
-        }
+        let qemu = Qemu {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+        };
+        assert!(matches!(
+            vmm_command(&qemu, &cfg, &artifacts()),
+            Err(GuestError::Unsupported(_))
+        ));
     }
 
     #[test]

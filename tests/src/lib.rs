@@ -11,6 +11,10 @@
 //!   benchmarks) that the runners (`ebb-scenario`, `ebb-bench`) and the integration
 //!   tests run inside the test host.
 //! - [`qmp`], [`madvise`]: driving QEMU over QMP; counting a VMM's discards with perf.
+//! - [`results`]: the one result line protocol of every job (scenarios, demo, density).
+//! - [`vmm`]: the `Vmm` trait, with Ebb and QEMU: command lines, balloon control (REST or
+//!   QMP), power-off.
+//! - [`util`]: median, MiB, polling, processes with a time limit.
 //! - [`paths`]: where the repository, the cargo target directory and the cache are.
 
 pub mod density;
@@ -19,6 +23,9 @@ pub mod madvise;
 pub mod paths;
 pub mod procfs;
 pub mod qmp;
+pub mod results;
 pub mod scenarios;
 pub mod testhost;
 mod text;
+pub mod util;
+pub mod vmm;

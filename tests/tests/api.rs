@@ -39,6 +39,6 @@ fn api_scenarios_in_one_test_host() {
     );
     eprintln!(
         "TIMINGS mode={} total={:?} scenario={:?}",
-        out.run.mode, out.run.timings.total, out.run.timings.scenario
+        out.mode, out.timings.total, out.timings.scenario
     );
 }

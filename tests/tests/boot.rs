@@ -37,7 +37,7 @@ fn boot_scenarios_in_one_test_host() {
     let b = Batch::new(SCENARIOS, 2048, Duration::from_secs(25 * 60));
     let out = batch::run_all_ok(Path::new(env!("CARGO_BIN_EXE_ebb-scenario")), &b)
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(out.run.mode, mode);
+    assert_eq!(out.mode, mode);
 
     // The facts the scenarios rest on.
     let facts = &out.result("smoke-shell").unwrap()["data"];
@@ -84,9 +84,6 @@ fn boot_scenarios_in_one_test_host() {
     assert_eq!(smp["exit_status"], 0, "{smp}");
     eprintln!(
         "TIMINGS mode={} total={:?} l1_boot_to_scenario={:?} scenario={:?}",
-        out.run.mode,
-        out.run.timings.total,
-        out.run.timings.l1_boot_to_scenario,
-        out.run.timings.scenario
+        out.mode, out.timings.total, out.timings.l1_boot_to_scenario, out.timings.scenario
     );
 }

@@ -57,10 +57,7 @@ fn balloon_and_reporting_in_one_test_host() {
     assert_eq!(size["balloon"]["inflated_pages"], 65536, "{size}");
     eprintln!(
         "TIMINGS mode={} total={:?} l1_boot_to_scenario={:?} scenario={:?}",
-        out.run.mode,
-        out.run.timings.total,
-        out.run.timings.l1_boot_to_scenario,
-        out.run.timings.scenario
+        out.mode, out.timings.total, out.timings.l1_boot_to_scenario, out.timings.scenario
     );
 }
 

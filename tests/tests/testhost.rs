@@ -15,7 +15,7 @@ use ebb_tests::scenarios::batch::{self, Batch};
 use ebb_tests::testhost::HostMode;
 
 /// Runs `items` as one batch in the nested test host; all must pass.
-fn run_nested(items: &[&str]) -> batch::BatchOutput {
+fn run_nested(items: &[&str]) -> ebb_tests::testhost::RunOutput {
     let b = Batch {
         mode: Some(HostMode::Nested),
         ..Batch::new(items, 1024, Duration::from_secs(5 * 60))
@@ -27,8 +27,8 @@ fn run_nested(items: &[&str]) -> batch::BatchOutput {
 #[test]
 fn a_batch_resumes_in_a_fresh_test_host_after_l1_dies() {
     let out = run_nested(&["testhost-note-boot", "testhost-crash-once"]);
-    assert_eq!(out.run.mode, HostMode::Nested);
-    assert_eq!(out.run.attempts, 2, "{}", out.run.stdout);
+    assert_eq!(out.mode, HostMode::Nested);
+    assert_eq!(out.attempts, 2, "{}", out.stdout);
     let noted = out
         .results
         .iter()
@@ -51,17 +51,14 @@ fn a_scenario_whose_guest_crashed_is_rerun_in_a_fresh_test_host() {
         "testhost-guest-crash-once",
         "smoke-shell",
     ]);
-    assert_eq!(out.results.len(), 3, "{}", out.run.stdout);
+    assert_eq!(out.results.len(), 3, "{}", out.stdout);
     let rerun = out.result("testhost-guest-crash-once").unwrap();
     let earlier = rerun["earlier_attempts"].as_array().unwrap();
     assert_eq!(earlier.len(), 1, "{rerun}");
     assert_eq!(earlier[0]["ok"], false, "{rerun}");
     // Only the crashed scenario ran again, elsewhere, knowing the first boot's note.
     assert_eq!(
-        out.run
-            .stdout
-            .matches("\"scenario\":\"smoke-shell\"")
-            .count(),
+        out.stdout.matches("\"scenario\":\"smoke-shell\"").count(),
         1
     );
     let data = &rerun["data"];

@@ -126,9 +126,8 @@ impl Pages {
             let mut entry = [0u8; 8];
             let offset = (virt / PAGE * 8) as i64;
             // SAFETY: reading 8 bytes into our buffer at an offset of the pagemap file.
-            let n = unsafe {
-                libc::pread(pagemap.as_raw_fd(), entry.as_mut_ptr().cast(), 8, offset)
-            };
+            let n =
+                unsafe { libc::pread(pagemap.as_raw_fd(), entry.as_mut_ptr().cast(), 8, offset) };
             let entry = u64::from_le_bytes(entry);
             if n != 8 || entry & (1 << 63) == 0 || entry & ((1 << 55) - 1) == 0 {
                 return Err("pagemap gave no physical page (not root?)".into());
@@ -323,13 +322,25 @@ pub fn run(mode: Mode, secs: f64) -> Result<Outcome, String> {
                 }
                 let last = a == 15;
                 let flags = if last { 0 } else { DESC_F_NEXT };
-                desc(a as u16, pages.phys[array], PAGE as u32, flags, a as u16 + 1);
+                desc(
+                    a as u16,
+                    pages.phys[array],
+                    PAGE as u32,
+                    flags,
+                    a as u16 + 1,
+                );
             }
         }
         Mode::Report => {
             for a in 0..16u16 {
                 let flags = DESC_F_WRITE | if a == 15 { 0 } else { DESC_F_NEXT };
-                desc(a, pages.phys[VICTIM + usize::from(a)], PAGE as u32, flags, a + 1);
+                desc(
+                    a,
+                    pages.phys[VICTIM + usize::from(a)],
+                    PAGE as u32,
+                    flags,
+                    a + 1,
+                );
             }
         }
         Mode::Stats => desc(0, pages.phys[3], 64, 0, 0),

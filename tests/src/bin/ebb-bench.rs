@@ -141,10 +141,9 @@ fn main() -> ExitCode {
     }
     println!(
         "host: {} (test-host run {:.0} s, L1 boot {:.1} s)\n",
-        out.run.mode,
-        out.run.timings.total.as_secs_f64(),
-        out.run
-            .timings
+        out.mode,
+        out.timings.total.as_secs_f64(),
+        out.timings
             .l1_boot_to_scenario
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0)
@@ -157,7 +156,7 @@ fn main() -> ExitCode {
         .map(|i| i.split(':').next().unwrap_or(""))
         .collect();
     let failures = out.failures(&expected);
-    if !failures.is_empty() || out.results.len() != items.len() || !out.run.success() {
+    if !failures.is_empty() || out.results.len() != items.len() || !out.success() {
         eprintln!(
             "ebb-bench: {} of {} benchmarks did not complete:\n{}\n{}",
             failures
@@ -165,7 +164,7 @@ fn main() -> ExitCode {
                 .max(items.len() - out.results.len().min(items.len())),
             items.len(),
             failures.join("\n"),
-            out.run.report()
+            out.report()
         );
         return ExitCode::FAILURE;
     }

@@ -11,38 +11,23 @@ use std::process::ExitCode;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use ebb_tests::guest::{find_ebb_binary, BalloonConfig, GuestConfig, GuestVm, VmmKind};
-use ebb_tests::testhost::{self, HostMode, Scenario};
+use ebb_tests::guest::{BalloonConfig, GuestConfig, GuestVm, VmmKind};
+use ebb_tests::results;
+use ebb_tests::testhost::{self, HostMode, Job};
+use ebb_tests::util::{mib, poll};
+use serde_json::json;
 
 const MEMORY_MIB: u64 = 1024;
 const BALLOON_MIB: u64 = 256;
 const TOUCH_MIB: u64 = 512;
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
 fn step(text: &str) {
     println!("\n== {text}");
 }
 
-/// Polls `f` every `every` until it returns Some or `limit` passes.
-fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if start.elapsed() > limit {
-            return None;
-        }
-        sleep(every);
-    }
-}
-
 fn inside() -> Result<(), String> {
-    let binary = find_ebb_binary().map_err(|e| e.to_string())?;
+    let ebb = VmmKind::Ebb.vmm().map_err(|e| e.to_string())?;
     let config = GuestConfig {
         memory_mib: MEMORY_MIB,
         cpus: 2,
@@ -59,7 +44,7 @@ fn inside() -> Result<(), String> {
         "Booting the default guest: {MEMORY_MIB} MiB, 2 vCPUs, balloon target {BALLOON_MIB} MiB, \
          free page reporting on"
     ));
-    let mut vm = GuestVm::spawn(VmmKind::Ebb { binary }, &config).map_err(|e| e.to_string())?;
+    let mut vm = GuestVm::spawn(ebb, &config).map_err(|e| e.to_string())?;
     println!("   {}", vm.argv().join(" "));
     let ready = vm.wait_ready(TIMEOUT).map_err(|e| e.to_string())?;
     println!(
@@ -74,9 +59,11 @@ fn inside() -> Result<(), String> {
     let target_pages = BALLOON_MIB * 256;
     let t0 = Instant::now();
     let balloon = poll(TIMEOUT, Duration::from_millis(500), || {
-        let b = vm.command_ok("balloon", TIMEOUT).ok()?;
-        (b["inflated_pages"].as_u64()? >= target_pages).then_some(b)
-    })
+        let b = vm
+            .command_ok("balloon", TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((b["inflated_pages"].as_u64() >= Some(target_pages)).then_some(b))
+    })?
     .ok_or("the balloon did not reach its target")?;
     let meminfo = vm
         .command_ok("meminfo", TIMEOUT)
@@ -154,12 +141,20 @@ fn inside() -> Result<(), String> {
 
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("--inside") {
-        return match inside() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                println!("\ndemo failed: {e}");
-                ExitCode::FAILURE
-            }
+        let result = inside();
+        if let Err(e) = &result {
+            println!("\ndemo failed: {e}");
+        }
+        results::emit(
+            "demo",
+            "demo",
+            result.is_ok(),
+            json!({ "error": result.as_ref().err() }),
+        );
+        return if result.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
         };
     }
     let me = match std::env::current_exe() {
@@ -182,17 +177,23 @@ fn main() -> ExitCode {
              nested test host (QEMU TCG + kvm-amd). Its output appears when it finishes (~2 min)."
         );
     }
-    let mut scenario = Scenario::new([me.to_string_lossy().into_owned(), "--inside".into()]);
+    let mut scenario = Job::new([me.to_string_lossy().into_owned(), "--inside".into()]);
     scenario.mode = Some(mode);
     scenario.l1_memory_mib = (MEMORY_MIB + 600) as u32;
     scenario.timeout = Duration::from_secs(900);
     match testhost::run(&scenario) {
         Ok(out) => {
-            print!("{}", out.stdout);
-            if !out.success() {
+            for line in out.stdout.lines().filter(|l| !results::is_result(l)) {
+                println!("{line}");
+            }
+            let passed = out
+                .results
+                .iter()
+                .any(|r| r["job"] == "demo" && r["ok"] == true);
+            if !out.success() || !passed {
                 eprint!("{}", out.stderr);
                 eprintln!(
-                    "ebb-demo: failed (status {}); run dir {}",
+                    "ebb-demo: failed (status {}, no passing result line); run dir {}",
                     out.status,
                     out.out_dir.display()
                 );

@@ -12,21 +12,18 @@
 //! `density.json`, `density.svg` and `density.txt` to `--out` (default
 //! `target/density/<time>`).
 
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use ebb_tests::density::live::{enter_memory_cgroup, protect_self, HostLimit, LiveLauncher};
 use ebb_tests::density::report::DensityReport;
 use ebb_tests::density::{run_density, DensityConfig, RunResult, RunSpec};
 use ebb_tests::guest::{build_default_guest, build_ebb_binary};
 use ebb_tests::paths;
-use ebb_tests::testhost::{self, HostMode, Scenario};
-
-const RESULT_MARK: &str = "DENSITY-RESULT ";
+use ebb_tests::results;
+use ebb_tests::testhost::{self, HostMode, Job};
 
 struct Options {
     cfg: DensityConfig,
@@ -181,9 +178,9 @@ fn inner(label: &str, cfg_json: &str, where_: &str) -> ExitCode {
             let _ = std::io::stdout().flush();
         },
     );
-    match serde_json::to_string(&result) {
-        Ok(j) => {
-            println!("{RESULT_MARK}{j}");
+    match serde_json::to_value(&result) {
+        Ok(data) => {
+            results::emit("density", label, true, serde_json::json!({ "data": data }));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -193,48 +190,12 @@ fn inner(label: &str, cfg_json: &str, where_: &str) -> ExitCode {
     }
 }
 
-/// Copies the progress of a nested run (its stdout file in the newest run directory)
-/// to our stdout while it runs.
-fn follow_progress(since: SystemTime, done: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let runs = paths::target_dir().join("testhost").join("runs");
-        let mut file: Option<(PathBuf, u64)> = None;
-        while !done.load(Ordering::Relaxed) {
-            if file.is_none() {
-                file = std::fs::read_dir(&runs).ok().and_then(|d| {
-                    d.filter_map(Result::ok)
-                        .filter(|e| {
-                            e.metadata()
-                                .and_then(|m| m.modified())
-                                .is_ok_and(|t| t >= since)
-                        })
-                        .map(|e| e.path().join("stdout"))
-                        .find(|p| p.exists())
-                        .map(|p| (p, 0))
-                });
-            }
-            if let Some((path, offset)) = file.as_mut() {
-                if let Ok(mut f) = std::fs::File::open(&*path) {
-                    if f.seek(SeekFrom::Start(*offset)).is_ok() {
-                        let mut reader = BufReader::new(f);
-                        let mut line = String::new();
-                        while reader.read_line(&mut line).unwrap_or(0) > 0 {
-                            if !line.ends_with('\n') {
-                                break;
-                            }
-                            *offset += line.len() as u64;
-                            if !line.starts_with(RESULT_MARK) {
-                                print!("  {line}");
-                            }
-                            line.clear();
-                        }
-                        let _ = std::io::stdout().flush();
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_secs(2));
-        }
-    })
+/// Shows a run's progress lines as they arrive.
+fn show_progress(line: &str) {
+    if !results::is_result(line) {
+        println!("  {line}");
+        let _ = std::io::stdout().flush();
+    }
 }
 
 fn run_one(spec: RunSpec, opts: &Options, mode: HostMode, me: &Path) -> Result<RunResult, String> {
@@ -242,7 +203,7 @@ fn run_one(spec: RunSpec, opts: &Options, mode: HostMode, me: &Path) -> Result<R
     let where_ = mode.as_str();
     let per_guest =
         opts.cfg.boot_timeout_s + opts.cfg.touch_timeout_s * 2 + opts.cfg.settle_timeout_s;
-    let mut scenario = Scenario::new([
+    let mut scenario = Job::new([
         me.to_string_lossy().into_owned(),
         "--inner".into(),
         spec.label(),
@@ -252,24 +213,12 @@ fn run_one(spec: RunSpec, opts: &Options, mode: HostMode, me: &Path) -> Result<R
     scenario.mode = Some(mode);
     scenario.l1_memory_mib = (opts.cfg.host_gib * 1024.0).round() as u32;
     scenario.timeout = Duration::from_secs(600 + per_guest * u64::from(opts.cfg.max_guests + 1));
-    let done = Arc::new(AtomicBool::new(false));
-    let follower =
-        (mode == HostMode::Nested).then(|| follow_progress(SystemTime::now(), done.clone()));
-    let out = testhost::run(&scenario);
-    done.store(true, Ordering::Relaxed);
-    if let Some(f) = follower {
-        let _ = f.join();
-    }
-    let out = out.map_err(|e| e.to_string())?;
-    if mode == HostMode::Direct {
-        for line in out.stdout.lines().filter(|l| !l.starts_with(RESULT_MARK)) {
-            println!("  {line}");
-        }
-    }
-    let line = out
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(RESULT_MARK))
+    scenario.on_stdout_line = Some(show_progress);
+    let out = testhost::run(&scenario).map_err(|e| e.to_string())?;
+    let result = out
+        .results
+        .iter()
+        .find(|r| r["job"] == "density" && r["ok"] == true)
         .ok_or_else(|| {
             format!(
                 "run {} produced no result (status {}):\n{}",
@@ -278,7 +227,13 @@ fn run_one(spec: RunSpec, opts: &Options, mode: HostMode, me: &Path) -> Result<R
                 out.report()
             )
         })?;
-    serde_json::from_str(line).map_err(|e| format!("run {}: bad result: {e}", spec.label()))
+    eprintln!(
+        "ebb-density: run {} done (run dir {})",
+        spec.label(),
+        result["run_dir"].as_str().unwrap_or("?")
+    );
+    serde_json::from_value(result["data"].clone())
+        .map_err(|e| format!("run {}: bad result: {e}", spec.label()))
 }
 
 fn main() -> ExitCode {

@@ -10,7 +10,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ebb_tests::testhost::{self, Scenario};
+use ebb_tests::testhost::{self, Job};
 
 fn usage() -> ExitCode {
     eprintln!(
@@ -21,7 +21,7 @@ fn usage() -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let mut scenario = Scenario::default();
+    let mut scenario = Job::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next();

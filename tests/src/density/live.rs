@@ -16,10 +16,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{DensityConfig, GuestHandle, Launcher, Probe, RunSpec, TouchOutcome, VmmName};
-use crate::guest::{
-    find_ebb_binary, BalloonConfig, GuestArtifacts, GuestConfig, GuestVm, KernelImage, VmmKind,
-};
+use super::{DensityConfig, GuestHandle, Launcher, Probe, RunSpec, TouchOutcome};
+use crate::guest::{BalloonConfig, GuestArtifacts, GuestConfig, GuestVm, KernelImage, VmmRef};
 use crate::procfs;
 
 /// How host memory is bounded and measured.
@@ -89,7 +87,7 @@ pub fn protect_self() -> io::Result<()> {
 
 /// Launches default guests for one run.
 pub struct LiveLauncher {
-    kind: VmmKind,
+    kind: VmmRef,
     config: GuestConfig,
     artifacts: GuestArtifacts,
     limit: HostLimit,
@@ -107,12 +105,7 @@ impl LiveLauncher {
         limit: HostLimit,
         where_: &str,
     ) -> Result<Self, String> {
-        let kind = match spec.vmm {
-            VmmName::Ebb => VmmKind::Ebb {
-                binary: find_ebb_binary().map_err(|e| e.to_string())?,
-            },
-            VmmName::Qemu => VmmKind::Qemu,
-        };
+        let kind = spec.vmm.vmm().map_err(|e| e.to_string())?;
         let artifacts = GuestArtifacts::locate().map_err(|e| e.to_string())?;
         let config = GuestConfig {
             memory_mib: cfg.guest_mib(),

@@ -86,31 +86,13 @@ impl DensityConfig {
     }
 }
 
-/// Which VMM a run uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmmName {
-    /// Ebb.
-    Ebb,
-    /// QEMU (`-M microvm,acpi=on`, virtio-balloon-device).
-    Qemu,
-}
-
-impl VmmName {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmmName::Ebb => "ebb",
-            VmmName::Qemu => "qemu",
-        }
-    }
-}
+pub use crate::vmm::VmmKind;
 
 /// One run: a VMM with reporting on or off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSpec {
     /// VMM.
-    pub vmm: VmmName,
+    pub vmm: VmmKind,
     /// Free page reporting.
     pub reporting: bool,
 }
@@ -128,11 +110,7 @@ impl RunSpec {
     /// Parses a label.
     pub fn parse(label: &str) -> Option<RunSpec> {
         let (vmm, rep) = label.split_once('-')?;
-        let vmm = match vmm {
-            "ebb" => VmmName::Ebb,
-            "qemu" => VmmName::Qemu,
-            _ => return None,
-        };
+        let vmm: VmmKind = vmm.parse().ok()?;
         let reporting = match rep {
             "on" => true,
             "off" => false,
@@ -206,7 +184,7 @@ pub struct Sample {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunResult {
     /// VMM.
-    pub vmm: VmmName,
+    pub vmm: VmmKind,
     /// Free page reporting.
     pub reporting: bool,
     /// Guests that booted, completed their touch and were alive at the end.
@@ -351,23 +329,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-/// Median of the values.
-pub fn median(values: &mut [f64]) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(|a, b| a.total_cmp(b));
-    let n = values.len();
-    Some(if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    })
-}
+pub use crate::util::{median, mib};
 
 /// Runs `spec` with `launcher` and returns its figures; `progress` receives one line per
 /// step.
@@ -530,14 +492,14 @@ pub fn run_density(
                 / fitting.len() as f64,
         )
     };
-    let mut reclaims: Vec<f64> = fitting.iter().filter_map(|r| r.reclaim_s).collect();
+    let reclaims: Vec<f64> = fitting.iter().filter_map(|r| r.reclaim_s).collect();
     let timeline = std::mem::take(&mut *lock(&timeline));
     RunResult {
         vmm: spec.vmm,
         reporting: spec.reporting,
         guests_fit: fitting.len() as u32,
         residual_mib_per_guest: residual,
-        reclaim_s_median: median(&mut reclaims),
+        reclaim_s_median: median(&reclaims),
         failure,
         guests: records,
         timeline,
@@ -756,7 +718,7 @@ mod tests {
     #[test]
     fn small_residual_fits_many_and_stops_at_the_first_failure() {
         let spec = RunSpec {
-            vmm: VmmName::Ebb,
+            vmm: VmmKind::Ebb,
             reporting: true,
         };
         let mut lines = Vec::new();
@@ -795,19 +757,19 @@ mod tests {
         let mut h = host(60);
         h.fail_boot_at = Some(3);
         let spec = RunSpec {
-            vmm: VmmName::Qemu,
+            vmm: VmmKind::Qemu,
             reporting: false,
         };
         let r = run_density(spec, &cfg(), &mut h, Duration::from_millis(50), &mut |_| {});
         assert_eq!(r.guests_fit, 2);
         assert_eq!(r.failure.as_ref().unwrap().kind, FailureKind::Launch);
-        assert_eq!(r.vmm, VmmName::Qemu);
+        assert_eq!(r.vmm, VmmKind::Qemu);
     }
 
     #[test]
     fn a_guest_crash_is_retried_once_only_in_the_emulated_host() {
         let spec = RunSpec {
-            vmm: VmmName::Ebb,
+            vmm: VmmKind::Ebb,
             reporting: true,
         };
         let mut cfg = cfg();
@@ -873,8 +835,5 @@ mod tests {
             assert_eq!(RunSpec::parse(l).unwrap().label(), l);
         }
         assert!(RunSpec::parse("ebb").is_none());
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(median(&mut []), None);
     }
 }

@@ -218,7 +218,7 @@ fn nice_step(raw: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::density::{Failure, FailureKind, GuestRecord, Sample, VmmName};
+    use crate::density::{Failure, FailureKind, GuestRecord, Sample, VmmKind};
 
     fn report() -> DensityReport {
         let run = |vmm, reporting, fit| RunResult {
@@ -259,9 +259,9 @@ mod tests {
             guest_gib: 1.0,
             touch_gib: 0.9,
             runs: vec![
-                run(VmmName::Ebb, true, 5),
-                run(VmmName::Ebb, false, 2),
-                run(VmmName::Qemu, true, 4),
+                run(VmmKind::Ebb, true, 5),
+                run(VmmKind::Ebb, false, 2),
+                run(VmmKind::Qemu, true, 4),
             ],
             config: DensityConfig::small(),
             started_utc: "2026-11-23T00:00:00Z".into(),

@@ -17,7 +17,6 @@ use super::support::{
 };
 use super::{ms, progress, Args, Ctx, ScenarioDef};
 use crate::guest::{BalloonConfig, GuestConfig, GuestVm, Ready, VmmKind};
-use crate::qmp::Qmp;
 
 /// The scenarios of this family.
 pub const SCENARIOS: &[ScenarioDef] = &[
@@ -65,27 +64,20 @@ fn balloon_config(
 /// Boots `c` under `vmm` (`ebb`, or `qemu` as the peer) with its balloon target set
 /// from the start: Ebb takes it on the command line, QEMU over QMP right after it starts,
 /// before the guest's driver is up.
-fn boot_with_balloon(vmm: &str, mut c: GuestConfig) -> Result<(GuestVm, Ready), String> {
-    match vmm {
-        "ebb" => boot(&ebb()?, &c),
-        "qemu" => {
-            let balloon = c.balloon.as_mut().ok_or("no balloon configured")?;
-            let size_mib = std::mem::take(&mut balloon.size_mib);
-            let sock = std::env::temp_dir().join(format!("ebb-balloon-{}.qmp", std::process::id()));
-            let _ = std::fs::remove_file(&sock);
-            c.extra_args = vec![
-                "-qmp".into(),
-                format!("unix:{},server=on,wait=off", sock.display()),
-            ];
-            let mut vm =
-                GuestVm::spawn_with(VmmKind::Qemu, &c, &super::support::artifacts()?).s()?;
-            let mut qmp = Qmp::connect(&sock, Duration::from_secs(60))?;
-            qmp.set_guest_memory((c.memory_mib - size_mib) << 20)?;
-            let ready = vm.wait_ready(super::support::READY_TIMEOUT).s()?;
-            Ok((vm, ready))
-        }
-        other => Err(format!("vmm={other}: expected ebb or qemu")),
+fn boot_with_balloon(vmm: VmmKind, mut c: GuestConfig) -> Result<(GuestVm, Ready), String> {
+    let vmm = vmm.vmm().s()?;
+    if vmm.kind() == VmmKind::Ebb {
+        return boot(&vmm, &c);
     }
+    let balloon = c.balloon.as_mut().ok_or("no balloon configured")?;
+    let size_mib = std::mem::take(&mut balloon.size_mib);
+    let sock = std::env::temp_dir().join(format!("ebb-balloon-{}.ctl", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    c.extra_args = vmm.control_args(&sock);
+    let mut vm = GuestVm::spawn_with(vmm.clone(), &c, &super::support::artifacts()?).s()?;
+    vmm.set_balloon(&sock, c.memory_mib, size_mib)?;
+    let ready = vm.wait_ready(super::support::READY_TIMEOUT).s()?;
+    Ok((vm, ready))
 }
 
 /// MemTotal of the same guest without a balloon target: from an earlier scenario of the
@@ -118,13 +110,13 @@ fn balloon_size(ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let size_mib: u64 = args.get("size_mib", 256)?;
     let reporting: bool = args.get("reporting", true)?;
     let kernel_name: String = args.get("kernel", "bzimage".to_string())?;
-    let vmm: String = args.get("vmm", "ebb".to_string())?;
+    let vmm: VmmKind = args.get("vmm", VmmKind::Ebb)?;
     let (baseline, baseline_from) = baseline_memtotal(ctx, memory_mib, &kernel_name)?;
     let target = size_mib * PAGES_PER_MIB;
 
     let mut c = balloon_config(memory_mib, size_mib, false, reporting);
     c.kernel = Some(kernel_arg(&kernel_name)?);
-    let (mut vm, ready) = boot_with_balloon(&vmm, c)?;
+    let (mut vm, ready) = boot_with_balloon(vmm, c)?;
     ensure(ready.balloon, || {
         format!("EBB-READY says no balloon: {}", ready.line)
     })?;
@@ -137,7 +129,7 @@ fn balloon_size(ctx: &Ctx, args: &Args) -> Result<Value, String> {
     })?;
     // (QEMU's virtio-mmio is legacy unless told otherwise.)
     ensure(
-        vmm != "ebb" || feature(&b, F_VERSION_1) == Some(true),
+        vmm != VmmKind::Ebb || feature(&b, F_VERSION_1) == Some(true),
         || format!("VIRTIO_F_VERSION_1 not negotiated: {b}"),
     )?;
     // It stays at the target.
@@ -157,13 +149,9 @@ fn balloon_size(ctx: &Ctx, args: &Args) -> Result<Value, String> {
         )
     })?;
     let rss = ram_rss(&vm)?;
-    let exit = if vmm == "ebb" {
-        poweroff_ebb(&mut vm)?
-    } else {
-        poweroff_any(&mut vm)?
-    };
+    let exit = poweroff_any(&mut vm)?;
     Ok(json!({
-        "vmm": vmm,
+        "vmm": vmm.as_str(),
         "ready_ms": ms(ready.elapsed),
         "target_pages": target,
         "balloon": b2,
@@ -187,10 +175,10 @@ fn balloon_deflate_on_oom(ctx: &Ctx, args: &Args) -> Result<Value, String> {
     // day passed). 512 leaves the fill headroom; the `alloc` still needs the balloon.
     let size_mib: u64 = args.get("size_mib", 512)?;
     let alloc_mib: u64 = args.get("alloc_mib", 600)?;
-    let vmm: String = args.get("vmm", "ebb".to_string())?;
+    let vmm: VmmKind = args.get("vmm", VmmKind::Ebb)?;
     let target = size_mib * PAGES_PER_MIB;
     let c = balloon_config(memory_mib, size_mib, true, true);
-    let (mut vm, ready) = boot_with_balloon(&vmm, c)?;
+    let (mut vm, ready) = boot_with_balloon(vmm, c)?;
     let (b, took) = wait_balloon(&mut vm, Duration::from_secs(240), |p| p >= target)?;
     ensure(feature(&b, F_DEFLATE_ON_OOM) == Some(true), || {
         format!("DEFLATE_ON_OOM not negotiated: {b}")
@@ -255,13 +243,9 @@ fn balloon_deflate_on_oom(ctx: &Ctx, args: &Args) -> Result<Value, String> {
         )
     })?;
     let m_after = cmd(&mut vm, "meminfo")?;
-    let exit = if vmm == "ebb" {
-        poweroff_ebb(&mut vm)?
-    } else {
-        poweroff_any(&mut vm)?
-    };
+    let exit = poweroff_any(&mut vm)?;
     Ok(json!({
-        "vmm": vmm,
+        "vmm": vmm.as_str(),
         "ready_ms": ms(ready.elapsed),
         "inflate_seen_after_ready_ms": ms(took),
         "balloon_full": b,

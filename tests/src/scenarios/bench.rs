@@ -27,7 +27,7 @@ use super::support::{
     settled_rss, u64_field, wait_balloon, watch_rss, OrStr,
 };
 use super::{ms, progress, Args, Ctx, ScenarioDef};
-use crate::guest::{BalloonConfig, GuestConfig, GuestVm, KernelImage, VmmKind};
+use crate::guest::{BalloonConfig, GuestConfig, GuestVm, KernelImage, VmmKind, VmmRef};
 use crate::madvise::{self, MadviseTrace};
 use crate::qmp::Qmp;
 
@@ -66,15 +66,15 @@ pub const SCENARIOS: &[ScenarioDef] = &[
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-fn kinds() -> Result<Vec<VmmKind>, String> {
+fn kinds() -> Result<Vec<VmmRef>, String> {
     crate::guest::find_qemu().s()?;
-    Ok(vec![ebb()?, VmmKind::Qemu])
+    Ok(vec![ebb()?, super::support::qemu()?])
 }
 
 fn stats(v: &[f64]) -> Value {
     let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
     let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    json!({ "median": median(v), "min": min, "max": max, "all": v })
+    json!({ "median": median(v).unwrap_or(0.0), "min": min, "max": max, "all": v })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ fn bench_inflate(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
                 format!("unix:{},server=on,wait=off", sock.display()),
             ],
         );
-        let (mut vm, r) = boot(&VmmKind::Qemu, &c)?;
+        let (mut vm, r) = boot(&super::support::qemu()?, &c)?;
         let mut qmp = Qmp::connect(&sock, Duration::from_secs(30))?;
         let rss_before = ram_rss(&vm)?;
         let trace = MadviseTrace::start(vm.pid(), &trace_path("qemu"));
@@ -272,7 +272,7 @@ fn bench_inflate(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         let done =
             super::support::poll(Duration::from_secs(300), Duration::from_millis(100), || {
                 polls += 1;
-                Ok((qmp.balloon_actual()? <= keep).then_some(()))
+                Ok::<_, String>((qmp.balloon_actual()? <= keep).then_some(()))
             })?;
         let qmp_ms = ms(t0.elapsed());
         ensure(done.is_some(), || {
@@ -348,7 +348,7 @@ pub fn report_latency_from_metrics(text: &str) -> Value {
 }
 
 fn reclaim_one(
-    kind: &VmmKind,
+    kind: &VmmRef,
     memory_mib: u64,
     touch_mib: u64,
     limit: Duration,
@@ -369,7 +369,7 @@ fn reclaim_one(
     // Ebb's report latency comes from its metrics.
     let api_dir = super::support::scratch_dir("reclaim-api")?;
     let socket = api_dir.join("api.sock");
-    if matches!(kind, VmmKind::Ebb { .. }) {
+    if kind.kind() == VmmKind::Ebb {
         c.extra_args = vec!["--api-socket".into(), socket.to_string_lossy().into_owned()];
     }
     let (mut vm, r) = boot(kind, &c)?;
@@ -401,7 +401,7 @@ fn reclaim_one(
     let last = trace.last_kib();
     let reached = last <= within5;
     let m = cmd(&mut vm, "meminfo")?;
-    let latency = if matches!(kind, VmmKind::Ebb { .. }) {
+    let latency = if kind.kind() == VmmKind::Ebb {
         let client = ebb_ctl::client::Client::new(&socket, Duration::from_secs(10));
         match client.get("/metrics") {
             Ok(resp) => report_latency_from_metrics(&resp.text()),

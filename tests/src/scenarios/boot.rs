@@ -299,7 +299,7 @@ fn boot_elf_serial_file(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let mut c = info_config(memory_mib, 1, KernelImage::Elf);
     c.cmdline_extra = "ebb.run=cpus,meminfo,echo:serial-file-ok,poweroff".into();
     let kind = ebb()?;
-    let mut argv = vmm_command(&kind, &c, &artifacts).s()?;
+    let mut argv = vmm_command(kind.as_ref(), &c, &artifacts).s()?;
     let i = argv
         .iter()
         .position(|a| a == "--serial")

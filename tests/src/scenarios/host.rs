@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{ms, progress, Args, Ctx, ScenarioDef};
-use crate::guest::{find_ebb_binary, BalloonConfig, GuestArtifacts, GuestConfig, GuestVm, VmmKind};
+use crate::guest::{
+    find_ebb_binary, BalloonConfig, Ebb, GuestArtifacts, GuestConfig, GuestVm, VmmRef,
+};
 use crate::{paths, procfs};
+use std::sync::Arc;
 
 /// The scenarios of this family.
 pub const SCENARIOS: &[ScenarioDef] = &[
@@ -230,14 +233,14 @@ fn tempfile_probe() -> bool {
 fn qemu_boot(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     args.check_known(&["memory_mib", "cpus", "ready_timeout_s"])?;
     let artifacts = GuestArtifacts::locate().map_err(|e| e.to_string())?;
-    boot_once(&VmmKind::Qemu, &artifacts, args)
+    boot_once(&super::support::qemu()?, &artifacts, args)
 }
 
 fn ebb_boot(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     args.check_known(&["memory_mib", "cpus", "ready_timeout_s"])?;
     let binary = find_ebb_binary().map_err(|e| e.to_string())?;
     let artifacts = GuestArtifacts::locate().map_err(|e| e.to_string())?;
-    boot_once(&VmmKind::Ebb { binary }, &artifacts, args)
+    boot_once(&(Arc::new(Ebb { binary }) as VmmRef), &artifacts, args)
 }
 
 fn qemu_cycle(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
@@ -247,7 +250,7 @@ fn qemu_cycle(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let mut ready = Vec::new();
     let mut total = Vec::new();
     for i in 0..count {
-        let r = boot_once(&VmmKind::Qemu, &artifacts, args)
+        let r = boot_once(&super::support::qemu()?, &artifacts, args)
             .map_err(|e| format!("boot {}: {e}", i + 1))?;
         ready.push(r["ready_ms"].clone());
         total.push(r["total_ms"].clone());
@@ -256,7 +259,7 @@ fn qemu_cycle(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
 }
 
 /// Boots the default guest once: ready, meminfo, balloon, RSS, poweroff.
-fn boot_once(kind: &VmmKind, artifacts: &GuestArtifacts, args: &Args) -> Result<Value, String> {
+fn boot_once(kind: &VmmRef, artifacts: &GuestArtifacts, args: &Args) -> Result<Value, String> {
     let memory_mib: u64 = args.get("memory_mib", 512)?;
     let cpus: u32 = args.get("cpus", 1)?;
     let ready_timeout = Duration::from_secs(args.get("ready_timeout_s", 300)?);

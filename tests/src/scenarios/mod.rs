@@ -12,8 +12,9 @@
 //! RUNNER [--json] batch <name>[:key=value...] ...   several scenarios, one L1 boot
 //! RUNNER list
 //! ```
-//! Each scenario prints one result line on stdout: with `--json` a JSON object
-//! `{"scenario","ok","ms","host","data"[,"error"]}`, else a readable summary. Progress
+//! Each scenario prints one result line on stdout: with `--json` a tagged JSON line of
+//! [`crate::results`] (`job` `scenario`, `name`, `ok`, `run_dir`, and `scenario`, `ms`,
+//! `host`, `data` or `error`, `notes`), else a readable summary. Progress
 //! goes to stderr. The exit status is 0 when every scenario passed, 1 otherwise, 2 on
 //! usage errors. Missing pieces (guest artifacts, the ebb binary, QEMU, /dev/kvm) fail
 //! the scenario with a message saying how to get them; nothing is skipped.
@@ -37,7 +38,7 @@ pub mod support;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 
@@ -153,9 +154,7 @@ pub fn progress(msg: &str) {
     eprintln!("[ebb-scenario] {msg}");
 }
 
-pub fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
-}
+pub use crate::util::ms;
 
 fn find<'a>(families: &[&'a [ScenarioDef]], name: &str) -> Option<&'a ScenarioDef> {
     families
@@ -207,7 +206,6 @@ pub fn run_one(
     let ok = result.is_ok();
     let mut line = json!({
         "scenario": name,
-        "ok": ok,
         "ms": elapsed,
         "host": ctx.host,
     });
@@ -225,7 +223,7 @@ pub fn run_one(
         line["notes"] = ctx.notes();
     }
     if json_out {
-        println!("{line}");
+        crate::results::emit("scenario", name, ok, line);
     } else if ok {
         println!("{name}: ok in {elapsed} ms: {}", line["data"]);
     } else {

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::guest::{
-    find_ebb_binary, BalloonConfig, GuestArtifacts, GuestConfig, GuestExit, GuestVm, KernelImage,
-    VmmKind,
+    BalloonConfig, GuestArtifacts, GuestConfig, GuestExit, GuestVm, KernelImage, VmmKind, VmmRef,
 };
+
+pub use crate::util::{median, mib, poll};
 
 use super::{ms, progress};
 
@@ -50,19 +51,16 @@ pub fn artifacts() -> Result<GuestArtifacts, String> {
     GuestArtifacts::locate().s()
 }
 
-pub fn ebb() -> Result<VmmKind, String> {
-    Ok(VmmKind::Ebb {
-        binary: find_ebb_binary().s()?,
-    })
+pub fn ebb() -> Result<VmmRef, String> {
+    VmmKind::Ebb.vmm().s()
+}
+
+pub fn qemu() -> Result<VmmRef, String> {
+    VmmKind::Qemu.vmm().s()
 }
 
 pub fn ebb_binary() -> Result<PathBuf, String> {
-    find_ebb_binary().s()
-}
-
-/// KiB to MiB for reports.
-pub fn mib(kib: u64) -> f64 {
-    (kib as f64 / 1024.0 * 10.0).round() / 10.0
+    crate::guest::find_ebb_binary().s()
 }
 
 /// The kernel image named by a scenario argument (`bzimage` or `elf`).
@@ -85,10 +83,7 @@ pub fn config(memory_mib: u64, cpus: u32, balloon: Option<BalloonConfig>) -> Gue
 }
 
 /// Spawns the VMM and waits for `EBB-READY`.
-pub fn boot(
-    kind: &VmmKind,
-    config: &GuestConfig,
-) -> Result<(GuestVm, crate::guest::Ready), String> {
+pub fn boot(kind: &VmmRef, config: &GuestConfig) -> Result<(GuestVm, crate::guest::Ready), String> {
     let artifacts = artifacts()?;
     progress(&format!(
         "{}: booting {} MiB, {} vCPU, cmdline `{}`",
@@ -146,24 +141,6 @@ pub fn feature(balloon: &Value, bit: usize) -> Option<bool> {
         .map(|&b| b == b'1')
 }
 
-/// Polls `f` every `every` until it returns `Some` or `limit` passes.
-pub fn poll<T>(
-    limit: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> Result<Option<T>, String>,
-) -> Result<Option<T>, String> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f()? {
-            return Ok(Some(v));
-        }
-        if start.elapsed() >= limit {
-            return Ok(None);
-        }
-        thread::sleep(every);
-    }
-}
-
 /// Polls the guest's `balloon` command until `inflated_pages` satisfies `done`; returns
 /// the last result and the time it took.
 pub fn wait_balloon(
@@ -177,7 +154,7 @@ pub fn wait_balloon(
         let b = cmd(vm, "balloon")?;
         let pages = u64_field(&b, "inflated_pages")?;
         last = b.clone();
-        Ok(done(pages).then_some(b))
+        Ok::<_, String>(done(pages).then_some(b))
     })?;
     match found {
         Some(b) => Ok((b, t0.elapsed())),
@@ -290,22 +267,14 @@ pub fn expect_exit(exit: &GuestExit, code: i32, message: &str) -> Result<(), Str
 
 /// Powers off and checks Ebb's clean exit.
 pub fn poweroff_ebb(vm: &mut GuestVm) -> Result<GuestExit, String> {
-    let exit = vm.poweroff(EXIT_TIMEOUT).s()?;
-    expect_exit(&exit, 0, "ebb: guest powered off")?;
-    Ok(exit)
+    ensure(vm.kind() == VmmKind::Ebb, || "not an Ebb guest".into())?;
+    poweroff_any(vm)
 }
 
-/// Powers off any VMM (QEMU exits 0 too).
+/// Powers off and checks the VMM's clean exit (its own idea of one: [`crate::vmm::Vmm`]).
 pub fn poweroff_any(vm: &mut GuestVm) -> Result<GuestExit, String> {
     let exit = vm.poweroff(EXIT_TIMEOUT).s()?;
-    ensure(exit.status.success(), || {
-        format!(
-            "{} exited with {} after poweroff; stderr:\n{}",
-            vm.kind().name(),
-            exit.status,
-            exit.stderr
-        )
-    })?;
+    vm.vmm().check_poweroff(&exit)?;
     Ok(exit)
 }
 
@@ -332,21 +301,6 @@ pub fn guest_ram_ranges(vm: &mut GuestVm) -> Result<Vec<(u64, u64)>, String> {
     Ok(out)
 }
 
-/// Median of `v` (sorted copy); 0 for an empty slice.
-pub fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
 /// A command that ran to its end.
 pub struct Finished {
     pub status: std::process::ExitStatus,
@@ -358,44 +312,18 @@ pub struct Finished {
 /// Runs `argv` with stdin closed, collecting stdout and stderr; kills it and fails when it
 /// is still running after `limit` (a hang is a failure, never a wait without end).
 pub fn run_with_limit(argv: &[String], limit: Duration) -> Result<Finished, String> {
-    use std::io::Read;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ctx(&format!("spawning {argv:?}"))?;
-    let mut out = child.stdout.take().ok_or("no stdout")?;
-    let mut err = child.stderr.take().ok_or("no stderr")?;
-    let t_out = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().ctx("waiting for the child")? {
-            break st;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{argv:?} still running after {limit:?}: it hangs"));
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    let f = crate::util::run_bounded(&mut cmd, limit, crate::util::Tee::default())
+        .ctx(&format!("running {argv:?}"))?;
+    let status = f
+        .status
+        .ok_or_else(|| format!("{argv:?} still running after {limit:?}: it hangs"))?;
     Ok(Finished {
         status,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-        elapsed: t0.elapsed(),
+        stdout: f.stdout,
+        stderr: f.stderr,
+        elapsed: f.elapsed,
     })
 }
 
@@ -413,29 +341,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn median_and_features() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert_eq!(median(&[]), 0.0);
+    fn features() {
         let b = json!({"features": "0100011"});
         assert_eq!(feature(&b, 1), Some(true));
         assert_eq!(feature(&b, 0), Some(false));
         assert_eq!(feature(&b, 40), None);
-    }
-
-    #[test]
-    fn poll_stops() {
-        let mut n = 0;
-        let r = poll(Duration::from_secs(5), Duration::from_millis(1), || {
-            n += 1;
-            Ok((n == 3).then_some(n))
-        })
-        .unwrap();
-        assert_eq!(r, Some(3));
-        let none: Option<()> = poll(Duration::from_millis(20), Duration::from_millis(5), || {
-            Ok(None)
-        })
-        .unwrap();
-        assert!(none.is_none());
     }
 }
