@@ -31,7 +31,7 @@ impl ConsoleInput {
     /// receive FIFO.
     pub fn new(serial: Arc<Mutex<SerialDevice>>, drained: EventFd) -> Self {
         // SAFETY: fd 0 is the process's stdin; we duplicate it so the File owns its own fd.
-        let dup = unsafe { libc::dup(0) };
+        let dup = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 0) };
         let stdin = (dup >= 0).then(|| {
             // SAFETY: `dup` is a fresh fd we own.
             unsafe { File::from_raw_fd(dup) }

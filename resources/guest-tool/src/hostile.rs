@@ -203,33 +203,47 @@ impl Regs {
     }
 }
 
-/// The balloon's platform device name (e.g. `LNRO0005:01`) and register address.
-fn find_device() -> Result<(String, u64), String> {
-    for entry in fs::read_dir("/sys/bus/virtio/devices").map_err(|e| e.to_string())? {
-        let dev = entry.map_err(|e| e.to_string())?.path();
-        let id = fs::read_to_string(dev.join("device")).unwrap_or_default();
-        if u32::from_str_radix(id.trim().trim_start_matches("0x"), 16) != Ok(5) {
+/// The balloon's platform device name (e.g. `LNRO0005:01`) and its mapped registers:
+/// every virtio-mmio window in /proc/iomem is mapped and asked for its device ID, so the
+/// balloon is found again after an earlier run unbound it from Linux.
+fn find_device() -> Result<(String, Regs), String> {
+    let iomem = fs::read_to_string("/proc/iomem").map_err(|e| e.to_string())?;
+    for line in iomem.lines() {
+        let Some((range, name)) = line.trim().split_once(" : ") else {
+            continue;
+        };
+        let name = name.trim();
+        if !name.starts_with("LNRO0005:") {
             continue;
         }
-        let real = fs::canonicalize(&dev).map_err(|e| e.to_string())?;
-        let platform = real
-            .parent()
-            .and_then(|p| p.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or("no platform device above the balloon")?;
-        let iomem = fs::read_to_string("/proc/iomem").map_err(|e| e.to_string())?;
-        for line in iomem.lines() {
-            if let Some((range, name)) = line.trim().split_once(" : ") {
-                if name.trim() == platform {
-                    let start = range.split('-').next().unwrap_or("");
-                    let start = u64::from_str_radix(start, 16).map_err(|e| e.to_string())?;
-                    return Ok((platform, start));
-                }
+        let start = range.split('-').next().unwrap_or("");
+        let start = u64::from_str_radix(start, 16).map_err(|e| e.to_string())?;
+        // Unbound first: Linux keeps a bound device's window to itself.
+        let bound = format!("/sys/bus/platform/devices/{name}/driver");
+        if fs::metadata(&bound).is_ok() {
+            // With IO_STRICT_DEVMEM a bound window cannot be mapped: then unbind to look.
+            let balloon = Regs::map(start)
+                .map(|r| r.read(0) == 0x7472_6976 && r.read(8) == 5)
+                .unwrap_or(true);
+            if !balloon {
+                continue;
             }
+            fs::write("/sys/bus/platform/drivers/virtio-mmio/unbind", name)
+                .map_err(|e| format!("unbinding {name}: {e}"))?;
         }
-        return Err(format!("{platform} not in /proc/iomem"));
+        let regs = Regs::map(start)?;
+        if regs.read(0) == 0x7472_6976 && regs.read(8) == 5 {
+            return Ok((name.to_string(), regs));
+        }
     }
-    Err("no virtio balloon".into())
+    Err("no virtio balloon in /proc/iomem".into())
+}
+
+impl Drop for Regs {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the window this value mapped.
+        unsafe { libc::munmap(self.ptr.cast(), PAGE) };
+    }
 }
 
 /// A small xorshift generator for the malformed mode.
@@ -246,15 +260,13 @@ impl Rng {
 
 /// Runs the flood for `secs` seconds.
 pub fn run(mode: Mode, secs: f64) -> Result<Outcome, String> {
-    let (platform, phys) = find_device()?;
     // Take the device from Linux: unbinding virtio-mmio resets it and frees its window.
-    fs::write("/sys/bus/platform/drivers/virtio-mmio/unbind", &platform)
-        .map_err(|e| format!("unbinding {platform}: {e}"))?;
-    let regs = Regs::map(phys)?;
+    let (_platform, regs) = find_device()?;
 
     // Pages: 0 desc table, 1 avail, 2 used, 3 stats buffer, 4..20 PFN arrays,
-    // 20..84 victim (64 pages), 84..100 bystander.
-    let pages = Pages::new(100)?;
+    // 20..84 victim (64 pages), 84..100 bystander, 100..112 the other queues' rings.
+    let pages = Pages::new(112)?;
+    const IDLE_RINGS: usize = 100;
     const PFN_ARRAYS: usize = 4;
     const VICTIM: usize = 20;
     const VICTIM_PAGES: usize = 64;
@@ -290,17 +302,35 @@ pub fn run(mode: Mode, secs: f64) -> Result<Outcome, String> {
         Mode::Report if wanted & F_PAGE_REPORTING != 0 => 2 + u32::from(stats),
         Mode::Report => return Err("no reporting queue offered".into()),
     };
-    regs.write(QUEUE_SEL, queue);
-    let size = (regs.read(QUEUE_NUM_MAX) as u16).min(QUEUE_SIZE);
-    if size == 0 {
-        return Err(format!("queue {queue} does not exist"));
+    // Every queue the features imply must be set up, or the device refuses to start;
+    // the flooded one gets pages 0-2, the others idle rings of their own.
+    let queues = 2 + u32::from(stats) + u32::from(wanted & F_PAGE_REPORTING != 0);
+    let mut size = 0;
+    for q in 0..queues {
+        regs.write(QUEUE_SEL, q);
+        let q_size = (regs.read(QUEUE_NUM_MAX) as u16).min(QUEUE_SIZE);
+        if q_size == 0 {
+            return Err(format!("queue {q} does not exist"));
+        }
+        let first = if q == queue {
+            0
+        } else {
+            IDLE_RINGS + 3 * q as usize
+        };
+        regs.write(QUEUE_NUM, u32::from(q_size));
+        for (reg, page) in [
+            (QUEUE_DESC, first),
+            (QUEUE_AVAIL, first + 1),
+            (QUEUE_USED, first + 2),
+        ] {
+            regs.write(reg, pages.phys[page] as u32);
+            regs.write(reg + 4, (pages.phys[page] >> 32) as u32);
+        }
+        regs.write(QUEUE_READY, 1);
+        if q == queue {
+            size = q_size;
+        }
     }
-    regs.write(QUEUE_NUM, u32::from(size));
-    for (reg, page) in [(QUEUE_DESC, 0), (QUEUE_AVAIL, 1), (QUEUE_USED, 2)] {
-        regs.write(reg, pages.phys[page] as u32);
-        regs.write(reg + 4, (pages.phys[page] >> 32) as u32);
-    }
-    regs.write(QUEUE_READY, 1);
     regs.write(STATUS, 1 | 2 | 8 | 4);
 
     // Descriptors.

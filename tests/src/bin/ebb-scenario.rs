@@ -11,7 +11,9 @@
 
 use std::process::ExitCode;
 
-use ebb_tests::scenarios::{self, api, balloon, bench, boot, cli, host, reporting, ScenarioDef};
+use ebb_tests::scenarios::{
+    self, api, balloon, bench, boot, cli, host, hostile, reporting, ScenarioDef,
+};
 
 /// Every family this runner offers.
 const FAMILIES: &[&[ScenarioDef]] = &[
@@ -22,6 +24,7 @@ const FAMILIES: &[&[ScenarioDef]] = &[
     balloon::SCENARIOS,
     reporting::SCENARIOS,
     bench::SCENARIOS,
+    hostile::SCENARIOS,
 ];
 
 fn main() -> ExitCode {

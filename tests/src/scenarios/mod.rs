@@ -32,6 +32,7 @@ pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod host;
+pub mod hostile;
 pub mod reporting;
 pub mod support;
 
