@@ -821,6 +821,7 @@ pub fn table(result: &Value) -> String {
                 num(&d["vmm_overhead_mib"])
             ));
         }
+        "bench-footprint" => s.push_str(&super::footprint::table(d)),
         _ => s.push_str(&format!("{name}: {d}\n")),
     }
     s

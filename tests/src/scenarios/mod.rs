@@ -31,6 +31,7 @@ pub mod batch;
 pub mod bench;
 pub mod boot;
 pub mod cli;
+pub mod footprint;
 pub mod host;
 pub mod hostile;
 pub mod reporting;
