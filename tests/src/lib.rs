@@ -4,7 +4,9 @@
 //!   directly on an ordinary KVM host, or inside a nested emulated test host (QEMU TCG
 //!   with SVM) where `/dev/kvm` is PVM or absent.
 //! - [`guest`]: runs inside a scenario; spawns a VMM (Ebb or QEMU as the peer) with the
-//!   default guest and drives it over its serial console (resources/GUEST-PROTOCOL.md).
+//!   default guest and drives it over its serial console (resources/GUEST-PROTOCOL.md):
+//!   artifacts, binaries, configuration, console protocol and the running VM, one file
+//!   each.
 //! - [`procfs`]: memory readings from /proc without forking.
 //! - [`density`]: the density benchmark (how many guests fit on a host).
 //! - [`scenarios`]: the end-to-end scenarios (boot, CLI limits, balloon, reporting,

@@ -28,6 +28,9 @@ pub enum VmmKind {
 }
 
 impl VmmKind {
+    /// Every VMM, Ebb first.
+    pub const ALL: [VmmKind; 2] = [VmmKind::Ebb, VmmKind::Qemu];
+
     pub fn as_str(self) -> &'static str {
         match self {
             VmmKind::Ebb => "ebb",
@@ -85,17 +88,31 @@ pub trait Vmm: Send + Sync {
     /// What the balloon control is called in results (`API`, `QMP`).
     fn control_name(&self) -> &'static str;
 
+    /// Opens the balloon control at `socket` for a guest of `memory_mib`: one session for
+    /// several requests (QEMU's QMP handshake happens here, not in each request).
+    fn balloon_control(
+        &self,
+        socket: &Path,
+        memory_mib: u64,
+    ) -> std::result::Result<Box<dyn BalloonControl>, String>;
+
     /// Sets the balloon target to `balloon_mib` of the guest's `memory_mib`, over the
-    /// control socket.
+    /// control socket (a session of its own).
     fn set_balloon(
         &self,
         socket: &Path,
         memory_mib: u64,
         balloon_mib: u64,
-    ) -> std::result::Result<(), String>;
+    ) -> std::result::Result<(), String> {
+        self.balloon_control(socket, memory_mib)?
+            .set_balloon(balloon_mib)
+    }
 
-    /// The balloon's size (MiB) as the VMM reports it, over the control socket.
-    fn balloon_mib(&self, socket: &Path, memory_mib: u64) -> std::result::Result<u64, String>;
+    /// The balloon's size (whole MiB) as the VMM reports it, over the control socket (a
+    /// session of its own).
+    fn balloon_mib(&self, socket: &Path, memory_mib: u64) -> std::result::Result<u64, String> {
+        self.balloon_control(socket, memory_mib)?.balloon_mib()
+    }
 
     /// Checks how the VMM ended after the guest powered off.
     fn check_poweroff(&self, exit: &GuestExit) -> std::result::Result<(), String> {
@@ -114,6 +131,15 @@ pub trait Vmm: Send + Sync {
 
 /// A shared VMM (guests keep theirs).
 pub type VmmRef = Arc<dyn Vmm>;
+
+/// An open balloon control of a running VMM: Ebb's REST API, QEMU's QMP session.
+pub trait BalloonControl {
+    /// Sets the balloon target to `balloon_mib`.
+    fn set_balloon(&mut self, balloon_mib: u64) -> std::result::Result<(), String>;
+
+    /// The balloon's size as the VMM reports it, in whole MiB (rounded down).
+    fn balloon_mib(&mut self) -> std::result::Result<u64, String>;
+}
 
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
@@ -186,14 +212,27 @@ impl Vmm for Ebb {
         "API"
     }
 
-    fn set_balloon(
+    fn balloon_control(
         &self,
         socket: &Path,
         _: u64,
-        balloon_mib: u64,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<Box<dyn BalloonControl>, String> {
+        Ok(Box::new(EbbApi(Self::client(socket))))
+    }
+
+    fn check_poweroff(&self, exit: &GuestExit) -> std::result::Result<(), String> {
+        crate::scenarios::support::expect_exit(exit, 0, "ebb: guest powered off")
+    }
+}
+
+/// Ebb's balloon over its REST API (each request on a fresh connection).
+struct EbbApi(ebb_ctl::client::Client);
+
+impl BalloonControl for EbbApi {
+    fn set_balloon(&mut self, balloon_mib: u64) -> std::result::Result<(), String> {
         let body = json!({ "amount_mib": balloon_mib }).to_string();
-        let resp = Self::client(socket)
+        let resp = self
+            .0
             .request("PATCH", "/balloon", Some(body.as_bytes()))
             .map_err(|e| format!("PATCH /balloon: {e}"))?;
         if resp.status == 204 {
@@ -203,8 +242,9 @@ impl Vmm for Ebb {
         }
     }
 
-    fn balloon_mib(&self, socket: &Path, _: u64) -> std::result::Result<u64, String> {
-        let b = Self::client(socket)
+    fn balloon_mib(&mut self) -> std::result::Result<u64, String> {
+        let b = self
+            .0
             .get("/balloon")
             .map_err(|e| format!("GET /balloon: {e}"))?
             .json()
@@ -212,10 +252,6 @@ impl Vmm for Ebb {
         b["actual_mib"]
             .as_u64()
             .ok_or_else(|| format!("GET /balloon without actual_mib: {b}"))
-    }
-
-    fn check_poweroff(&self, exit: &GuestExit) -> std::result::Result<(), String> {
-        crate::scenarios::support::expect_exit(exit, 0, "ebb: guest powered off")
     }
 }
 
@@ -303,19 +339,36 @@ impl Vmm for Qemu {
         "QMP"
     }
 
-    fn set_balloon(
+    fn balloon_control(
         &self,
         socket: &Path,
         memory_mib: u64,
-        balloon_mib: u64,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<Box<dyn BalloonControl>, String> {
+        Ok(Box::new(QemuQmp {
+            qmp: Qmp::connect(socket, Duration::from_secs(60))?,
+            memory_mib,
+        }))
+    }
+}
+
+/// QEMU's balloon over one QMP session.
+struct QemuQmp {
+    qmp: Qmp,
+    memory_mib: u64,
+}
+
+impl BalloonControl for QemuQmp {
+    fn set_balloon(&mut self, balloon_mib: u64) -> std::result::Result<(), String> {
         // QMP `balloon` takes the memory the guest keeps, not the balloon's size.
-        Qmp::connect(socket, Duration::from_secs(60))?
-            .set_guest_memory(memory_mib.saturating_sub(balloon_mib) << 20)
+        self.qmp
+            .set_guest_memory(self.memory_mib.saturating_sub(balloon_mib) << 20)
     }
 
-    fn balloon_mib(&self, socket: &Path, memory_mib: u64) -> std::result::Result<u64, String> {
-        let actual = Qmp::connect(socket, Duration::from_secs(60))?.balloon_actual()?;
-        Ok(memory_mib.saturating_sub(actual >> 20))
+    fn balloon_mib(&mut self) -> std::result::Result<u64, String> {
+        // `query-balloon` gives the memory the guest keeps (bytes); the balloon is the
+        // rest, rounded down: it holds `balloon_mib` once the guest keeps at most
+        // `memory_mib - balloon_mib` MiB.
+        let actual = self.qmp.balloon_actual()?;
+        Ok((self.memory_mib << 20).saturating_sub(actual) >> 20)
     }
 }

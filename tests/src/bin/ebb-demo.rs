@@ -101,21 +101,19 @@ fn inside() -> Result<(), String> {
     vm.command_ok("free", TIMEOUT).map_err(|e| e.to_string())?;
     let freed_at = Instant::now();
     println!("   freed; free page reporting hands the pages back:");
-    let mut settled = None;
     let goal = idle_rss + (peak.saturating_sub(idle_rss)) / 10;
-    while freed_at.elapsed() < Duration::from_secs(60) {
-        sleep(Duration::from_secs(2));
+    // A reading every 2 s from 2 s after the free, until 60 s after it.
+    let every = Duration::from_secs(2);
+    sleep(every);
+    let settled = poll(Duration::from_secs(60) - every, every, || {
         let rss = vm.guest_ram_rss_kib().map_err(|e| e.to_string())?;
         println!(
             "   +{:>4.1} s  host RSS of guest RAM {:>6.0} MiB",
             freed_at.elapsed().as_secs_f64(),
             mib(rss)
         );
-        if rss <= goal {
-            settled = Some((freed_at.elapsed(), rss));
-            break;
-        }
-    }
+        Ok::<_, String>((rss <= goal).then(|| (freed_at.elapsed(), rss)))
+    })?;
     let (took, rss) = settled.ok_or_else(|| {
         format!(
             "guest RAM RSS did not fall back towards {:.0} MiB within 60 s",

@@ -29,7 +29,6 @@ use super::support::{
 use super::{ms, progress, Args, Ctx, ScenarioDef};
 use crate::guest::{BalloonConfig, GuestConfig, GuestVm, KernelImage, VmmKind, VmmRef};
 use crate::madvise::{self, MadviseTrace};
-use crate::qmp::Qmp;
 
 /// The scenarios of this family.
 pub const SCENARIOS: &[ScenarioDef] = &[
@@ -185,127 +184,98 @@ fn bench_inflate(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let memory_mib: u64 = args.get("memory_mib", 1024)?;
     let size_mib: u64 = args.get("size_mib", 768)?;
     let target = size_mib * 256;
-    crate::guest::find_qemu().s()?;
     let mut out = serde_json::Map::new();
-
-    // Ebb: the target goes over the REST API once the guest is ready.
-    {
-        let dir = super::support::scratch_dir("inflate-api")?;
-        let socket = dir.join("api.sock");
-        let c = inflate_config(
-            memory_mib,
-            0,
-            vec!["--api-socket".into(), socket.to_string_lossy().into_owned()],
-        );
-        let (mut vm, r) = boot(&ebb()?, &c)?;
-        let client = ebb_ctl::client::Client::new(&socket, Duration::from_secs(30));
-        let rss_before = ram_rss(&vm)?;
-        let trace = MadviseTrace::start(vm.pid(), &trace_path("ebb"));
-        let t0 = Instant::now();
-        let resp = client
-            .request(
-                "PATCH",
-                "/balloon",
-                Some(format!("{{\"amount_mib\": {size_mib}}}").as_bytes()),
-            )
-            .ctx("PATCH /balloon")?;
-        ensure(resp.status == 204, || {
-            format!("PATCH /balloon: {} {}", resp.status, resp.text())
-        })?;
-        let mut polls = 0u32;
-        let api_to_full = loop {
-            let b = client.get("/balloon").ctx("GET /balloon")?;
-            let b = b.json().ctx("GET /balloon body")?;
-            polls += 1;
-            if b["actual_mib"].as_u64() >= Some(size_mib) {
-                break t0.elapsed();
-            }
-            if t0.elapsed() > Duration::from_secs(600) {
-                return Err(format!("ebb: balloon not full after 600 s: {b}"));
-            }
-            thread::sleep(Duration::from_millis(250));
-        };
-        let (b, _) = wait_balloon(&mut vm, Duration::from_secs(60), |p| p >= target)?;
-        thread::sleep(Duration::from_secs(1));
-        let mad = match trace {
-            Ok(t) => madvise_json(&vm, t.stop()),
-            Err(e) => json!({ "error": e }),
-        };
-        let rss = ram_rss(&vm)?;
-        poweroff_any(&mut vm)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        out.insert(
-            "ebb".into(),
-            json!({
-                "argv": vm.argv(),
-                "ready_ms": ms(r.elapsed),
-                "api_to_full_ms": ms(api_to_full),
-                "api_polls": polls,
-                "balloon": b,
-                "madvise": mad,
-                "guest_ram_rss_before_mib": mib(rss_before),
-                "guest_ram_rss_full_mib": mib(rss),
-            }),
-        );
-    }
-
-    // QEMU: the target goes over QMP once the guest is ready.
-    {
-        let sock = std::env::temp_dir().join(format!("ebb-bench-{}-qmp.sock", std::process::id()));
-        let _ = std::fs::remove_file(&sock);
-        let c = inflate_config(
-            memory_mib,
-            0,
-            vec![
-                "-qmp".into(),
-                format!("unix:{},server=on,wait=off", sock.display()),
-            ],
-        );
-        let (mut vm, r) = boot(&super::support::qemu()?, &c)?;
-        let mut qmp = Qmp::connect(&sock, Duration::from_secs(30))?;
-        let rss_before = ram_rss(&vm)?;
-        let trace = MadviseTrace::start(vm.pid(), &trace_path("qemu"));
-        let keep = (memory_mib - size_mib) << 20;
-        let t0 = Instant::now();
-        qmp.set_guest_memory(keep)?;
-        let mut polls = 0u32;
-        let done =
-            super::support::poll(Duration::from_secs(300), Duration::from_millis(100), || {
-                polls += 1;
-                Ok::<_, String>((qmp.balloon_actual()? <= keep).then_some(()))
-            })?;
-        let qmp_ms = ms(t0.elapsed());
-        ensure(done.is_some(), || {
-            format!("QEMU's balloon did not reach {size_mib} MiB within 300 s")
-        })?;
-        let b = cmd(&mut vm, "balloon")?;
-        thread::sleep(Duration::from_secs(1));
-        let mad = match trace {
-            Ok(t) => madvise_json(&vm, t.stop()),
-            Err(e) => json!({ "error": e }),
-        };
-        let rss = ram_rss(&vm)?;
-        poweroff_any(&mut vm)?;
-        let _ = std::fs::remove_file(&sock);
-        out.insert(
-            "qemu".into(),
-            json!({
-                "argv": vm.argv(),
-                "ready_ms": ms(r.elapsed),
-                "qmp_to_full_ms": qmp_ms,
-                "qmp_polls": polls,
-                "balloon": b,
-                "madvise": mad,
-                "guest_ram_rss_before_mib": mib(rss_before),
-                "guest_ram_rss_full_mib": mib(rss),
-            }),
-        );
+    for vmm in kinds()? {
+        let v = inflate_one(&vmm, memory_mib, size_mib, target)?;
+        out.insert(vmm.name().into(), v);
     }
     out.insert(
         "params".into(),
         json!({ "memory_mib": memory_mib, "size_mib": size_mib, "target_pages": target }),
     );
     Ok(Value::Object(out))
+}
+
+/// One VMM's inflation: the target goes over its balloon control (Ebb: the REST API,
+/// QEMU: QMP) once the guest is ready, and the control is polled until the balloon is
+/// full.
+fn inflate_one(vmm: &VmmRef, memory_mib: u64, size_mib: u64, target: u64) -> Result<Value, String> {
+    let kind = vmm.kind();
+    // Ebb's API socket in a scratch directory, QEMU's QMP socket in the temporary one.
+    let (dir, socket) = match kind {
+        VmmKind::Ebb => {
+            let dir = super::support::scratch_dir("inflate-api")?;
+            let socket = dir.join("api.sock");
+            (Some(dir), socket)
+        }
+        VmmKind::Qemu => {
+            let sock =
+                std::env::temp_dir().join(format!("ebb-bench-{}-qmp.sock", std::process::id()));
+            let _ = std::fs::remove_file(&sock);
+            (None, sock)
+        }
+    };
+    // How often, and how long, the balloon's size is polled.
+    let (every, limit) = match kind {
+        VmmKind::Ebb => (Duration::from_millis(250), Duration::from_secs(600)),
+        VmmKind::Qemu => (Duration::from_millis(100), Duration::from_secs(300)),
+    };
+    let c = inflate_config(memory_mib, 0, vmm.control_args(&socket));
+    let (mut vm, r) = boot(vmm, &c)?;
+    let mut control = vmm.balloon_control(&socket, memory_mib)?;
+    let rss_before = ram_rss(&vm)?;
+    let trace = MadviseTrace::start(vm.pid(), &trace_path(kind.as_str()));
+    let t0 = Instant::now();
+    control.set_balloon(size_mib)?;
+    let mut polls = 0u32;
+    let mut last = 0;
+    let done = super::support::poll(limit, every, || {
+        polls += 1;
+        last = control.balloon_mib()?;
+        Ok::<_, String>((last >= size_mib).then_some(()))
+    })?;
+    let set_to_full = t0.elapsed();
+    ensure(done.is_some(), || {
+        format!(
+            "{}'s balloon did not reach {size_mib} MiB within {} s (last: {last} MiB)",
+            vmm.name(),
+            limit.as_secs()
+        )
+    })?;
+    // The guest's view: Ebb's until the driver counts every page, QEMU's once.
+    let b = match kind {
+        VmmKind::Ebb => wait_balloon(&mut vm, Duration::from_secs(60), |p| p >= target)?.0,
+        VmmKind::Qemu => cmd(&mut vm, "balloon")?,
+    };
+    thread::sleep(Duration::from_secs(1));
+    let mad = match trace {
+        Ok(t) => madvise_json(&vm, t.stop()),
+        Err(e) => json!({ "error": e }),
+    };
+    let rss = ram_rss(&vm)?;
+    poweroff_any(&mut vm)?;
+    drop(control);
+    match dir {
+        Some(dir) => {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        None => {
+            let _ = std::fs::remove_file(&socket);
+        }
+    }
+    // `api_to_full_ms`/`api_polls` for Ebb, `qmp_to_full_ms`/`qmp_polls` for QEMU.
+    let control_key = vmm.control_name().to_lowercase();
+    let mut v = json!({
+        "argv": vm.argv(),
+        "ready_ms": ms(r.elapsed),
+        "balloon": b,
+        "madvise": mad,
+        "guest_ram_rss_before_mib": mib(rss_before),
+        "guest_ram_rss_full_mib": mib(rss),
+    });
+    v[format!("{control_key}_to_full_ms")] = json!(ms(set_to_full));
+    v[format!("{control_key}_polls")] = json!(polls);
+    Ok(v)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -615,7 +585,6 @@ pub fn table(result: &Value) -> String {
         );
     }
     let d = &result["data"];
-    let vmms = ["ebb", "qemu"];
     let mut s = String::new();
     match name {
         "bench-boot" => {
@@ -641,7 +610,9 @@ pub fn table(result: &Value) -> String {
                 &w,
             ));
             s.push('\n');
-            for v in vmms {
+            for kind in VmmKind::ALL {
+                // The result's keys are the VMMs' names.
+                let v = kind.as_str();
                 let x = &d[v];
                 s.push_str(&row(
                     &[
@@ -681,13 +652,14 @@ pub fn table(result: &Value) -> String {
                 &w,
             ));
             s.push('\n');
-            for v in vmms {
+            for kind in VmmKind::ALL {
+                // The result's keys are the VMMs' names.
+                let v = kind.as_str();
                 let x = &d[v];
                 let m = &x["madvise"];
-                let set_to_full = if v == "qemu" {
-                    format!("{} (QMP)", secs(&x["qmp_to_full_ms"]))
-                } else {
-                    format!("{} (API)", secs(&x["api_to_full_ms"]))
+                let set_to_full = match kind {
+                    VmmKind::Qemu => format!("{} (QMP)", secs(&x["qmp_to_full_ms"])),
+                    VmmKind::Ebb => format!("{} (API)", secs(&x["api_to_full_ms"])),
                 };
                 let (span, calls, per) = if m.get("error").is_some() {
                     ("perf n/a".to_string(), "-".to_string(), "-".to_string())
@@ -742,7 +714,9 @@ pub fn table(result: &Value) -> String {
                 &w,
             ));
             s.push('\n');
-            for v in vmms {
+            for kind in VmmKind::ALL {
+                // The result's keys are the VMMs' names.
+                let v = kind.as_str();
                 let x = &d[v];
                 if x.is_null() {
                     continue;
@@ -851,6 +825,18 @@ mod tests {
         assert_eq!(l["p50_bucket_us"], 128.0, "{l}");
         assert_eq!(l["mean_us"], 100.0, "{l}");
         assert!(report_latency_from_metrics("").get("error").is_some());
+        let inflate = json!({"scenario":"bench-inflate","ok":true,"data":{
+            "params":{"memory_mib":1024,"size_mib":768},
+            "ebb":{"api_to_full_ms":2500,"madvise":{"span_ms":1200.0,"calls":3,"calls_per_gib":4.0},"guest_ram_rss_full_mib":300.0},
+            "qemu":{"qmp_to_full_ms":3000,"madvise":{"error":"no perf"},"guest_ram_rss_full_mib":310.0}}});
+        let t = table(&inflate);
+        assert!(
+            t.contains("2.5 s (API)")
+                && t.contains("3.0 s (QMP)")
+                && t.contains("perf n/a")
+                && t.contains("(qemu: perf: no perf)"),
+            "{t}"
+        );
         let failed = json!({"scenario":"bench-inflate","ok":false,"error":"boom"});
         assert!(table(&failed).contains("FAILED: boom"));
     }
