@@ -18,7 +18,7 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 targets=(mmio_balloon pfn_ranges stats_parser api_request)
 [[ $target == all ]] || targets=("$target")
-cargo +nightly fuzz build -O "${targets[@]/#/}" >/dev/null 2>&1 || cargo +nightly fuzz build -O
+if [[ $target == all ]]; then cargo +nightly fuzz build -O; else cargo +nightly fuzz build -O "$target"; fi
 # A smaller quarantine keeps AddressSanitizer's own memory well under the RSS limit.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-quarantine_size_mb=16}
 for t in "${targets[@]}"; do
