@@ -164,7 +164,15 @@ pub fn table(d: &Value) -> String {
     );
     s.push_str(&format!(
         "{:<8} {:<13} {:>10} {:>8} {:>9} {:>8} {:>11} {:>12} {:>11}\n",
-        "guest", "vmm", "idle RSS", "VMM", "swiotlb", "MemFree", "reserved", "after free", "free <2M"
+        "guest",
+        "vmm",
+        "idle RSS",
+        "VMM",
+        "swiotlb",
+        "MemFree",
+        "reserved",
+        "after free",
+        "free <2M"
     ));
     for r in d["rows"].as_array().into_iter().flatten() {
         let reserved = r["guest"]["dmesg"]
