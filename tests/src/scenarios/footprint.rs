@@ -25,7 +25,9 @@ pub const SCENARIOS: &[ScenarioDef] = &[ScenarioDef {
     help: "idle host RSS per guest size, Ebb vs QEMU microvm (also QEMU with \
            swiotlb=noforce), and where it goes by the guest's own accounting; then the RSS \
            left after touching and freeing memory, and the free memory below 2 MiB blocks \
-           (args: sizes_mib=1024,5120,15360 idle_s=12 touch_mib=512 settle_s=20)",
+           (args: sizes_mib=1024,5120,15360 idle_s=12 touch_mib=512 settle_s=20 \
+           report_orders=ORDER,... adds Ebb rows whose guest reports free blocks from that \
+           buddy order up instead of 9)",
     run: bench_footprint,
 }];
 
@@ -126,11 +128,19 @@ fn one(
 }
 
 fn bench_footprint(ctx: &Ctx, args: &Args) -> Result<Value, String> {
-    args.check_known(&["sizes_mib", "idle_s", "touch_mib", "settle_s"])?;
+    args.check_known(&["sizes_mib", "idle_s", "touch_mib", "settle_s", "report_orders"])?;
     let sizes: String = args.get("sizes_mib", "1024,5120,15360".to_string())?;
     let idle = Duration::from_secs(args.get("idle_s", 12)?);
     let touch_mib: u64 = args.get("touch_mib", 512)?;
     let settle = Duration::from_secs(args.get("settle_s", 20)?);
+    // Extra Ebb rows with the guest reporting free blocks from a smaller order than its
+    // default (pageblock order, 2 MiB): what the free memory below 2 MiB would give back.
+    let report_orders: String = args.get("report_orders", String::new())?;
+    let report_orders: Vec<u32> = report_orders
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().map_err(|_| format!("bad order {s:?}")))
+        .collect::<Result<_, _>>()?;
     let sizes: Vec<u64> = sizes
         .split(',')
         .map(|s| s.trim().parse().map_err(|_| format!("bad size {s:?}")))
@@ -147,6 +157,10 @@ fn bench_footprint(ctx: &Ctx, args: &Args) -> Result<Value, String> {
         rows.push(one(&ebb, "ebb", size, "", params)?);
         rows.push(one(&qemu, "qemu", size, "", params)?);
         rows.push(one(&qemu, "qemu+noforce", size, "swiotlb=noforce", params)?);
+        for order in &report_orders {
+            let extra = format!("page_reporting.page_reporting_order={order}");
+            rows.push(one(&ebb, &format!("ebb+order{order}"), size, &extra, params)?);
+        }
     }
     ensure(!rows.is_empty(), || "no sizes given".into())?;
     Ok(json!({
