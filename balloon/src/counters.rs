@@ -88,6 +88,19 @@ pub struct BalloonCounters {
     pub rejected_ranges: u64,
     /// Time from noticing a report to returning it to the guest.
     pub report_latency: LatencyHistogram,
+    /// Free page hinting runs the guest finished (sent its STOP for).
+    pub hint_runs: u64,
+    /// Hinted blocks received during a run.
+    pub hint_blocks: u64,
+    /// Bytes in those blocks.
+    pub hint_bytes: u64,
+    /// Hinted bytes discarded.
+    pub hint_discarded_bytes: u64,
+    /// Hinted bytes kept because the guest had written them again (or a discard failed).
+    pub hint_kept_bytes: u64,
+    /// Blocks (and command ids) that arrived outside the run they belong to, not
+    /// discarded.
+    pub hint_stale: u64,
 }
 
 /// Why a range is discarded (for the counters).
@@ -97,6 +110,8 @@ pub enum DiscardReason {
     Inflate,
     /// The guest reported the pages free.
     Report,
+    /// The guest hinted the pages free when the host asked.
+    Hint,
 }
 
 impl BalloonCounters {
@@ -110,12 +125,13 @@ impl BalloonCounters {
         match reason {
             DiscardReason::Inflate => self.inflate_discarded_bytes += bytes,
             DiscardReason::Report => self.reported_discarded_bytes += bytes,
+            DiscardReason::Hint => self.hint_discarded_bytes += bytes,
         }
     }
 
     /// All bytes handed back to the host.
     pub fn discarded_bytes(&self) -> u64 {
-        self.inflate_discarded_bytes + self.reported_discarded_bytes
+        self.inflate_discarded_bytes + self.reported_discarded_bytes + self.hint_discarded_bytes
     }
 }
 

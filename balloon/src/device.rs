@@ -19,8 +19,9 @@ use crate::counters::BalloonCounters;
 use crate::pages::PageSet;
 use crate::protocol::{
     self, config, max_queue_size, queue_roles, QueueRole, BALLOON_PAGE_SIZE, F_DEFLATE_ON_OOM,
-    F_PAGE_POISON, F_PAGE_REPORTING, F_STATS_VQ,
+    F_FREE_PAGE_HINT, F_PAGE_POISON, F_PAGE_REPORTING, F_STATS_VQ,
 };
+use crate::queues::hinting::{self, HintControl, HintDiscard};
 use crate::queues::reporting::{ReportedPages, ReportingQueue};
 use crate::queues::statistics::StatsQueue;
 use crate::queues::{self, inflate, notify};
@@ -40,6 +41,11 @@ pub struct BalloonOptions {
     pub free_page_reporting: bool,
     /// Seconds between statistics requests; 0 leaves the statistics queue out.
     pub stats_interval_s: u32,
+    /// Offer FREE_PAGE_HINT.
+    pub free_page_hinting: bool,
+    /// How hinted blocks are discarded ([`HintDiscard::Checked`] needs guest RAM with a
+    /// write fence).
+    pub hint_discard: HintDiscard,
 }
 
 /// Errors from host-side requests.
@@ -61,6 +67,15 @@ pub enum BalloonError {
     /// The statistics interval could not be changed.
     #[error("cannot change the statistics interval: {0}")]
     Timer(String),
+    /// Free page hinting was not enabled at boot.
+    #[error(
+        "free page hinting was not enabled at boot (start ebb with --balloon \
+         ...,free_page_hinting=on)"
+    )]
+    HintingDisabled,
+    /// Checked hinting needs guest RAM registered for write protection.
+    #[error("free page hinting needs guest RAM with a write fence")]
+    NoWriteFence,
 }
 
 /// The device once the driver is ready: guest RAM, the negotiated features, and each
@@ -74,6 +89,7 @@ struct Active {
     inflate: Queue,
     deflate: Queue,
     statistics: Option<StatsQueue>,
+    hinting: Option<Queue>,
     reporting: Option<ReportingQueue>,
 }
 
@@ -82,7 +98,8 @@ impl Active {
     fn new(activation: Activation) -> Result<Self, ActivationError> {
         let roles_by_index = queue_roles(activation.features);
         let mut roles = Vec::new();
-        let (mut inflate, mut deflate, mut statistics, mut reporting) = (None, None, None, None);
+        let (mut inflate, mut deflate, mut statistics, mut hinting, mut reporting) =
+            (None, None, None, None, None);
         for q in activation.queues {
             let index = usize::from(q.index);
             let Some(&role) = roles_by_index.get(index) else {
@@ -98,12 +115,7 @@ impl Active {
                 QueueRole::Deflate => &mut deflate,
                 QueueRole::Stats => &mut statistics,
                 QueueRole::Reporting => &mut reporting,
-                QueueRole::FreePageHint => {
-                    faults::record(GuestFault::QueueSetup, || {
-                        "balloon: free page hinting is not offered; queue ignored".to_string()
-                    });
-                    continue;
-                }
+                QueueRole::FreePageHint => &mut hinting,
             };
             *slot = Some(q.queue);
             if roles.len() <= index {
@@ -117,6 +129,7 @@ impl Active {
         for (role, feature, present) in [
             (QueueRole::Stats, F_STATS_VQ, statistics.is_some()),
             (QueueRole::Reporting, F_PAGE_REPORTING, reporting.is_some()),
+            (QueueRole::FreePageHint, F_FREE_PAGE_HINT, hinting.is_some()),
         ] {
             if activation.features & feature != 0 && !present {
                 faults::record(GuestFault::QueueSetup, || {
@@ -132,6 +145,7 @@ impl Active {
             inflate,
             deflate,
             statistics: statistics.map(StatsQueue::new),
+            hinting,
             reporting: reporting.map(ReportingQueue::new),
         })
     }
@@ -158,6 +172,7 @@ pub struct Balloon {
     stats_interval_s: u32,
     stats_timer: TimerFd,
     poison_warned: bool,
+    hint: HintControl,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -192,6 +207,12 @@ impl Balloon {
             // PAGE_POISON lets guests that poison or zero freed pages keep reporting.
             offered |= F_PAGE_REPORTING | F_PAGE_POISON;
         }
+        if options.free_page_hinting {
+            if options.hint_discard == HintDiscard::Checked && !ram.has_write_fence() {
+                return Err(BalloonError::NoWriteFence);
+            }
+            offered |= F_FREE_PAGE_HINT;
+        }
         let stats_timer = TimerFd::new().map_err(|e| BalloonError::Timer(e.to_string()))?;
         // SAFETY: setting O_NONBLOCK on a descriptor this struct owns.
         unsafe {
@@ -219,6 +240,7 @@ impl Balloon {
             stats_interval_s: options.stats_interval_s,
             stats_timer,
             poison_warned: false,
+            hint: HintControl::default(),
         })
     }
 
@@ -262,6 +284,42 @@ impl Balloon {
         self.poison_val
     }
 
+    /// Free page hinting: the host's and the guest's command ids and the current run.
+    pub fn hint_status(&self) -> Result<HintControl, BalloonError> {
+        if self.offered & F_FREE_PAGE_HINT == 0 {
+            return Err(BalloonError::HintingDisabled);
+        }
+        Ok(self.hint)
+    }
+
+    /// Asks the guest for a hinting run; with `acknowledge_on_stop` the host says DONE
+    /// as soon as the guest stops. Returns the run's command id.
+    pub fn start_hinting(&mut self, acknowledge_on_stop: bool) -> Result<u32, BalloonError> {
+        if self.offered & F_FREE_PAGE_HINT == 0 {
+            return Err(BalloonError::HintingDisabled);
+        }
+        let id = self.hint.start(acknowledge_on_stop, Instant::now());
+        self.config_changed();
+        Ok(id)
+    }
+
+    /// Tells the guest the host is done with the hinted blocks (they go back to its
+    /// allocator); ends a run still going.
+    pub fn stop_hinting(&mut self) -> Result<(), BalloonError> {
+        if self.offered & F_FREE_PAGE_HINT == 0 {
+            return Err(BalloonError::HintingDisabled);
+        }
+        self.hint.done();
+        self.config_changed();
+        Ok(())
+    }
+
+    fn config_changed(&self) {
+        if let Some(a) = &self.active {
+            a.interrupt.trigger(InterruptKind::Config);
+        }
+    }
+
     /// Sets the target and tells the guest.
     pub fn set_target_pages(&mut self, pages: u64) -> Result<(), BalloonError> {
         if pages > self.ram_pages || pages > u64::from(u32::MAX) {
@@ -271,9 +329,7 @@ impl Balloon {
             });
         }
         self.target_pages = pages as u32;
-        if let Some(a) = &self.active {
-            a.interrupt.trigger(InterruptKind::Config);
-        }
+        self.config_changed();
         Ok(())
     }
 
@@ -300,6 +356,7 @@ impl Balloon {
         let mut c = [0u8; config::LEN_WITH_POISON as usize];
         c[0..4].copy_from_slice(&self.target_pages.to_le_bytes());
         c[4..8].copy_from_slice(&self.actual_pages.to_le_bytes());
+        c[8..12].copy_from_slice(&self.hint.host_cmd.to_le_bytes());
         c[12..16].copy_from_slice(&self.poison_val.to_le_bytes());
         c
     }
@@ -307,6 +364,8 @@ impl Balloon {
     fn config_len(&self) -> u64 {
         if self.offered & F_PAGE_POISON != 0 {
             config::LEN_WITH_POISON
+        } else if self.offered & F_FREE_PAGE_HINT != 0 {
+            config::LEN_WITH_HINT_CMD_ID
         } else {
             config::LEN_BASIC
         }
@@ -373,7 +432,17 @@ impl Balloon {
                 }
                 (r.queue_mut(), pass)
             }
-            QueueRole::FreePageHint => return QueueWork::Done,
+            QueueRole::FreePageHint => {
+                let Some(q) = active.hinting.as_mut() else {
+                    return QueueWork::Done;
+                };
+                let mode = self.options.hint_discard;
+                let done = hinting::process(ram, q, &mut self.hint, mode, counters);
+                if done.config_changed {
+                    interrupt.trigger(InterruptKind::Config);
+                }
+                (q, done.pass)
+            }
         };
         if pass.gave_back {
             notify(queue, ram.memory(), interrupt);
@@ -458,6 +527,7 @@ impl VirtioDevice for Balloon {
         self.actual_pages = 0;
         self.poison_val = 0;
         self.held.clear();
+        self.hint.reset();
         let _ = self.stats_timer.clear();
     }
 

@@ -18,3 +18,4 @@ pub mod queues;
 pub mod stats;
 
 pub use device::{Balloon, BalloonOptions};
+pub use queues::hinting::{HintControl, HintDiscard, HintState};

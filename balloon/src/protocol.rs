@@ -9,7 +9,7 @@ pub const F_MUST_TELL_HOST: u64 = 1 << 0;
 pub const F_STATS_VQ: u64 = 1 << 1;
 /// The guest may deflate the balloon under memory pressure.
 pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
-/// Free page hinting queue present (not offered by Ebb).
+/// Free page hinting queue present; the host asks for hints through the config space.
 pub const F_FREE_PAGE_HINT: u64 = 1 << 3;
 /// The guest reports its page poison value.
 pub const F_PAGE_POISON: u64 = 1 << 4;
@@ -27,12 +27,14 @@ pub mod config {
     pub const NUM_PAGES: u64 = 0;
     /// Current balloon size in pages (guest writes).
     pub const ACTUAL: u64 = 4;
-    /// Free page hint command ID (unused by Ebb; reads as zero).
+    /// Free page hint command ID (host writes; with FREE_PAGE_HINT).
     pub const FREE_PAGE_HINT_CMD_ID: u64 = 8;
     /// The guest's page poison value (guest writes, with PAGE_POISON).
     pub const POISON_VAL: u64 = 12;
     /// Config length when PAGE_POISON is offered.
     pub const LEN_WITH_POISON: u64 = 16;
+    /// Config length with FREE_PAGE_HINT but not PAGE_POISON.
+    pub const LEN_WITH_HINT_CMD_ID: u64 = 12;
     /// Config length otherwise.
     pub const LEN_BASIC: u64 = 8;
 }
@@ -48,6 +50,20 @@ pub mod queue_size {
     /// Reporting queue: Linux refuses the whole device if this is below its report
     /// capacity (32).
     pub const REPORTING: u16 = 32;
+    /// Free page hint queue: Linux keeps one entry for its command ids and spins
+    /// allocating and freeing blocks while the ring is full, so a deep ring lets it hand
+    /// over many 4 MiB blocks per wake-up of the host.
+    pub const FREE_PAGE_HINT: u16 = 256;
+}
+
+/// Command ids in `free_page_hint_cmd_id` and on the free page hint queue.
+pub mod hint_cmd {
+    /// The guest's end of a run (on the queue); the host's "stop" before a run starts.
+    pub const STOP: u32 = 0;
+    /// The host is done with the hinted blocks: the guest frees them.
+    pub const DONE: u32 = 1;
+    /// The first id of a run (0 and 1 are taken).
+    pub const FIRST_RUN: u32 = 2;
 }
 
 /// Most entries one free page report may carry (Linux PAGE_REPORTING_CAPACITY).
@@ -62,7 +78,7 @@ pub enum QueueRole {
     Deflate,
     /// Guest memory statistics.
     Stats,
-    /// Free page hints (never offered).
+    /// Free page hints.
     FreePageHint,
     /// Free page reports.
     Reporting,
@@ -91,7 +107,7 @@ pub fn max_queue_size(role: QueueRole) -> u16 {
         QueueRole::Inflate => queue_size::INFLATE,
         QueueRole::Deflate => queue_size::DEFLATE,
         QueueRole::Stats => queue_size::STATS,
-        QueueRole::FreePageHint => 64,
+        QueueRole::FreePageHint => queue_size::FREE_PAGE_HINT,
         QueueRole::Reporting => queue_size::REPORTING,
     }
 }

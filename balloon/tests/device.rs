@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ebb_balloon::protocol::*;
-use ebb_balloon::{Balloon, BalloonOptions};
+use ebb_balloon::{Balloon, BalloonOptions, HintDiscard, HintState};
 use ebb_devices::ram::{GuestRam, RamOptions};
 use ebb_devices::virtio::{
     Activation, ActiveQueue, InterruptKind, QueueWork, VirtioDevice, VirtioInterrupt,
@@ -133,6 +133,8 @@ fn options(reporting: bool, stats: u32) -> BalloonOptions {
         deflate_on_oom: true,
         free_page_reporting: reporting,
         stats_interval_s: stats,
+        free_page_hinting: false,
+        hint_discard: Default::default(),
     }
 }
 
@@ -880,4 +882,175 @@ fn a_huge_report_is_discarded_over_several_passes() {
     let c = b.counters();
     assert_eq!(c.reported_discarded_bytes, total);
     assert_eq!(resident(&ram, (B_START, region_b)), 0);
+}
+
+fn fenced_ram() -> GuestRam {
+    GuestRam::new(
+        &[
+            (GuestAddress(0), HOLE_START),
+            (GuestAddress(B_START), RAM_END - B_START),
+        ],
+        RamOptions {
+            thp: None,
+            write_fence: true,
+        },
+    )
+    .expect("userfaultfd write protection (run as root or with vm.unprivileged_userfaultfd=1)")
+}
+
+/// A balloon with hinting and reporting: the free page queue is 2, reporting 3.
+fn hinting_setup(ram: &GuestRam, mode: HintDiscard) -> (Balloon, DriverQueue<'_>, Arc<Irq>) {
+    let mem = ram.memory();
+    let opts = BalloonOptions {
+        free_page_hinting: true,
+        hint_discard: mode,
+        ..options(true, 0)
+    };
+    let mut b = Balloon::new(opts, ram).unwrap();
+    assert_ne!(b.features() & F_FREE_PAGE_HINT, 0);
+    let inflate = DriverQueue::new(mem, 0x1000, 256);
+    let deflate = DriverQueue::new(mem, 0x5000, 256);
+    let hint = DriverQueue::new(mem, 0x9000, 256);
+    let report = DriverQueue::new(mem, 0xd000, 32);
+    let irq = activate(
+        &mut b,
+        ram,
+        VIRTIO_F_VERSION_1 | F_FREE_PAGE_HINT | F_PAGE_REPORTING,
+        vec![
+            (0, inflate.queue()),
+            (1, deflate.queue()),
+            (2, hint.queue()),
+            (3, report.queue()),
+        ],
+    );
+    (b, hint, irq)
+}
+
+fn cmd_id(b: &Balloon) -> u32 {
+    let mut bytes = [0u8; 4];
+    b.read_config(config::FREE_PAGE_HINT_CMD_ID, &mut bytes);
+    u32::from_le_bytes(bytes)
+}
+
+/// Where the guest writes the command ids it sends.
+const CMD_AT: u64 = 0x20000;
+
+fn send_cmd(mem: &GuestMemoryMmap, q: &mut DriverQueue<'_>, id: u32, slot: u64) {
+    let at = CMD_AT + slot * 4;
+    mem.write_obj(id.to_le(), GuestAddress(at)).unwrap();
+    q.add(&[(at, 4, false)]);
+}
+
+#[test]
+fn a_hinting_run_discards_zeroed_blocks_keeps_written_pages_and_says_done() {
+    let ram = fenced_ram();
+    let mem = ram.memory();
+    let (mut b, mut hint, irq) = hinting_setup(&ram, HintDiscard::Checked);
+    assert_eq!(cmd_id(&b), hint_cmd::STOP);
+    let id = b.start_hinting(true).unwrap();
+    assert!(id >= hint_cmd::FIRST_RUN);
+    assert_eq!(cmd_id(&b), id);
+    assert_eq!(irq.config.load(Ordering::SeqCst), 1, "the guest is told");
+
+    // Blocks before the guest's START are not part of the run.
+    let block = |i: u64| B_START + i * 4 * MIB;
+    for i in 0..3 {
+        for p in 0..1024 {
+            mem.write_obj(0u8, GuestAddress(block(i) + p * 4096))
+                .unwrap();
+        }
+    }
+    hint.add(&[(block(0), 4 * MIB as u32, true)]);
+    b.process_queue(2);
+    assert_eq!(b.counters().hint_stale, 1);
+    assert_eq!(
+        resident(&ram, (block(0), 4 * MIB)),
+        1024,
+        "stale block kept"
+    );
+
+    // START, two zeroed blocks (one of which the guest wrote again), STOP.
+    send_cmd(mem, &mut hint, id, 0);
+    mem.write_obj(0xabu8, GuestAddress(block(2) + 5 * 4096 + 9))
+        .unwrap();
+    hint.add(&[(block(1), 4 * MIB as u32, true)]);
+    hint.add(&[(block(2), 4 * MIB as u32, true)]);
+    send_cmd(mem, &mut hint, hint_cmd::STOP, 1);
+    assert_eq!(b.process_queue(2), QueueWork::Done);
+    assert_eq!(hint.used_count(), 5, "every buffer goes back");
+    assert_eq!(resident(&ram, (block(1), 4 * MIB)), 0);
+    assert_eq!(
+        resident(&ram, (block(2), 4 * MIB)),
+        1,
+        "the written page stays"
+    );
+    let v: u8 = mem.read_obj(GuestAddress(block(2) + 5 * 4096 + 9)).unwrap();
+    assert_eq!(v, 0xab);
+    let c = b.counters();
+    assert_eq!((c.hint_runs, c.hint_blocks), (1, 2));
+    assert_eq!(c.hint_bytes, 8 * MIB);
+    assert_eq!(c.hint_discarded_bytes, 8 * MIB - 4096);
+    assert_eq!(c.hint_kept_bytes, 4096);
+    // acknowledge_on_stop: DONE, and the guest is told.
+    assert_eq!(cmd_id(&b), hint_cmd::DONE);
+    assert_eq!(irq.config.load(Ordering::SeqCst), 2);
+    let st = b.hint_status().unwrap();
+    assert_eq!(st.run.state, HintState::Done);
+    assert_eq!(st.guest_cmd, Some(hint_cmd::STOP));
+    assert!(st.run.duration.is_some());
+}
+
+#[test]
+fn unchecked_hinting_discards_written_pages_too() {
+    // The naive mode other VMMs ship: it drops the page the guest wrote again.
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut hint, _irq) = hinting_setup(&ram, HintDiscard::Unchecked);
+    let id = b.start_hinting(false).unwrap();
+    send_cmd(mem, &mut hint, id, 0);
+    mem.write_obj(0xabu8, GuestAddress(B_START + 9)).unwrap();
+    hint.add(&[(B_START, 4 * MIB as u32, true)]);
+    send_cmd(mem, &mut hint, hint_cmd::STOP, 1);
+    b.process_queue(2);
+    let v: u8 = mem.read_obj(GuestAddress(B_START + 9)).unwrap();
+    assert_eq!(v, 0, "the write is lost");
+    assert_eq!(cmd_id(&b), id, "without acknowledge_on_stop the host waits");
+    assert_eq!(b.hint_status().unwrap().run.state, HintState::Stopped);
+    b.stop_hinting().unwrap();
+    assert_eq!(cmd_id(&b), hint_cmd::DONE);
+}
+
+#[test]
+fn hostile_hint_buffers_are_counted_and_the_queue_keeps_working() {
+    let ram = fenced_ram();
+    let mem = ram.memory();
+    let (mut b, mut hint, _irq) = hinting_setup(&ram, HintDiscard::Checked);
+    let id = b.start_hinting(true).unwrap();
+    send_cmd(mem, &mut hint, id, 0);
+    hint.add(&[(HOLE_START, 4 * MIB as u32, true)]); // in the hole
+    hint.add(&[(B_START + 100, 4096, true)]); // unaligned
+    hint.add(&[(RAM_END - 4096, 8192, true)]); // past the end
+    hint.add(&[(0, !4095, true)]); // huge
+    hint.add(&[(CMD_AT, 3, false)]); // a command of the wrong size
+    hint.add(&[(B_START, 4 * MIB as u32, true)]); // fine
+    assert_eq!(b.process_queue(2), QueueWork::Done);
+    let c = b.counters();
+    assert_eq!(c.rejected_ranges, 4);
+    assert_eq!(c.rejected_descriptors, 1);
+    assert_eq!(c.hint_blocks, 1);
+    assert_eq!(hint.used_count(), 7);
+    // Hinting config writes from the guest are refused; the id is the host's.
+    b.write_config(config::FREE_PAGE_HINT_CMD_ID, &7u32.to_le_bytes());
+    assert_eq!(cmd_id(&b), id);
+    // Without hinting offered the API calls fail.
+    let mut plain = Balloon::new(options(true, 0), &ram).unwrap();
+    assert!(plain.start_hinting(true).is_err());
+    assert!(plain.hint_status().is_err());
+    // Checked hinting needs a fenced RAM.
+    let unfenced = self::ram();
+    let opts = BalloonOptions {
+        free_page_hinting: true,
+        ..options(true, 0)
+    };
+    assert!(Balloon::new(opts, &unfenced).is_err());
 }

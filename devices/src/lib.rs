@@ -15,6 +15,7 @@ pub mod i8042;
 pub mod ram;
 pub mod serial;
 pub mod virtio;
+pub mod write_fence;
 
 /// A non-blocking eventfd that a child process does not inherit (vmm-sys-util's
 /// `EventFd::new` leaves close-on-exec to its caller).

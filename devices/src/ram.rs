@@ -11,11 +11,14 @@
 //! it back with [`GuestRam::discard`], which knows what frees memory of this backing.
 
 use std::io;
+use std::sync::Arc;
 
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MmapRegion,
 };
+
+use crate::write_fence::WriteFence;
 
 /// Smallest unit guest RAM is mapped and discarded in.
 pub const HOST_PAGE_SIZE: u64 = 4096;
@@ -28,6 +31,9 @@ pub struct RamOptions {
     /// `Some(true)` asks for transparent huge pages (`MADV_HUGEPAGE`), `Some(false)`
     /// refuses them, `None` leaves the host's policy.
     pub thp: Option<bool>,
+    /// Register guest RAM for userfaultfd write protection, which
+    /// [`GuestRam::discard_unwritten`] needs (free page hinting).
+    pub write_fence: bool,
 }
 
 /// Errors creating guest RAM.
@@ -44,6 +50,18 @@ pub enum RamError {
     /// The regions do not describe a usable guest physical layout.
     #[error("cannot describe guest RAM: {0}")]
     Layout(String),
+    /// The write fence could not be set up.
+    #[error("cannot write-protect guest RAM: {0}")]
+    WriteFence(io::Error),
+}
+
+/// What [`GuestRam::discard_unwritten`] did with a range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FencedDiscard {
+    /// Bytes of pages that held only zeros, discarded.
+    pub discarded: u64,
+    /// Bytes of pages with data, kept.
+    pub kept: u64,
 }
 
 /// A slice of guest RAM inside one region, page aligned: the only thing
@@ -107,6 +125,7 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     host_start: usize,
     size: u64,
+    write_fence: Option<Arc<WriteFence>>,
 }
 
 impl GuestRam {
@@ -211,10 +230,17 @@ impl GuestRam {
         }
         let memory =
             GuestMemoryMmap::from_regions(mapped).map_err(|e| RamError::Layout(e.to_string()))?;
+        let write_fence = if options.write_fence {
+            let fence = WriteFence::new(ram as usize, size_usize).map_err(RamError::WriteFence)?;
+            Some(Arc::new(fence))
+        } else {
+            None
+        };
         Ok(Self {
             memory,
             host_start: ram as usize,
             size,
+            write_fence,
         })
     }
 
@@ -312,6 +338,86 @@ impl GuestRam {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+}
+
+impl GuestRam {
+    /// Whether guest RAM was registered for write protection.
+    pub fn has_write_fence(&self) -> bool {
+        self.write_fence.is_some()
+    }
+
+    /// Discards the pages of `range` that hold only zeros, and keeps the others, with
+    /// every writer held off while it looks and discards: a page discarded reads back as
+    /// the zeros it held, so no write, however it races with this, is ever lost.
+    ///
+    /// Order matters: every page is mapped first (a read maps the zero page where there
+    /// is none: an unmapped page cannot be write-protected and its first write would slip
+    /// past the fence), then the range is protected, checked, discarded and unprotected,
+    /// which wakes the writers that waited.
+    pub fn discard_unwritten(&self, range: RamRange) -> io::Result<FencedDiscard> {
+        let fence = self.write_fence.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "guest RAM has no write fence (RamOptions::write_fence)",
+            )
+        })?;
+        let page = HOST_PAGE_SIZE as usize;
+        let len = range.len as usize;
+        for offset in (0..len).step_by(page) {
+            // SAFETY: inside the range, which a `RamRange` guarantees is mapped guest RAM;
+            // a volatile read of one byte changes nothing.
+            unsafe { std::ptr::read_volatile((range.host + offset) as *const u8) };
+        }
+        fence.protect(range.host, len)?;
+        let mut done = FencedDiscard::default();
+        let mut zero_run: Option<usize> = None;
+        let mut result = Ok(());
+        let mut flush = |start: usize, end: usize, done: &mut FencedDiscard| {
+            // SAFETY: [start, end) lies in the range (see above); its pages hold zeros and
+            // no one can write them while the fence is up, so discarding changes nothing
+            // anyone can observe.
+            let rc = unsafe {
+                libc::madvise(
+                    (range.host + start) as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc == 0 {
+                done.discarded += (end - start) as u64;
+            } else {
+                done.kept += (end - start) as u64;
+                result = Err(io::Error::last_os_error());
+            }
+        };
+        for offset in (0..len).step_by(page) {
+            // SAFETY: one page inside the range, mapped and write-protected: no one
+            // writes it while this slice lives. u64 alignment holds (page aligned).
+            let words = unsafe {
+                std::slice::from_raw_parts((range.host + offset) as *const u64, page / 8)
+            };
+            let zero = words.iter().fold(0, |acc, w| acc | w) == 0;
+            match (zero, zero_run) {
+                (true, None) => zero_run = Some(offset),
+                (false, Some(start)) => {
+                    flush(start, offset, &mut done);
+                    zero_run = None;
+                }
+                _ => {}
+            }
+            if !zero {
+                done.kept += HOST_PAGE_SIZE;
+            }
+        }
+        if let Some(start) = zero_run {
+            flush(start, len, &mut done);
+        }
+        // Unprotect whatever happened above: a writer must never wait for good.
+        let unprotected = fence.unprotect(range.host, len);
+        result?;
+        unprotected?;
+        Ok(done)
     }
 }
 
@@ -420,7 +526,14 @@ mod tests {
     #[test]
     fn thp_advice_keeps_one_mapping() {
         for thp in [Some(true), Some(false)] {
-            let ram = GuestRam::new(&[(GuestAddress(0), 64 * MIB)], RamOptions { thp }).unwrap();
+            let ram = GuestRam::new(
+                &[(GuestAddress(0), 64 * MIB)],
+                RamOptions {
+                    thp,
+                    write_fence: false,
+                },
+            )
+            .unwrap();
             assert_eq!(smaps_entry_size_kib(ram.host_start()), Some(64 * 1024));
         }
     }
@@ -500,5 +613,92 @@ mod tests {
             m.memory().read_obj::<u8>(GuestAddress(19 * MIB)).unwrap(),
             0xa5
         );
+    }
+
+    fn fenced_ram() -> GuestRam {
+        GuestRam::new(
+            &[(GuestAddress(0), 8 * MIB)],
+            RamOptions {
+                thp: None,
+                write_fence: true,
+            },
+        )
+        .expect("userfaultfd write protection (run the tests as root or with vm.unprivileged_userfaultfd=1)")
+    }
+
+    #[test]
+    fn fenced_discard_drops_zero_pages_and_keeps_written_ones() {
+        let m = fenced_ram();
+        let all = m.range(0, 4 * MIB).unwrap();
+        // Pages 0..512 zeroed by a write (as the guest's init_on_alloc does), 512..1024
+        // left unmapped, and a few with data among the zeroed ones.
+        for page in 0..512u64 {
+            m.memory()
+                .write_obj(0u8, GuestAddress(page * 4096))
+                .unwrap();
+        }
+        for page in [3u64, 4, 100, 511] {
+            m.memory()
+                .write_obj(0x5au8, GuestAddress(page * 4096 + 17))
+                .unwrap();
+        }
+        assert_eq!(resident_pages(&m, all), 512);
+        let done = m.discard_unwritten(all).unwrap();
+        assert_eq!(done.kept, 4 * 4096);
+        assert_eq!(done.discarded, 4 * MIB - 4 * 4096);
+        assert_eq!(resident_pages(&m, all), 4);
+        for page in [3u64, 4, 100, 511] {
+            let v: u8 = m.memory().read_obj(GuestAddress(page * 4096 + 17)).unwrap();
+            assert_eq!(v, 0x5a);
+        }
+        // Writable again afterwards.
+        m.memory().write_obj(7u8, GuestAddress(8192)).unwrap();
+        assert!(
+            GuestRam::new(&[(GuestAddress(0), MIB)], RamOptions::default())
+                .unwrap()
+                .discard_unwritten(m.range(0, 4096).unwrap())
+                .is_err()
+        );
+    }
+
+    /// A writer that keeps writing and reading back a page while the range is discarded
+    /// over and over never reads back anything but its last write.
+    #[test]
+    fn fenced_discard_never_loses_a_racing_write() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let m = fenced_ram();
+        let range = m.range(0, 2 * MIB).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (m, stop) = (m.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut lost = 0u64;
+                let mut i = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let gpa = GuestAddress((i % 512) * 4096 + 8);
+                    m.memory().write_obj(i, gpa).unwrap();
+                    std::thread::yield_now();
+                    if m.memory().read_obj::<u64>(gpa).unwrap() != i {
+                        lost += 1;
+                    }
+                    m.memory().write_obj(0u64, gpa).unwrap();
+                    i += 1;
+                }
+                (lost, i)
+            })
+        };
+        let start = std::time::Instant::now();
+        let mut passes = 0;
+        while start.elapsed() < std::time::Duration::from_secs(2) {
+            m.discard_unwritten(range).unwrap();
+            passes += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (lost, writes) = writer.join().unwrap();
+        assert!(
+            passes > 10 && writes > 1000,
+            "{passes} passes, {writes} writes"
+        );
+        assert_eq!(lost, 0, "{lost} of {writes} writes lost in {passes} passes");
     }
 }

@@ -38,7 +38,7 @@ pub struct Cli {
     /// Add a virtio-balloon device.
     #[arg(
         long,
-        value_name = "size=SIZE,deflate_on_oom=on|off,free_page_reporting=on|off,stats_interval=SECS"
+        value_name = "size=SIZE,deflate_on_oom=on|off,free_page_reporting=on|off,stats_interval=SECS,free_page_hinting=on|off"
     )]
     pub balloon: Option<BalloonConfig>,
 
@@ -67,6 +67,11 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", default_value = host::DEFAULT_MODULE_DIR, hide = true)]
     pub sysfs_module_dir: PathBuf,
 
+    /// Testing only: discard hinted free pages without checking that the guest has not
+    /// written them again (loses such writes; shows the race the default closes).
+    #[arg(long, hide = true)]
+    pub unsafe_unchecked_hinting: bool,
+
     /// Log level for Ebb's own messages on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: tracing::Level,
@@ -85,6 +90,7 @@ impl Cli {
             api_socket: self.api_socket.clone(),
             serial: self.serial.clone(),
             seccomp: self.seccomp,
+            unchecked_hinting: self.unsafe_unchecked_hinting,
             host: HostPaths {
                 kvm_device: self.kvm_device.clone(),
                 module_dir: self.sysfs_module_dir.clone(),

@@ -180,6 +180,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// System call filters for Ebb's threads.
     pub seccomp: SeccompMode,
+    /// Testing only: hinted pages are discarded without the write check.
+    pub unchecked_hinting: bool,
     /// Where to find KVM and the host's modules.
     pub host: crate::host::HostPaths,
 }

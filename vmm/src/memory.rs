@@ -23,18 +23,26 @@ pub enum MemoryError {
     /// Building the vm-memory view failed.
     #[error("cannot describe guest RAM: {0}")]
     Layout(String),
+    /// Free page hinting needs a write fence the host could not give.
+    #[error("free page hinting: cannot write-protect guest RAM: {0}")]
+    WriteFence(std::io::Error),
 }
 
 /// Reserves and maps guest RAM for `config`. Nothing is touched: pages appear on first
-/// access by the guest (or by the loader).
-pub fn guest_ram(config: &MemoryConfig) -> Result<GuestRam, MemoryError> {
-    let options = RamOptions { thp: config.thp };
+/// access by the guest (or by the loader). `write_fence` registers it for write
+/// protection (checked free page hinting).
+pub fn guest_ram(config: &MemoryConfig, write_fence: bool) -> Result<GuestRam, MemoryError> {
+    let options = RamOptions {
+        thp: config.thp,
+        write_fence,
+    };
     GuestRam::new(&layout::ram_regions(config.size), options).map_err(|e| match e {
         RamError::Reserve { source, .. } => MemoryError::Reserve {
             size: format_size(config.size),
             source,
         },
         RamError::Layout(what) => MemoryError::Layout(what),
+        RamError::WriteFence(e) => MemoryError::WriteFence(e),
     })
 }
 
@@ -50,7 +58,7 @@ mod tests {
             size: 5 * GIB,
             thp: None,
         };
-        let ram = guest_ram(&cfg).unwrap();
+        let ram = guest_ram(&cfg, false).unwrap();
         assert_eq!(ram.size(), 5 * GIB);
         assert_eq!(ram.host_start() % (2 << 20), 0, "2 MiB aligned for THP");
         let slots = ram.slots();
@@ -80,10 +88,13 @@ mod tests {
 
     #[test]
     fn impossible_sizes_fail_cleanly() {
-        let err = guest_ram(&MemoryConfig {
-            size: 1 << 62,
-            thp: None,
-        })
+        let err = guest_ram(
+            &MemoryConfig {
+                size: 1 << 62,
+                thp: None,
+            },
+            false,
+        )
         .unwrap_err();
         assert!(err.to_string().contains("cannot reserve"), "{err}");
     }

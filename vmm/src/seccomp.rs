@@ -79,6 +79,8 @@ const TCSETS: u64 = 0x5402;
 const TCSETSW: u64 = 0x5403;
 // Non-blocking mode on a socket (the async runtime).
 const FIONBIO: u64 = 0x5421;
+// Write-protecting hinted blocks while they are checked and discarded.
+const UFFDIO_WRITEPROTECT: u64 = ebb_devices::write_fence::UFFDIO_WRITEPROTECT;
 
 /// Calls every thread needs: memory management for the allocator, locks, time, signals,
 /// reading and writing its descriptors (eventfds, the log), and ending.
@@ -159,7 +161,7 @@ fn extra_calls(kind: ThreadKind) -> &'static [i64] {
 /// The ioctl requests each kind may make.
 fn ioctl_requests(kind: ThreadKind) -> &'static [u64] {
     match kind {
-        ThreadKind::EventLoop => &[TCGETS, TCSETS, TCSETSW],
+        ThreadKind::EventLoop => &[TCGETS, TCSETS, TCSETSW, UFFDIO_WRITEPROTECT],
         ThreadKind::Vcpu => &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS],
         ThreadKind::Api => &[FIONBIO],
         ThreadKind::Console => &[],

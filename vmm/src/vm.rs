@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
-use ebb_balloon::{Balloon, BalloonOptions};
+use ebb_balloon::{Balloon, BalloonOptions, HintDiscard};
 use ebb_devices::acpi_pm::{self, AcpiPm};
 use ebb_devices::bus::{lock, Bus, BusError};
 use ebb_devices::cmos::{self, Cmos};
@@ -329,6 +329,12 @@ fn mmio_devices(vm: &VmFd, ram: &GuestRam, config: &VmConfig) -> Result<MmioDevi
                 deflate_on_oom: balloon_cfg.deflate_on_oom,
                 free_page_reporting: balloon_cfg.free_page_reporting,
                 stats_interval_s: balloon_cfg.stats_interval_s,
+                free_page_hinting: balloon_cfg.free_page_hinting,
+                hint_discard: if config.unchecked_hinting {
+                    HintDiscard::Unchecked
+                } else {
+                    HintDiscard::Checked
+                },
             },
             ram,
         )
@@ -475,7 +481,10 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     check_host_limits(&kvm, config, &supported)?;
 
-    let ram = guest_ram(&config.memory)?;
+    let write_fence = config
+        .balloon
+        .is_some_and(|b| b.free_page_hinting && !config.unchecked_hinting);
+    let ram = guest_ram(&config.memory, write_fence)?;
     tracing::info!(
         "guest RAM: {} at host {:#x}",
         format_size(ram.size()),

@@ -76,6 +76,9 @@ fn fake_state(kind: Kind) -> FakeState {
                     deflate_on_oom: true,
                     free_page_reporting: true,
                     stats_interval_s,
+                    // The full-featured fake hints; the one without statistics does not.
+                    free_page_hinting: kind == Kind::Stats,
+                    hint_discard: Default::default(),
                 },
                 guest_memory_bytes: GUEST_MIB * MIB,
                 target_pages: 256 * 64,
@@ -91,6 +94,7 @@ fn fake_state(kind: Kind) -> FakeState {
                     minor_faults: Some(12345),
                     ..Default::default()
                 }),
+                hint: Default::default(),
             })
         }
     };
@@ -161,6 +165,21 @@ impl VmBackend for Fake {
             "checked by the API layer"
         );
         b.stats_interval_s = secs;
+        Ok(())
+    }
+
+    fn start_hinting(&mut self, acknowledge_on_stop: bool) -> Result<u32, ApiError> {
+        let mut s = self.state();
+        let b = s.balloon.as_mut().expect("checked by the API layer");
+        assert!(b.options.free_page_hinting, "checked by the API layer");
+        Ok(b.hint.start(acknowledge_on_stop, std::time::Instant::now()))
+    }
+
+    fn stop_hinting(&mut self) -> Result<(), ApiError> {
+        let mut s = self.state();
+        let b = s.balloon.as_mut().expect("checked by the API layer");
+        assert!(b.options.free_page_hinting, "checked by the API layer");
+        b.hint.done();
         Ok(())
     }
 
@@ -319,7 +338,8 @@ fn get_balloon() {
         json_of(&r),
         json!({
             "amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 5,
-            "free_page_reporting": true, "target_mib": 64, "actual_mib": 32
+            "free_page_reporting": true, "target_mib": 64, "actual_mib": 32,
+            "free_page_hinting": true
         })
     );
 }
@@ -571,7 +591,7 @@ fn unknown_paths_are_404_and_wrong_methods_405() {
         "/",
         "/balloons",
         "/balloon/",
-        "/balloon/hinting/start",
+        "/balloon/hinting",
         "/vm/x",
         "/actions",
     ] {
@@ -1383,4 +1403,50 @@ fn ebb_refuses_a_live_socket_and_replaces_a_stale_one() {
     assert!(err.contains("not a socket"), "{err}");
     assert!(sock.exists());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn free_page_hinting_endpoints() {
+    let h = Harness::new(Kind::Stats);
+    let st = json_of(&h.get("/balloon/hinting/status"));
+    assert_eq!(st["host_cmd"], 0);
+    assert_eq!(st["guest_cmd"], Value::Null);
+    assert_eq!(st["state"], "idle");
+    // An empty body, as Firecracker allows, acknowledges on stop.
+    assert_eq!(h.send("PATCH", "/balloon/hinting/start", "").status, 204);
+    let st = json_of(&h.get("/balloon/hinting/status"));
+    assert_eq!(
+        (st["host_cmd"].as_u64(), st["run_cmd"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(st["state"], "requested");
+    let r = h.send(
+        "PATCH",
+        "/balloon/hinting/start",
+        r#"{"acknowledge_on_stop": false}"#,
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(json_of(&h.get("/balloon/hinting/status"))["host_cmd"], 3);
+    assert_fault(
+        &h.send("PATCH", "/balloon/hinting/start", r#"{"ack": 1}"#),
+        400,
+        "unknown field",
+    );
+    assert_eq!(h.send("PATCH", "/balloon/hinting/stop", "").status, 204);
+    let st = json_of(&h.get("/balloon/hinting/status"));
+    assert_eq!(
+        (st["host_cmd"].as_u64(), st["state"].as_str()),
+        (Some(1), Some("done"))
+    );
+
+    let no_hint = Harness::new(Kind::NoStats);
+    for (method, path) in [
+        ("GET", "/balloon/hinting/status"),
+        ("PATCH", "/balloon/hinting/start"),
+        ("PATCH", "/balloon/hinting/stop"),
+    ] {
+        assert_fault(&no_hint.send(method, path, ""), 400, "free_page_hinting=on");
+    }
+    let none = Harness::new(Kind::NoBalloon);
+    assert_fault(&none.get("/balloon/hinting/status"), 409, "no balloon");
 }

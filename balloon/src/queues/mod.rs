@@ -5,6 +5,7 @@
 //! is written: a guest that polls the used ring must never see a buffer done whose pages
 //! the host still holds.
 
+pub mod hinting;
 pub mod inflate;
 pub mod reporting;
 pub mod statistics;

@@ -76,6 +76,8 @@ fn shared() -> &'static Shared {
                         deflate_on_oom: true,
                         free_page_reporting: true,
                         stats_interval_s: 1,
+                        free_page_hinting: false,
+                        hint_discard: Default::default(),
                     },
                     guest_memory_bytes: 1 << 30,
                     target_pages: 0,
@@ -84,6 +86,7 @@ fn shared() -> &'static Shared {
                     driver_ready: true,
                     counters: Default::default(),
                     stats: None,
+                    hint: Default::default(),
                 },
             };
             loop {

@@ -154,6 +154,9 @@ fuzz_target!(|data: &[u8]| {
         deflate_on_oom: flags & 1 != 0,
         free_page_reporting: flags & 2 != 0,
         stats_interval_s: u32::from(flags >> 2 & 3),
+        free_page_hinting: flags & 16 != 0,
+        // The fuzzer's RAM has no write fence; the madvise guard checks every discard.
+        hint_discard: ebb_balloon::queues::hinting::HintDiscard::Unchecked,
     };
     let Ok(balloon) = Balloon::new(options, &ram) else {
         return;

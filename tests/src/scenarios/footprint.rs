@@ -128,7 +128,13 @@ fn one(
 }
 
 fn bench_footprint(ctx: &Ctx, args: &Args) -> Result<Value, String> {
-    args.check_known(&["sizes_mib", "idle_s", "touch_mib", "settle_s", "report_orders"])?;
+    args.check_known(&[
+        "sizes_mib",
+        "idle_s",
+        "touch_mib",
+        "settle_s",
+        "report_orders",
+    ])?;
     let sizes: String = args.get("sizes_mib", "1024,5120,15360".to_string())?;
     let idle = Duration::from_secs(args.get("idle_s", 12)?);
     let touch_mib: u64 = args.get("touch_mib", 512)?;
@@ -159,7 +165,13 @@ fn bench_footprint(ctx: &Ctx, args: &Args) -> Result<Value, String> {
         rows.push(one(&qemu, "qemu+noforce", size, "swiotlb=noforce", params)?);
         for order in &report_orders {
             let extra = format!("page_reporting.page_reporting_order={order}");
-            rows.push(one(&ebb, &format!("ebb+order{order}"), size, &extra, params)?);
+            rows.push(one(
+                &ebb,
+                &format!("ebb+order{order}"),
+                size,
+                &extra,
+                params,
+            )?);
         }
     }
     ensure(!rows.is_empty(), || "no sizes given".into())?;

@@ -25,6 +25,8 @@ pub struct BalloonConfig {
     pub free_page_reporting: bool,
     /// Seconds between statistics requests; 0 disables the statistics queue.
     pub stats_interval_s: u32,
+    /// Offer free page hinting (the host asks the guest for its free memory).
+    pub free_page_hinting: bool,
 }
 
 impl Default for BalloonConfig {
@@ -34,6 +36,7 @@ impl Default for BalloonConfig {
             deflate_on_oom: false,
             free_page_reporting: true,
             stats_interval_s: 0,
+            free_page_hinting: false,
         }
     }
 }
@@ -52,6 +55,7 @@ impl FromStr for BalloonConfig {
                 "size" => cfg.size = parse_size(value)?,
                 "deflate_on_oom" => cfg.deflate_on_oom = parse_switch(key, value)?,
                 "free_page_reporting" => cfg.free_page_reporting = parse_switch(key, value)?,
+                "free_page_hinting" => cfg.free_page_hinting = parse_switch(key, value)?,
                 "stats_interval" => {
                     cfg.stats_interval_s = value.parse().map_err(|_| {
                         ParseError(format!(
@@ -62,7 +66,7 @@ impl FromStr for BalloonConfig {
                 _ => {
                     return Err(ParseError(format!(
                         "unknown balloon option '{key}' (known: size, deflate_on_oom, \
-                         free_page_reporting, stats_interval)"
+                         free_page_reporting, stats_interval, free_page_hinting)"
                     )))
                 }
             }
@@ -81,11 +85,13 @@ impl fmt::Display for BalloonConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "size={},deflate_on_oom={},free_page_reporting={},stats_interval={}",
+            "size={},deflate_on_oom={},free_page_reporting={},stats_interval={},\
+             free_page_hinting={}",
             size_arg(self.size),
             switch_arg(self.deflate_on_oom),
             switch_arg(self.free_page_reporting),
-            self.stats_interval_s
+            self.stats_interval_s,
+            switch_arg(self.free_page_hinting)
         )
     }
 }
@@ -98,7 +104,8 @@ mod tests {
     #[test]
     fn parses_the_command_line_syntax() {
         let b: BalloonConfig =
-            "size=256M,deflate_on_oom=on,free_page_reporting=off,stats_interval=2"
+            "size=256M,deflate_on_oom=on,free_page_reporting=off,stats_interval=2,\
+             free_page_hinting=on"
                 .parse()
                 .unwrap();
         assert_eq!(
@@ -107,11 +114,13 @@ mod tests {
                 size: 256 * MIB,
                 deflate_on_oom: true,
                 free_page_reporting: false,
-                stats_interval_s: 2
+                stats_interval_s: 2,
+                free_page_hinting: true,
             }
         );
         let d: BalloonConfig = "size=0".parse().unwrap();
         assert!(d.free_page_reporting, "reporting defaults on");
+        assert!(!d.free_page_hinting, "hinting defaults off");
         assert_eq!(d, BalloonConfig::default());
         assert_eq!("1G".parse::<BalloonConfig>().unwrap().size, GIB);
         assert!("size=1G,".parse::<BalloonConfig>().is_err());
@@ -124,7 +133,7 @@ mod tests {
             (
                 "size=1G,bogus=1",
                 "unknown balloon option 'bogus' (known: size, deflate_on_oom, \
-                 free_page_reporting, stats_interval)",
+                 free_page_reporting, stats_interval, free_page_hinting)",
             ),
             (
                 "stats_interval=-1",
@@ -157,10 +166,12 @@ mod tests {
             deflate_on_oom: false,
             free_page_reporting: true,
             stats_interval_s: 2,
+            free_page_hinting: false,
         };
         assert_eq!(
             b.to_string(),
-            "size=64M,deflate_on_oom=off,free_page_reporting=on,stats_interval=2"
+            "size=64M,deflate_on_oom=off,free_page_reporting=on,stats_interval=2,\
+             free_page_hinting=off"
         );
         for cfg in [
             b,
@@ -170,6 +181,7 @@ mod tests {
                 deflate_on_oom: true,
                 free_page_reporting: false,
                 stats_interval_s: 0,
+                free_page_hinting: true,
             },
         ] {
             assert_eq!(cfg.to_string().parse::<BalloonConfig>().unwrap(), cfg);

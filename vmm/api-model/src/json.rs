@@ -82,6 +82,8 @@ struct BalloonWire {
     free_page_reporting: bool,
     target_mib: u32,
     actual_mib: u32,
+    #[serde(default)]
+    free_page_hinting: bool,
 }
 
 impl From<BalloonInfo> for BalloonWire {
@@ -93,6 +95,7 @@ impl From<BalloonInfo> for BalloonWire {
             free_page_reporting: b.config.free_page_reporting,
             target_mib: b.target_mib(),
             actual_mib: b.actual_mib(),
+            free_page_hinting: b.config.free_page_hinting,
         }
     }
 }
@@ -105,6 +108,7 @@ impl From<BalloonWire> for BalloonInfo {
                 deflate_on_oom: w.deflate_on_oom,
                 free_page_reporting: w.free_page_reporting,
                 stats_interval_s: w.stats_polling_interval_s,
+                free_page_hinting: w.free_page_hinting,
             },
             actual_bytes: u64::from(w.actual_mib) * MIB,
         }
@@ -173,6 +177,81 @@ pub struct EbbBalloonStats {
     pub rejects: Rejects,
     /// Time from noticing a free page report to returning it to the guest.
     pub report_latency: LatencySummary,
+    /// Free page hinting, all runs together.
+    #[serde(default)]
+    pub hinting: HintCounters,
+}
+
+/// Free page hinting counters (the `hinting` object of Ebb's balloon counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HintCounters {
+    /// Runs the guest finished.
+    pub runs: u64,
+    /// Blocks hinted during runs.
+    pub blocks: u64,
+    /// Bytes in them.
+    pub hinted_bytes: u64,
+    /// Hinted bytes given back to the host.
+    pub discarded_bytes: u64,
+    /// Hinted bytes kept because the guest wrote them again.
+    pub kept_bytes: u64,
+    /// Blocks and command ids that came outside their run.
+    pub stale: u64,
+}
+
+/// `PATCH /balloon/hinting/start` (Firecracker's `BalloonStartCmd`): an empty body
+/// means `acknowledge_on_stop: true`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HintStart {
+    /// Say DONE as soon as the guest has handed over its free memory, so that it gets
+    /// its blocks back at once.
+    #[serde(default = "yes")]
+    pub acknowledge_on_stop: bool,
+}
+
+impl Default for HintStart {
+    fn default() -> Self {
+        Self {
+            acknowledge_on_stop: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `GET /balloon/hinting/status`: Firecracker's `BalloonHintingStatus` (`host_cmd`,
+/// `guest_cmd`) plus where the run is and what it did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HintStatus {
+    /// The last command id the host wrote (0 stop, 1 done, 2 and up a run).
+    pub host_cmd: u32,
+    /// The last command id the guest sent (`null` before any).
+    pub guest_cmd: Option<u32>,
+    /// `idle`, `requested`, `running`, `stopped` (the guest is done and holds its
+    /// blocks) or `done` (the host said done).
+    #[serde(default)]
+    pub state: String,
+    /// The run's command id.
+    #[serde(default)]
+    pub run_cmd: u32,
+    /// Blocks hinted in this run.
+    #[serde(default)]
+    pub blocks: u64,
+    /// Bytes hinted in this run.
+    #[serde(default)]
+    pub hinted_bytes: u64,
+    /// Bytes given back to the host in this run.
+    #[serde(default)]
+    pub discarded_bytes: u64,
+    /// Bytes kept in this run (the guest wrote them again).
+    #[serde(default)]
+    pub kept_bytes: u64,
+    /// Milliseconds from the start request to the guest's stop (`null` while running).
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
 }
 
 /// `GET /balloon/statistics`: Firecracker's `BalloonStats` plus Ebb's counters.
@@ -311,6 +390,7 @@ mod tests {
                 deflate_on_oom: true,
                 free_page_reporting: false,
                 stats_interval_s: 2,
+                free_page_hinting: false,
             },
             actual_bytes: 50 * MIB,
         };
@@ -325,6 +405,7 @@ mod tests {
                 "free_page_reporting": false,
                 "target_mib": 100,
                 "actual_mib": 50,
+                "free_page_hinting": false,
             })
         );
         // Field order is the wire order (ebb-ctl --json prints the body as it came).
@@ -337,6 +418,23 @@ mod tests {
         assert_eq!(back.config.size, 100 * MIB);
         assert_eq!(back.config.stats_interval_s, 2);
         assert_eq!(back.actual_bytes, 50 * MIB);
+    }
+
+    #[test]
+    fn hinting_bodies_match_firecrackers() {
+        // An empty start body acknowledges on stop; unknown fields are refused.
+        assert!(HintStart::default().acknowledge_on_stop);
+        let s: HintStart = serde_json::from_str(r#"{"acknowledge_on_stop":false}"#).unwrap();
+        assert!(!s.acknowledge_on_stop);
+        assert!(
+            serde_json::from_str::<HintStart>("{}")
+                .unwrap()
+                .acknowledge_on_stop
+        );
+        assert!(serde_json::from_str::<HintStart>(r#"{"ack":true}"#).is_err());
+        // Firecracker's status fields, with guest_cmd null before the guest said anything.
+        let st: HintStatus = serde_json::from_str(r#"{"host_cmd":2,"guest_cmd":null}"#).unwrap();
+        assert_eq!((st.host_cmd, st.guest_cmd), (2, None));
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod units;
 pub use balloon::BalloonConfig;
 pub use json::{
     BalloonInfo, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate, EbbBalloonStats, EmptyBody,
-    Fault, LatencySummary, Rejects, RssInfo, VmInfo, VmState,
+    Fault, HintCounters, HintStart, HintStatus, LatencySummary, Rejects, RssInfo, VmInfo, VmState,
 };
 pub use options::ParseError;
 

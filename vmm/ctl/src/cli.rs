@@ -18,8 +18,9 @@ use serde_json::json;
 
 use crate::bench::bench;
 use crate::client::{Client, ClientError, Response};
-use crate::render::{render_balloon, render_stats, render_vm};
+use crate::render::{render_balloon, render_hint, render_stats, render_vm};
 use ebb_api_model::units::{format_size, parse_size, MIB};
+use ebb_api_model::HintStatus;
 
 /// Exit status: the API answered with an error.
 pub const EXIT_API_ERROR: i32 = 1;
@@ -88,6 +89,28 @@ pub enum BalloonAction {
         /// Seconds between statistics updates (at least 1).
         secs: u16,
     },
+    /// Ask the guest for its free memory now (free page hinting, enabled at boot with
+    /// --balloon ...,free_page_hinting=on) and wait until it has handed it over.
+    Hint(HintArgs),
+    /// Show free page hinting's command ids and the last run.
+    HintStatus,
+    /// Tell the guest the host is done with its hinted memory (after `hint --no-ack`).
+    HintStop,
+}
+
+/// `ebb-ctl balloon hint`.
+#[derive(Debug, Args)]
+pub struct HintArgs {
+    /// Return once the run is requested instead of waiting for the guest to finish.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Leave the guest holding its hinted blocks until `hint-stop` (Firecracker's
+    /// acknowledge_on_stop=false).
+    #[arg(long)]
+    pub no_ack: bool,
+    /// Seconds to wait for the guest to finish.
+    #[arg(long, default_value_t = 60.0)]
+    pub wait: f64,
 }
 
 /// VM commands.
@@ -276,6 +299,23 @@ fn execute(ctl: &Ctl, client: &Client, err: &mut dyn Write) -> Result<String, Fa
                     format!("statistics every {secs} s")
                 })
             }
+            BalloonAction::Hint(args) => hint(client, args, ctl.json),
+            BalloonAction::HintStatus => {
+                let r = expect_ok(client.get("/balloon/hinting/status")?)?;
+                if ctl.json {
+                    compact(&r)
+                } else {
+                    Ok(render_hint(&decode(&r)?))
+                }
+            }
+            BalloonAction::HintStop => {
+                expect_ok(client.request("PATCH", "/balloon/hinting/stop", None)?)?;
+                Ok(if ctl.json {
+                    json!({"ok": true}).to_string()
+                } else {
+                    "told the guest the host is done with its hinted memory".to_string()
+                })
+            }
         },
         Command::Vm { action } => match action {
             VmAction::Info => {
@@ -306,6 +346,59 @@ fn execute(ctl: &Ctl, client: &Client, err: &mut dyn Write) -> Result<String, Fa
         Command::Metrics => Ok(expect_ok(client.get("/metrics")?)?.text()),
         Command::Bench(args) => bench(client, args, ctl.json, err),
     }
+}
+
+/// Starts a hinting run and, unless told not to, polls its status until the guest has
+/// finished (stopped or done) or `args.wait` runs out.
+fn hint(client: &Client, args: &HintArgs, json_out: bool) -> Result<String, Failure> {
+    if !(args.wait.is_finite() && args.wait > 0.0) {
+        return Err(Failure {
+            status: 0,
+            message: "--wait must be a positive number of seconds".into(),
+            exit: EXIT_USAGE,
+        });
+    }
+    let started = std::time::Instant::now();
+    expect_ok(client.send_json(
+        "PATCH",
+        "/balloon/hinting/start",
+        &json!({"acknowledge_on_stop": !args.no_ack}),
+    )?)?;
+    let mut status: HintStatus = decode(&expect_ok(client.get("/balloon/hinting/status")?)?)?;
+    let run = status.run_cmd;
+    let finished =
+        |s: &HintStatus| s.run_cmd != run || matches!(s.state.as_str(), "stopped" | "done");
+    if !args.no_wait {
+        let deadline = started + Duration::from_secs_f64(args.wait);
+        while !finished(&status) {
+            if std::time::Instant::now() >= deadline {
+                return Err(Failure {
+                    status: 0,
+                    message: format!(
+                        "the guest did not finish hinting run {run} within {} s (state {})",
+                        args.wait, status.state
+                    ),
+                    exit: 1,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            status = decode(&expect_ok(client.get("/balloon/hinting/status")?)?)?;
+        }
+    }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(if json_out {
+        let mut v = serde_json::to_value(&status).map_err(|e| broken(e.to_string()))?;
+        v["elapsed_ms"] = json!(elapsed_ms);
+        v.to_string()
+    } else if args.no_wait {
+        format!("hinting run {run} requested")
+    } else {
+        format!(
+            "hinting run {run} {} in {elapsed_ms} ms: {}",
+            status.state,
+            render_hint(&status).trim_end()
+        )
+    })
 }
 
 #[cfg(test)]

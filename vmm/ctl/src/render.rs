@@ -148,3 +148,26 @@ pub fn render_vm(v: &VmInfo) -> String {
     let _ = writeln!(t, "process RSS:    {}", bytes(v.rss.process_bytes));
     t
 }
+
+/// `ebb-ctl balloon hint-status`.
+pub fn render_hint(s: &ebb_api_model::HintStatus) -> String {
+    let guest = s
+        .guest_cmd
+        .map_or_else(|| "none".to_string(), |g| g.to_string());
+    let duration = s
+        .duration_ms
+        .map_or_else(|| "-".to_string(), |d| format!("{d} ms"));
+    format!(
+        "run {} {}: host_cmd {}, guest_cmd {}, {} blocks, {:.1} MiB hinted, {:.1} MiB \
+         given back, {:.1} MiB kept (written again), guest took {}\n",
+        s.run_cmd,
+        s.state,
+        s.host_cmd,
+        guest,
+        s.blocks,
+        s.hinted_bytes as f64 / 1048576.0,
+        s.discarded_bytes as f64 / 1048576.0,
+        s.kept_bytes as f64 / 1048576.0,
+        duration
+    )
+}

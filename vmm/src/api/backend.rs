@@ -11,7 +11,7 @@ use std::time::Duration;
 pub use ebb_api_model::VmState;
 use ebb_balloon::counters::BalloonCounters;
 use ebb_balloon::stats::GuestStats;
-use ebb_balloon::BalloonOptions;
+use ebb_balloon::{BalloonOptions, HintControl};
 
 /// An API error: an HTTP status and the message sent as `{"fault_message": ...}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,12 +104,19 @@ pub struct BalloonSnapshot {
     pub counters: BalloonCounters,
     /// The latest statistics report.
     pub stats: Option<GuestStats>,
+    /// Free page hinting: command ids and the current run.
+    pub hint: HintControl,
 }
 
 impl BalloonSnapshot {
     /// True when the statistics queue exists (statistics were enabled at boot).
     pub fn stats_enabled(&self) -> bool {
         self.options.stats_interval_s > 0
+    }
+
+    /// True when free page hinting was enabled at boot.
+    pub fn hinting_enabled(&self) -> bool {
+        self.options.free_page_hinting
     }
 }
 
@@ -164,6 +171,16 @@ pub trait VmBackend: Send {
     /// Changes the statistics interval. The caller has checked that statistics were
     /// enabled at boot and that `secs` is not zero.
     fn set_balloon_stats_interval(&mut self, secs: u32) -> Result<(), ApiError>;
+    /// Asks the guest for a free page hinting run; returns its command id. The caller
+    /// has checked that hinting was enabled at boot.
+    fn start_hinting(&mut self, acknowledge_on_stop: bool) -> Result<u32, ApiError> {
+        let _ = acknowledge_on_stop;
+        Err(ApiError::bad_request("free page hinting is not available"))
+    }
+    /// Tells the guest the host is done with its hinted pages.
+    fn stop_hinting(&mut self) -> Result<(), ApiError> {
+        Err(ApiError::bad_request("free page hinting is not available"))
+    }
     /// Presses the ACPI power button.
     fn press_power_button(&mut self) -> Result<(), ApiError>;
     /// Stops the VM now, with `reason` as the exit message.

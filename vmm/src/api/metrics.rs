@@ -145,7 +145,7 @@ pub fn render(
         "Seconds between guest statistics updates (0: disabled).",
         b.stats_interval_s,
     );
-    let counters: [(&str, &str, u64); 17] = [
+    let counters: [(&str, &str, u64); 23] = [
         (
             "ebb_balloon_inflated_pages_total",
             "Pages received on the inflate queue.",
@@ -198,7 +198,7 @@ pub fn render(
         ),
         (
             "ebb_balloon_discarded_bytes_total",
-            "All bytes given back to the host (inflate and reporting).",
+            "All bytes given back to the host (inflate, reporting and hinting).",
             c.discarded_bytes(),
         ),
         (
@@ -228,8 +228,38 @@ pub fn render(
         ),
         (
             "ebb_balloon_rejected_report_ranges_total",
-            "Invalid free page report ranges rejected.",
+            "Invalid free page report and hint ranges rejected.",
             c.rejected_ranges,
+        ),
+        (
+            "ebb_balloon_hint_runs_total",
+            "Free page hinting runs the guest finished.",
+            c.hint_runs,
+        ),
+        (
+            "ebb_balloon_hint_blocks_total",
+            "Free page blocks hinted during runs.",
+            c.hint_blocks,
+        ),
+        (
+            "ebb_balloon_hint_bytes_total",
+            "Bytes in hinted blocks.",
+            c.hint_bytes,
+        ),
+        (
+            "ebb_balloon_hint_discarded_bytes_total",
+            "Hinted bytes given back to the host.",
+            c.hint_discarded_bytes,
+        ),
+        (
+            "ebb_balloon_hint_kept_bytes_total",
+            "Hinted bytes kept because the guest wrote them again.",
+            c.hint_kept_bytes,
+        ),
+        (
+            "ebb_balloon_hint_stale_total",
+            "Hinted blocks and command ids outside their run.",
+            c.hint_stale,
         ),
     ];
     for (name, help, value) in counters {
@@ -330,6 +360,8 @@ mod tests {
                 deflate_on_oom: false,
                 free_page_reporting: true,
                 stats_interval_s: 0,
+                free_page_hinting: false,
+                hint_discard: Default::default(),
             },
             guest_memory_bytes: 512 << 20,
             target_pages: 512,
@@ -338,6 +370,7 @@ mod tests {
             driver_ready: true,
             counters: Default::default(),
             stats: None,
+            hint: Default::default(),
         };
         b.counters.reported_discarded_bytes = 4096;
         b.counters.inflate_discarded_bytes = 8192;

@@ -4,9 +4,10 @@ use std::time::SystemTime;
 
 use ebb_api_model::units::{MIB, PAGES_PER_MIB, PAGE_SIZE};
 use ebb_api_model::{
-    BalloonConfig, BalloonInfo, BalloonStatistics, EbbBalloonStats, LatencySummary, Rejects,
-    RssInfo, VmInfo,
+    BalloonConfig, BalloonInfo, BalloonStatistics, EbbBalloonStats, HintCounters, HintStatus,
+    LatencySummary, Rejects, RssInfo, VmInfo,
 };
+use ebb_balloon::HintControl;
 
 use super::backend::{BalloonSnapshot, MemoryUsage, VmSummary};
 
@@ -23,6 +24,7 @@ pub fn balloon_info(b: &BalloonSnapshot) -> BalloonInfo {
             deflate_on_oom: b.options.deflate_on_oom,
             free_page_reporting: b.options.free_page_reporting,
             stats_interval_s: b.stats_interval_s,
+            free_page_hinting: b.options.free_page_hinting,
         },
         actual_bytes: u64::from(b.actual_pages) * PAGE_SIZE,
     }
@@ -83,7 +85,30 @@ pub fn balloon_statistics(b: &BalloonSnapshot, now: SystemTime) -> BalloonStatis
                 p50_us: c.report_latency.quantile_us(0.5),
                 p99_us: c.report_latency.quantile_us(0.99),
             },
+            hinting: HintCounters {
+                runs: c.hint_runs,
+                blocks: c.hint_blocks,
+                hinted_bytes: c.hint_bytes,
+                discarded_bytes: c.hint_discarded_bytes,
+                kept_bytes: c.hint_kept_bytes,
+                stale: c.hint_stale,
+            },
         },
+    }
+}
+
+/// `GET /balloon/hinting/status` for the device's hinting state.
+pub fn hint_status(h: &HintControl) -> HintStatus {
+    HintStatus {
+        host_cmd: h.host_cmd,
+        guest_cmd: h.guest_cmd,
+        state: h.run.state.as_str().to_string(),
+        run_cmd: h.run.cmd_id,
+        blocks: h.run.blocks,
+        hinted_bytes: h.run.bytes,
+        discarded_bytes: h.run.discarded_bytes,
+        kept_bytes: h.run.kept_bytes,
+        duration_ms: h.run.duration.map(|d| d.as_millis() as u64),
     }
 }
 
@@ -127,6 +152,8 @@ mod tests {
                 deflate_on_oom: true,
                 free_page_reporting: true,
                 stats_interval_s: 1,
+                free_page_hinting: false,
+                hint_discard: Default::default(),
             },
             guest_memory_bytes: 512 * MIB,
             target_pages: 256 * 100 + 3,
@@ -135,6 +162,7 @@ mod tests {
             driver_ready: true,
             counters: Default::default(),
             stats: None,
+            hint: Default::default(),
         }
     }
 

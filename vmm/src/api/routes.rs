@@ -11,7 +11,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, patch, put};
 use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
@@ -20,9 +20,9 @@ use serde::Serialize;
 use super::backend::{ApiError, VmBackend};
 use super::dispatch::Dispatcher;
 use super::metrics;
-use super::model::{balloon_info, balloon_statistics, vm_info};
+use super::model::{balloon_info, balloon_statistics, hint_status, vm_info};
 use ebb_api_model::units::{MIB, PAGES_PER_MIB};
-use ebb_api_model::{BalloonStatsUpdate, BalloonUpdate, EmptyBody, Fault};
+use ebb_api_model::{BalloonStatsUpdate, BalloonUpdate, EmptyBody, Fault, HintStart};
 
 /// Limits on what a request may send.
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +47,9 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("/balloon", "patch"),
     ("/balloon/statistics", "get"),
     ("/balloon/statistics", "patch"),
+    ("/balloon/hinting/start", "patch"),
+    ("/balloon/hinting/status", "get"),
+    ("/balloon/hinting/stop", "patch"),
     ("/vm", "get"),
     ("/vm/shutdown", "put"),
     ("/vm/stop", "put"),
@@ -64,6 +67,9 @@ pub fn router(dispatcher: Dispatcher, limits: BodyLimits) -> Router {
             "/balloon/statistics",
             get(get_balloon_stats).patch(patch_balloon_stats),
         )
+        .route("/balloon/hinting/start", patch(patch_hint_start))
+        .route("/balloon/hinting/status", get(get_hint_status))
+        .route("/balloon/hinting/stop", patch(patch_hint_stop))
         .route("/vm", get(get_vm))
         .route("/vm/shutdown", put(put_shutdown))
         .route("/vm/stop", put(put_stop))
@@ -265,6 +271,72 @@ async fn patch_balloon_stats(
                 ));
             }
             vm.set_balloon_stats_interval(secs.into())
+        })
+        .await??;
+    Ok(no_content())
+}
+
+fn hinting_disabled() -> ApiError {
+    ApiError::bad_request(
+        "free page hinting was not enabled at boot (start ebb with --balloon \
+         ...,free_page_hinting=on)",
+    )
+}
+
+/// A body that may be absent (then `T::default()`), else a strict JSON object.
+struct OptionalJson<T>(T);
+
+impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let bytes = read_body(req, state.limits).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        parse_json(&bytes).map(OptionalJson)
+    }
+}
+
+async fn patch_hint_start(
+    State(s): State<AppState>,
+    OptionalJson(start): OptionalJson<HintStart>,
+) -> Result<Response, ApiError> {
+    s.dispatcher
+        .call(move |vm| {
+            let b = vm.balloon().ok_or_else(ApiError::no_balloon)?;
+            if !b.hinting_enabled() {
+                return Err(hinting_disabled());
+            }
+            vm.start_hinting(start.acknowledge_on_stop)
+        })
+        .await??;
+    Ok(no_content())
+}
+
+async fn get_hint_status(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let b = s
+        .dispatcher
+        .call(|vm| vm.balloon())
+        .await?
+        .ok_or_else(ApiError::no_balloon)?;
+    if !b.hinting_enabled() {
+        return Err(hinting_disabled());
+    }
+    Ok(json_response(StatusCode::OK, &hint_status(&b.hint)))
+}
+
+async fn patch_hint_stop(
+    State(s): State<AppState>,
+    _body: OptionalEmptyBody,
+) -> Result<Response, ApiError> {
+    s.dispatcher
+        .call(|vm| {
+            let b = vm.balloon().ok_or_else(ApiError::no_balloon)?;
+            if !b.hinting_enabled() {
+                return Err(hinting_disabled());
+            }
+            vm.stop_hinting()
         })
         .await??;
     Ok(no_content())

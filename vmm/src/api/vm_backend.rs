@@ -119,6 +119,7 @@ impl VmBackend for LiveVm {
             driver_ready: transport.is_activated(),
             counters: b.counters(),
             stats: b.stats().cloned(),
+            hint: b.hint_status().unwrap_or_default(),
         })
     }
 
@@ -127,6 +128,22 @@ impl VmBackend for LiveVm {
         lock(balloon)
             .device_mut()
             .set_target_pages(pages)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+
+    fn start_hinting(&mut self, acknowledge_on_stop: bool) -> Result<u32, ApiError> {
+        let balloon = self.balloon.as_ref().ok_or_else(ApiError::no_balloon)?;
+        lock(balloon)
+            .device_mut()
+            .start_hinting(acknowledge_on_stop)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+
+    fn stop_hinting(&mut self) -> Result<(), ApiError> {
+        let balloon = self.balloon.as_ref().ok_or_else(ApiError::no_balloon)?;
+        lock(balloon)
+            .device_mut()
+            .stop_hinting()
             .map_err(|e| ApiError::bad_request(e.to_string()))
     }
 
