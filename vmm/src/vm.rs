@@ -653,3 +653,21 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     // process exits.
     Ok(exit.reason().unwrap_or(VmExit::Stopped("unknown".into())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Slot 0 is where the balloon always was; every slot is its own window and GSI,
+    /// below the GED's window and before its GSI.
+    #[test]
+    fn virtio_slots_are_distinct_and_leave_room_for_the_power_button() {
+        let first = virtio_slot(0);
+        assert_eq!((first.base, first.irq), (0xd000_0000, 5));
+        let last = virtio_slot(layout::MAX_VIRTIO_DEVICES as usize - 1);
+        assert_eq!(last.irq + 1, layout::MAX_GSI, "the GED takes the next GSI");
+        assert_eq!(last.base, 0xd000_0000 + 17 * 0x1000);
+        assert!(layout::GED_MMIO_START + layout::GED_MMIO_SIZE <= first.base);
+        assert!(last.base + last.size <= layout::IOAPIC_START);
+    }
+}
