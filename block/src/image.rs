@@ -91,18 +91,15 @@ pub enum ImageError {
 
 /// An `io::Error` without the "(os error N)" suffix, lower case first.
 fn short(e: &io::Error) -> String {
-    let text = match e.raw_os_error() {
-        // SAFETY: strerror returns a pointer to a static or thread-local NUL-terminated
-        // string, read at once.
-        Some(code) => unsafe { std::ffi::CStr::from_ptr(libc::strerror(code)) }
-            .to_string_lossy()
-            .into_owned(),
-        None => e.to_string(),
+    let text = e.to_string();
+    let text = match text.rfind(" (os error ") {
+        Some(at) => &text[..at],
+        None => &text,
     };
     let mut chars = text.chars();
     match chars.next() {
         Some(c) => c.to_lowercase().chain(chars).collect(),
-        None => text,
+        None => String::new(),
     }
 }
 
@@ -336,6 +333,13 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn os_errors_read_as_a_phrase() {
+        let e = io::Error::from_raw_os_error(libc::EACCES);
+        assert_eq!(short(&e), "permission denied");
+        assert_eq!(short(&io::Error::other("Odd")), "odd");
     }
 
     #[test]

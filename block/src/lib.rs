@@ -29,6 +29,12 @@
 //! long the loop is away (8 MiB of data, or 8 flushes, per pass). If disks slower than
 //! the page cache matter, the next step is a worker per disk that owns the queue
 //! outright, or io_uring on the loop itself.
+//!
+//! `examples/io_mechanisms.rs` measures both on a warm image (`cargo run --release -p
+//! ebb-block --example io_mechanisms`). On the project machine (2 vCPUs; two runs), the
+//! inline path did 0.58-0.86 M 4 KiB reads/s against 0.29-0.42 M through a worker, 99-245 k
+//! against 68-82 k at 64 KiB, 17.6-19.0 k against 12.6-14.1 k at 1 MiB; the hand-off
+//! alone added 8-15 us to each request (median, one at a time).
 
 pub mod counters;
 pub mod device;
