@@ -7,6 +7,7 @@
 //! vCPU reading the interrupt status (every completion interrupt does) never waits for
 //! disk I/O.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ebb_devices::faults::{self, GuestFault};
@@ -35,7 +36,6 @@ struct Active {
 struct State {
     active: Option<Active>,
     counters: BlockCounters,
-    rejected_config_writes: u64,
 }
 
 /// The image and the state, shared by the device (under the transport's lock) and the
@@ -44,6 +44,8 @@ struct Engine {
     image: DiskImage,
     id: [u8; ID_BYTES],
     state: Mutex<State>,
+    /// Outside the state's lock: a vCPU counting one never waits for a pass.
+    rejected_config_writes: AtomicU64,
 }
 
 impl Engine {
@@ -58,9 +60,7 @@ impl Engine {
 impl QueueWorker for Engine {
     fn process_queue(&self, index: u16) -> QueueWork {
         let mut state = self.state();
-        let State {
-            active, counters, ..
-        } = &mut *state;
+        let State { active, counters } = &mut *state;
         let Some(active) = active.as_mut() else {
             return QueueWork::Done;
         };
@@ -122,6 +122,7 @@ impl Block {
                 image,
                 id: raw,
                 state: Mutex::new(State::default()),
+                rejected_config_writes: AtomicU64::new(0),
             }),
             id: id.to_string(),
             offered,
@@ -155,7 +156,7 @@ impl Block {
 
     /// Guest writes to the (read-only) configuration space.
     pub fn rejected_config_writes(&self) -> u64 {
-        self.engine.state().rejected_config_writes
+        self.engine.rejected_config_writes.load(Ordering::Relaxed)
     }
 }
 
@@ -184,7 +185,9 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // Nothing is writable: `writeback` needs CONFIG_WCE, which is not offered.
-        self.engine.state().rejected_config_writes += 1;
+        self.engine
+            .rejected_config_writes
+            .fetch_add(1, Ordering::Relaxed);
         faults::record(GuestFault::ConfigWrite, || {
             format!("disk {}: write to configuration offset {offset}", self.id)
         });

@@ -738,6 +738,159 @@ mod tests {
         }
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Addresses around the edges of guest RAM and the hole, and anywhere.
+        fn address() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                0u64..4096,
+                MIB - 600..MIB + 600,
+                2 * MIB - 600..2 * MIB + 600,
+                3 * MIB - 600..3 * MIB + 600,
+                any::<u64>(),
+                Just(u64::MAX - 15),
+            ]
+        }
+
+        fn length() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                Just(0u32),
+                Just(1),
+                Just(16),
+                Just(512),
+                1u32..2048,
+                Just(SIZE_MAX),
+                Just(SIZE_MAX + 1),
+                any::<u32>(),
+            ]
+        }
+
+        fn sector() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                0u64..(DISK / 512 + 8),
+                Just(u64::MAX),
+                Just(u64::MAX >> 9),
+                (u64::MAX >> 9) - 8..=(u64::MAX >> 9),
+                any::<u64>(),
+            ]
+        }
+
+        fn kind() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                Just(request_type::IN),
+                Just(request_type::OUT),
+                Just(request_type::FLUSH),
+                Just(request_type::GET_ID),
+                Just(request_type::DISCARD),
+                Just(request_type::WRITE_ZEROES),
+                any::<u32>(),
+            ]
+        }
+
+        /// A data buffer: mostly good ones (inside RAM, whole sectors, the direction the
+        /// request wants: `None`), sometimes anything.
+        fn buffer() -> impl Strategy<Value = (u64, u32, Option<bool>)> {
+            let good = (
+                prop_oneof![0x4000u64..0x8000, 2 * MIB..2 * MIB + 0x1000],
+                prop_oneof![Just(512u32), Just(1024), Just(4096)],
+                Just(None),
+            );
+            let any_buffer = (address(), length(), any::<bool>().prop_map(Some));
+            prop_oneof![4 => good, 1 => any_buffer]
+        }
+
+        /// A discard/write-zeroes segment: mostly plausible, sometimes anything.
+        fn range() -> impl Strategy<Value = (u64, u32, u32)> {
+            prop_oneof![
+                3 => (0u64..DISK / 512, 0u32..64, 0u32..2),
+                1 => (sector(), any::<u32>(), any::<u32>()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+
+            /// Whatever the chain, a request Ebb would execute stays inside the image and
+            /// guest RAM, within the advertised limits, in the right direction.
+            #[test]
+            fn ready_requests_stay_inside_the_image_and_ram(
+                kind in kind(),
+                sector in prop_oneof![3 => 0u64..DISK / 512, 1 => sector()],
+                bad_header in prop_oneof![4 => Just(None), 1 => (any::<bool>(), length()).prop_map(Some)],
+                data in proptest::collection::vec(buffer(), 0..6),
+                bad_status in prop_oneof![4 => Just(None), 1 => (address(), length(), any::<bool>()).prop_map(Some)],
+                segments in prop_oneof![
+                    Just(Vec::new()),
+                    proptest::collection::vec(range(), 1..4),
+                ],
+                readonly in any::<bool>(),
+            ) {
+                let m = ram();
+                let flag = |write: bool| if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut descs = vec![match bad_header {
+                    None => header(&m, 0x0, kind, sector),
+                    Some((write, len)) => Descriptor::new(0, len, flag(write), 0),
+                }];
+                let device_writes = kind == request_type::IN || kind == request_type::GET_ID;
+                for (addr, len, write) in &data {
+                    descs.push(Descriptor::new(*addr, *len, flag(write.unwrap_or(device_writes)), 0));
+                }
+                // A discard/write-zeroes payload, if any.
+                for (i, (s, n, f)) in segments.iter().enumerate() {
+                    segment(&m, 0x1000 + i as u64 * 16, *s, *n, *f);
+                }
+                if !segments.is_empty() {
+                    descs.push(out(0x1000, segments.len() as u32 * 16));
+                }
+                descs.push(match bad_status {
+                    None => inn(STATUS, 1),
+                    Some((addr, len, write)) => Descriptor::new(addr, len, flag(write), 0),
+                });
+                let disk = DiskShape { readonly, ..shape() };
+                let mut s = Scratch::default();
+                let parsed = parse(descs, &m, &disk, &mut s);
+                prop_assert!(s.buffers.capacity() <= SEG_MAX as usize * 2);
+                prop_assert!(s.ranges.capacity() <= MAX_SEGMENTS * 2);
+                let (status_at, request) = match parsed {
+                    Parsed::NoStatus => return Ok(()),
+                    Parsed::Refused { status_at, status, .. } => {
+                        prop_assert!(status == status::IOERR || status == status::UNSUPP);
+                        prop_assert!(m.buffer(status_at.0, 1).is_some());
+                        return Ok(());
+                    }
+                    Parsed::Ready { status_at, request } => (status_at, request),
+                };
+                prop_assert!(m.buffer(status_at.0, 1).is_some());
+                prop_assert!(!(readonly && request.op.writes()));
+                prop_assert!(s.buffers.len() <= SEG_MAX as usize);
+                for b in &s.buffers {
+                    prop_assert_eq!(m.buffer(b.gpa(), b.len() as u64), Some(*b));
+                    prop_assert!(b.len() as u32 <= SIZE_MAX);
+                }
+                let total: u64 = s.buffers.iter().map(|b| b.len() as u64).sum();
+                match request.op {
+                    Op::Read | Op::Write => {
+                        prop_assert_eq!(request.len, total);
+                        prop_assert!(total > 0 && total % 512 == 0);
+                        prop_assert!(request.offset % 512 == 0);
+                        prop_assert!(request.offset + request.len <= DISK);
+                    }
+                    Op::GetId => prop_assert!(total > 0),
+                    Op::Flush => prop_assert!(s.buffers.is_empty()),
+                    Op::Discard | Op::WriteZeroes => {
+                        prop_assert!(!s.ranges.is_empty() && s.ranges.len() <= MAX_SEGMENTS);
+                        for r in &s.ranges {
+                            prop_assert!(r.offset + r.len <= DISK);
+                            prop_assert!(request.op == Op::WriteZeroes || !r.unmap);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// A chain longer than the ring (a loop the queue did not catch) is read only up to
     /// the ring's size.
     #[test]
