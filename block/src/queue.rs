@@ -21,7 +21,7 @@ use crate::protocol::{features, status, ID_BYTES};
 use crate::request::{parse, DiskShape, Parsed, Request, Scratch};
 
 /// Bytes of work one wake-up does before it yields. Reads and writes cost their length;
-/// see [`cost`] for the rest. A request is never split: the pass that starts one
+/// see [`MIN_REQUEST_COST`], [`FLUSH_COST`] and [`RANGE_COST`] for the rest. A request is never split: the pass that starts one
 /// finishes it (at most 8 MiB of data), then checks the budget.
 pub const PASS_BUDGET_BYTES: u64 = 8 << 20;
 /// What any request costs at least, so a ring refilled with tiny or refused requests
