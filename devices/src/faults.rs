@@ -35,11 +35,13 @@ pub enum GuestFault {
     ReportRange,
     /// A config space write to a field the guest may not write, or with a bad value.
     ConfigWrite,
+    /// A block request with a bad header, type, sector range, length or segment.
+    BlockRequest,
 }
 
 impl GuestFault {
     /// Every kind, in a fixed order (for metrics).
-    pub const ALL: [GuestFault; 9] = [
+    pub const ALL: [GuestFault; 10] = [
         GuestFault::RegisterAccess,
         GuestFault::SleepType,
         GuestFault::Features,
@@ -49,6 +51,7 @@ impl GuestFault {
         GuestFault::PageNumber,
         GuestFault::ReportRange,
         GuestFault::ConfigWrite,
+        GuestFault::BlockRequest,
     ];
 
     /// A stable name (the `kind` label in /metrics).
@@ -63,6 +66,7 @@ impl GuestFault {
             GuestFault::PageNumber => "page_number",
             GuestFault::ReportRange => "report_range",
             GuestFault::ConfigWrite => "config_write",
+            GuestFault::BlockRequest => "block_request",
         }
     }
 

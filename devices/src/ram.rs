@@ -9,6 +9,8 @@
 //! Devices never compute host addresses themselves: they ask [`GuestRam::range`] (or
 //! [`GuestRam::split`]) for a [`RamRange`], which only exists inside one region, and give
 //! it back with [`GuestRam::discard`], which knows what frees memory of this backing.
+//! Devices that move data in place between a host file and a guest buffer (block I/O)
+//! ask [`GuestRam::buffer`] for a [`RamBuffer`], byte-granular and inside one region too.
 
 use std::io;
 use std::sync::Arc;
@@ -107,6 +109,44 @@ impl RamRange {
             len,
             host: self.host + offset as usize,
         })
+    }
+}
+
+/// Bytes of guest RAM inside one region, at any alignment: a guest buffer a device reads
+/// or writes in place with vectored host I/O (`preadv`/`pwritev`). Built only by
+/// [`GuestRam::buffer`], so it lies inside guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamBuffer {
+    gpa: u64,
+    len: usize,
+    host: usize,
+}
+
+impl RamBuffer {
+    /// Guest physical start.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true: empty buffers are not built.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The buffer as an `iovec` for vectored host I/O. Guest RAM is never unmapped, so
+    /// the address stays valid for the life of the process. The guest may change these
+    /// bytes at any time (as with DMA): they are only ever handed to the kernel, never
+    /// read as Rust values.
+    pub fn iovec(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.host as *mut libc::c_void,
+            iov_len: self.len,
+        }
     }
 }
 
@@ -285,6 +325,25 @@ impl GuestRam {
         Some(RamRange {
             gpa,
             len,
+            host: region.as_ptr() as usize + (gpa - start) as usize,
+        })
+    }
+
+    /// The bytes `[gpa, gpa + len)` if they are non-empty and lie entirely in one region
+    /// (any alignment).
+    pub fn buffer(&self, gpa: u64, len: u64) -> Option<RamBuffer> {
+        if len == 0 {
+            return None;
+        }
+        let end = gpa.checked_add(len)?;
+        let region = self.memory.find_region(GuestAddress(gpa))?;
+        let start = region.start_addr().0;
+        if end > start + region.len() {
+            return None;
+        }
+        Some(RamBuffer {
+            gpa,
+            len: usize::try_from(len).ok()?,
             host: region.as_ptr() as usize + (gpa - start) as usize,
         })
     }
@@ -559,6 +618,34 @@ mod tests {
         assert!(m.range(0, 0).is_none(), "empty");
         assert!(m.range(100, 4096).is_none(), "unaligned start");
         assert!(m.range(0, 100).is_none(), "unaligned length");
+    }
+
+    #[test]
+    fn buffers_are_byte_granular_inside_one_region() {
+        let m = ram();
+        let b = m.buffer(16 * MIB + 3, 509).unwrap();
+        assert_eq!((b.gpa(), b.len()), (16 * MIB + 3, 509));
+        let iov = b.iovec();
+        let host = m
+            .memory()
+            .get_host_address(GuestAddress(16 * MIB + 3))
+            .unwrap();
+        assert_eq!(iov.iov_base as usize, host as usize);
+        assert_eq!(iov.iov_len, 509);
+        assert!(m.buffer(8 * MIB - 1, 1).is_some(), "last byte of A");
+        assert!(m.buffer(8 * MIB - 1, 2).is_none(), "into the hole");
+        assert!(m.buffer(12 * MIB, 1).is_none(), "in the hole");
+        assert!(m.buffer(24 * MIB, 1).is_none(), "past the end");
+        assert!(m.buffer(0, 0).is_none(), "empty");
+        assert!(m.buffer(u64::MAX, 2).is_none(), "overflow");
+        // Regions that touch in guest physical space are separate buffers.
+        let t = GuestRam::new(
+            &[(GuestAddress(0), MIB), (GuestAddress(MIB), MIB)],
+            RamOptions::default(),
+        )
+        .unwrap();
+        assert!(t.buffer(MIB - 8, 16).is_none());
+        assert!(t.buffer(MIB - 8, 8).is_some());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use clap::Parser;
 use crate::host::{self, HostPaths};
 
 use crate::config::{
-    BalloonConfig, MemoryConfig, SeccompMode, SerialConfig, VmConfig, DEFAULT_CMDLINE,
+    BalloonConfig, DiskConfig, MemoryConfig, SeccompMode, SerialConfig, VmConfig, DEFAULT_CMDLINE,
 };
 
 /// Ebb: a small VMM that gives guests' free memory back to the host.
@@ -41,6 +41,12 @@ pub struct Cli {
         value_name = "size=SIZE,deflate_on_oom=on|off,free_page_reporting=on|off,stats_interval=SECS,free_page_hinting=on|off"
     )]
     pub balloon: Option<BalloonConfig>,
+
+    /// Add a virtio-blk disk backed by a raw image (a file or block device whose size is
+    /// a multiple of 512). Repeat for more disks; the guest sees them in this order.
+    /// `id` (default: from the file name) is the disk's serial number.
+    #[arg(long = "disk", value_name = "path=IMAGE[,readonly=on|off][,id=NAME]")]
+    pub disks: Vec<DiskConfig>,
 
     /// Serve the REST API on this Unix socket.
     #[arg(long, value_name = "PATH")]
@@ -87,6 +93,7 @@ impl Cli {
             memory: self.memory,
             cpus: self.cpus,
             balloon: self.balloon,
+            disks: self.disks.clone(),
             api_socket: self.api_socket.clone(),
             serial: self.serial.clone(),
             seccomp: self.seccomp,
@@ -113,6 +120,7 @@ mod tests {
         assert_eq!(c.cmdline, "console=ttyS0 panic=-1");
         assert_eq!(c.serial, SerialConfig::Stdio);
         assert!(c.balloon.is_none() && c.api_socket.is_none() && c.initramfs.is_none());
+        assert!(c.disks.is_empty());
         assert_eq!(cli.log_level, tracing::Level::WARN);
     }
 
@@ -134,6 +142,10 @@ mod tests {
             "size=1G,deflate_on_oom=on",
             "--api-socket",
             "/tmp/a.sock",
+            "--disk",
+            "path=/img/root.raw,id=root",
+            "--disk",
+            "/img/data.img,readonly=on",
             "--serial",
             "file=/tmp/s",
             "--log-level",
@@ -144,6 +156,13 @@ mod tests {
         assert_eq!(c.memory.size, 5 * GIB);
         assert_eq!(c.cpus, 2);
         assert_eq!(c.balloon.unwrap().size, GIB);
+        assert_eq!(
+            c.disks
+                .iter()
+                .map(|d| (d.id.as_str(), d.readonly))
+                .collect::<Vec<_>>(),
+            [("root", false), ("data.img", true)]
+        );
         assert_eq!(
             c.serial,
             SerialConfig::File {
@@ -160,5 +179,7 @@ mod tests {
         assert!(Cli::try_parse_from(["ebb", "--kernel", "k", "--cpus", "-1"]).is_err());
         assert!(Cli::try_parse_from(["ebb"]).is_err());
         assert!(Cli::try_parse_from(["ebb", "--kernel", "k", "--serial", "tty"]).is_err());
+        let e = Cli::try_parse_from(["ebb", "--kernel", "k", "--disk", "readonly=on"]).unwrap_err();
+        assert!(e.to_string().contains("gives no disk image"), "{e}");
     }
 }

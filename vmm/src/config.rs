@@ -3,8 +3,8 @@
 //! Parsing is strict: a value Ebb does not understand is an error with the offending text
 //! in the message, never a silent default.
 //!
-//! Sizes, option lists and [`BalloonConfig`] come from `ebb-api-model`, which the API
-//! and `ebb-ctl` share; they are re-exported here.
+//! Sizes, option lists, [`BalloonConfig`] and [`DiskConfig`] come from `ebb-api-model`,
+//! which the API and `ebb-ctl` share; they are re-exported here.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ pub use crate::seccomp::SeccompMode;
 
 pub use ebb_api_model::options::{parse_switch, split_options, ParseError};
 pub use ebb_api_model::units::{format_size, parse_size, GIB, MIB, PAGE_SIZE};
-pub use ebb_api_model::BalloonConfig;
+pub use ebb_api_model::{BalloonConfig, DiskConfig};
 
 /// Default guest memory.
 pub const DEFAULT_MEMORY: u64 = 512 * MIB;
@@ -174,6 +174,8 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Optional balloon device.
     pub balloon: Option<BalloonConfig>,
+    /// Disks, in the order the guest sees them.
+    pub disks: Vec<DiskConfig>,
     /// Optional REST API socket.
     pub api_socket: Option<PathBuf>,
     /// Serial console.

@@ -64,6 +64,9 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_MMIO_MAX_DEVICES: u32 = 19;
 /// First GSI handed to virtio-mmio devices (COM1 uses 4).
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// Most virtio-mmio devices with the ACPI power button: it takes the GSI after the last
+/// of them, and GSIs end at [`MAX_GSI`].
+pub const MAX_VIRTIO_DEVICES: u32 = MAX_GSI - VIRTIO_FIRST_IRQ;
 /// The ACPI Generic Event Device's register window, just below the virtio-mmio windows.
 pub const GED_MMIO_START: u64 = VIRTIO_MMIO_START - GED_MMIO_SIZE;
 /// Size of the Generic Event Device's window (its event register is 4 bytes).

@@ -10,7 +10,9 @@
 //! filters, for debugging.
 //!
 //! The lists come from tracing full runs (boot, balloon, reporting, API, power off) in the
-//! test host, plus the calls of error and exit paths.
+//! test host, plus the calls of error and exit paths, plus the disk I/O path (which runs on
+//! the event loop: `preadv`/`pwritev` between images and guest RAM, `fdatasync`,
+//! `fallocate`; images are opened and locked before any filter is installed).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -116,8 +118,14 @@ const COMMON: &[i64] = &[
 fn extra_calls(kind: ThreadKind) -> &'static [i64] {
     match kind {
         // Polling the devices' eventfds, timers (balloon statistics), signals; reading
-        // /proc for memory figures; removing the API socket and joining threads at exit.
+        // /proc for memory figures; disk requests (reads and writes straight into guest
+        // RAM, flushes, discards and write-zeroes); removing the API socket and joining
+        // threads at exit.
         ThreadKind::EventLoop => &[
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_fdatasync,
+            libc::SYS_fallocate,
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
             libc::SYS_epoll_ctl,
@@ -380,6 +388,57 @@ mod tests {
         assert!(text.starts_with("allowed\n"), "{text}");
         let expected = format!("forbidden system call {} (run", libc::SYS_socket);
         assert!(text.contains(&expected), "{text}");
+    }
+
+    /// The event loop serves disks: vectored reads and writes at an offset, fdatasync and
+    /// fallocate on an image opened before the filter; a vCPU thread may do none of them.
+    #[test]
+    fn the_event_loop_may_do_disk_io_and_a_vcpu_may_not() {
+        const FD: libc::c_int = 200;
+        let path = std::env::temp_dir().join(format!("ebb-seccomp-disk-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        // SAFETY: duplicating our own descriptor onto a number the children know.
+        assert_eq!(
+            unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&file), FD) },
+            FD
+        );
+        fn disk_io() {
+            let mut buf = [7u8; 512];
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: vectored I/O on descriptor FD with our own buffer; fdatasync and
+            // fallocate on it.
+            let ok = unsafe {
+                libc::pwritev(FD, &iov, 1, 4096) == 512
+                    && libc::preadv(FD, &iov, 1, 0) == 512
+                    && libc::fdatasync(FD) == 0
+                    && libc::fallocate(
+                        FD,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        0,
+                        8192,
+                    ) == 0
+            };
+            if ok {
+                say(b"disk io worked\n");
+            }
+        }
+        let (status, text) = run_filtered(ThreadKind::EventLoop, disk_io);
+        assert_eq!((status, text.as_str()), (0, "disk io worked\n"));
+        let (status, text) = run_filtered(ThreadKind::Vcpu, disk_io);
+        assert_eq!(status, EXIT_SECCOMP, "{text}");
+        // SAFETY: closing the duplicate made above.
+        unsafe { libc::close(FD) };
+        let _ = std::fs::remove_file(path);
     }
 
     /// A kind with no ioctl requests may make none (an empty rule list would allow all).

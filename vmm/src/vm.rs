@@ -8,6 +8,7 @@ use std::thread;
 use std::time::Instant;
 
 use ebb_balloon::{Balloon, BalloonOptions, HintDiscard};
+use ebb_block::{Block, DiskImage, ImageError};
 use ebb_devices::acpi_pm::{self, AcpiPm};
 use ebb_devices::bus::{lock, Bus, BusError};
 use ebb_devices::cmos::{self, Cmos};
@@ -50,6 +51,9 @@ pub enum VmError {
     /// Kernel, initramfs or command line problems.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] ImageError),
     /// Guest RAM could not be created.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -92,9 +96,21 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> VmError {
     move |source| VmError::Io { what, source }
 }
 
+/// What [`validate`] found and opened.
+#[derive(Debug)]
+pub struct Validated {
+    /// The kernel.
+    pub kernel: boot::KernelInfo,
+    /// The initramfs and its size.
+    pub initramfs: Option<(File, u64)>,
+    /// The disk images, opened and locked, in `config.disks` order.
+    pub disks: Vec<DiskImage>,
+}
+
 /// Checks what can be checked without KVM, in the order a user would fix things:
-/// features not yet available, the kernel, the initramfs, memory against their needs.
-pub fn validate(config: &VmConfig) -> Result<(boot::KernelInfo, Option<(File, u64)>), VmError> {
+/// features not yet available, the kernel, the initramfs, memory against their needs,
+/// the disk images (opened and locked here, before anything else is built).
+pub fn validate(config: &VmConfig) -> Result<Validated, VmError> {
     if let Some(b) = &config.balloon {
         if b.size > config.memory.size {
             return Err(VmError::Config(format!(
@@ -107,6 +123,7 @@ pub fn validate(config: &VmConfig) -> Result<(boot::KernelInfo, Option<(File, u6
     if config.cpus == 0 {
         return Err(VmError::Config("--cpus must be at least 1".into()));
     }
+    check_disks(config)?;
     let kernel = boot::inspect_kernel(&config.kernel)?;
     let initramfs = match &config.initramfs {
         Some(p) => Some(boot::open_initramfs(p)?),
@@ -117,7 +134,47 @@ pub fn validate(config: &VmConfig) -> Result<(boot::KernelInfo, Option<(File, u6
         initramfs.as_ref().map(|(_, s)| *s).unwrap_or(0),
         config.memory.size,
     )?;
-    Ok((kernel, initramfs))
+    let images: Vec<_> = config
+        .disks
+        .iter()
+        .map(|d| (d.path.clone(), d.readonly))
+        .collect();
+    let disks = ebb_block::open_images(&images)?;
+    Ok(Validated {
+        kernel,
+        initramfs,
+        disks,
+    })
+}
+
+/// The disks' configuration: not more devices than interrupts, one ID per disk.
+fn check_disks(config: &VmConfig) -> Result<(), VmError> {
+    let balloons = u32::from(config.balloon.is_some());
+    let max_disks = layout::MAX_VIRTIO_DEVICES - balloons;
+    if config.disks.len() > max_disks as usize {
+        return Err(VmError::Config(format!(
+            "{} disks are more than Ebb can attach: at most {max_disks}{} (one interrupt \
+             each)",
+            config.disks.len(),
+            if balloons > 0 {
+                " beside the balloon"
+            } else {
+                ""
+            }
+        )));
+    }
+    for (i, disk) in config.disks.iter().enumerate() {
+        if let Some(first) = config.disks[..i].iter().find(|d| d.id == disk.id) {
+            return Err(VmError::Config(format!(
+                "disks '{}' and '{}' both have the id '{}': give one of them another \
+                 (--disk path=...,id=NAME)",
+                first.path.display(),
+                disk.path.display(),
+                disk.id
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The most vCPUs Ebb describes: xAPIC IDs in the MADT are one byte.
@@ -306,21 +363,50 @@ struct MmioDevices {
     virtio: Vec<MmioDeviceInfo>,
     handlers: Vec<Box<dyn MutEventSubscriber + Send>>,
     balloon: Option<Arc<Mutex<MmioTransport<Balloon>>>>,
+    disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
     ged: Arc<Mutex<Ged>>,
     ged_info: GedInfo,
 }
 
-fn mmio_devices(vm: &VmFd, ram: &GuestRam, config: &VmConfig) -> Result<MmioDevices, VmError> {
+/// The virtio-mmio window and interrupt of the `index`th virtio device.
+fn virtio_slot(index: usize) -> MmioDeviceInfo {
+    MmioDeviceInfo {
+        base: layout::VIRTIO_MMIO_START + index as u64 * layout::VIRTIO_MMIO_SIZE,
+        size: layout::VIRTIO_MMIO_SIZE,
+        irq: layout::VIRTIO_FIRST_IRQ + index as u32,
+    }
+}
+
+/// Puts `device` in the next virtio-mmio slot, with its event loop handler.
+fn add_virtio<D: VirtioDevice + 'static>(
+    vm: &VmFd,
+    ram: &GuestRam,
+    devices: (&mut Bus, &mut Vec<MmioDeviceInfo>),
+    handlers: &mut Vec<Box<dyn MutEventSubscriber + Send>>,
+    device: D,
+    what: &str,
+) -> Result<Arc<Mutex<MmioTransport<D>>>, VmError> {
+    let (mmio_bus, virtio) = devices;
+    let info = virtio_slot(virtio.len());
+    let transport = add_virtio_mmio(vm, mmio_bus, ram, device, info)?;
+    handlers.push(Box::new(
+        VirtioHandler::new(transport.clone()).map_err(io_err(format!("{what} event handler")))?,
+    ));
+    virtio.push(info);
+    Ok(transport)
+}
+
+fn mmio_devices(
+    vm: &VmFd,
+    ram: &GuestRam,
+    config: &VmConfig,
+    images: Vec<DiskImage>,
+) -> Result<MmioDevices, VmError> {
     let mut mmio_bus = Bus::new();
     let mut virtio = Vec::new();
     let mut handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
     let mut balloon = None;
     if let Some(balloon_cfg) = &config.balloon {
-        let info = MmioDeviceInfo {
-            base: layout::VIRTIO_MMIO_START,
-            size: layout::VIRTIO_MMIO_SIZE,
-            irq: layout::VIRTIO_FIRST_IRQ,
-        };
         let target_pages = u32::try_from(balloon_cfg.size / PAGE_SIZE)
             .map_err(|_| VmError::Config("--balloon size is too large".into()))?;
         let device = Balloon::new(
@@ -339,12 +425,23 @@ fn mmio_devices(vm: &VmFd, ram: &GuestRam, config: &VmConfig) -> Result<MmioDevi
             ram,
         )
         .map_err(|e| VmError::Config(e.to_string()))?;
-        let transport = add_virtio_mmio(vm, &mut mmio_bus, ram, device, info)?;
-        balloon = Some(transport.clone());
-        handlers.push(Box::new(
-            VirtioHandler::new(transport).map_err(io_err("balloon event handler"))?,
-        ));
-        virtio.push(info);
+        let slots = (&mut mmio_bus, &mut virtio);
+        balloon = Some(add_virtio(
+            vm,
+            ram,
+            slots,
+            &mut handlers,
+            device,
+            "balloon",
+        )?);
+    }
+    // Disks after the balloon, in command-line order: the guest names them vda, vdb, ...
+    // in the order it finds them.
+    let mut disks = Vec::with_capacity(images.len());
+    for (image, cfg) in images.into_iter().zip(&config.disks) {
+        let device = Block::new(image, &cfg.id);
+        let slots = (&mut mmio_bus, &mut virtio);
+        disks.push(add_virtio(vm, ram, slots, &mut handlers, device, "disk")?);
     }
     // The Generic Event Device (ACPI power button) on the first GSI after the virtio ones.
     let ged_info = GedInfo {
@@ -366,6 +463,7 @@ fn mmio_devices(vm: &VmFd, ram: &GuestRam, config: &VmConfig) -> Result<MmioDevi
         virtio,
         handlers,
         balloon,
+        disks,
         ged,
         ged_info,
     })
@@ -457,7 +555,11 @@ fn create_vcpus(
 
 /// Builds the VM, runs it until it stops, and returns why it stopped.
 pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
-    let (kernel, initramfs) = validate(config)?;
+    let Validated {
+        kernel,
+        initramfs,
+        disks,
+    } = validate(config)?;
     let started = Instant::now();
     // The API socket is claimed first so a busy socket fails the start before any work.
     // Requests wait until the event loop serves the queue; dropping the server (any
@@ -493,7 +595,7 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     let vm = create_vm(&kvm, &ram)?;
     let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
     let legacy = legacy_devices(&vm, config, &exit)?;
-    let mut mmio = mmio_devices(&vm, &ram, config)?;
+    let mut mmio = mmio_devices(&vm, &ram, config, disks)?;
     let entry = load_guest(&ram, config, &kernel, initramfs, &mmio)?;
     let buses = (
         Arc::new(legacy.io_bus),
@@ -515,6 +617,7 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
         let backend = LiveVm::new(LiveVmParts {
             exit: exit.clone(),
             balloon: mmio.balloon.clone(),
+            disks: mmio.disks.clone(),
             ged: Some(mmio.ged.clone()),
             started,
             config: config.clone(),
@@ -558,4 +661,22 @@ pub fn run(config: &VmConfig, signal_fd: OwnedFd) -> Result<VmExit, VmError> {
     // Guest RAM is never unmapped, so vCPU threads still in KVM_RUN stay safe until the
     // process exits.
     Ok(exit.reason().unwrap_or(VmExit::Stopped("unknown".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Slot 0 is where the balloon always was; every slot is its own window and GSI,
+    /// below the GED's window and before its GSI.
+    #[test]
+    fn virtio_slots_are_distinct_and_leave_room_for_the_power_button() {
+        let first = virtio_slot(0);
+        assert_eq!((first.base, first.irq), (0xd000_0000, 5));
+        let last = virtio_slot(layout::MAX_VIRTIO_DEVICES as usize - 1);
+        assert_eq!(last.irq + 1, layout::MAX_GSI, "the GED takes the next GSI");
+        assert_eq!(last.base, 0xd000_0000 + 17 * 0x1000);
+        assert!(layout::GED_MMIO_START + layout::GED_MMIO_SIZE <= first.base);
+        assert!(last.base + last.size <= layout::IOAPIC_START);
+    }
 }

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ebb_balloon::stats::GuestStats;
 use ebb_balloon::BalloonOptions;
+use ebb_block::counters::{BlockCounters, Op, Reject};
 use ebb_ctl as ctl;
 use ebb_ctl::client::{self, Client, Response};
-use ebb_vmm::api::backend::{BalloonSnapshot, MemoryUsage, VmState, VmSummary};
+use ebb_vmm::api::backend::{BalloonSnapshot, DiskSnapshot, MemoryUsage, VmState, VmSummary};
 use ebb_vmm::api::{routes, ApiError, ApiHandler, ApiServer, ServerOptions, VmBackend};
 use ebb_vmm::seccomp::SeccompMode;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -35,6 +36,7 @@ const GUEST_MIB: u64 = 512;
 #[derive(Debug, Clone)]
 struct FakeState {
     balloon: Option<BalloonSnapshot>,
+    disks: Vec<DiskSnapshot>,
     pressed: u32,
     stopped: Option<String>,
     /// Each backend call sleeps this long (a busy event loop).
@@ -98,8 +100,34 @@ fn fake_state(kind: Kind) -> FakeState {
             })
         }
     };
+    // The VMs with a balloon have a disk too; the one without has none.
+    let disks = match kind {
+        Kind::NoBalloon => Vec::new(),
+        Kind::Stats | Kind::NoStats => {
+            let mut counters = BlockCounters {
+                read_bytes: 3 * MIB,
+                written_bytes: MIB,
+                io_errors: 1,
+                ..Default::default()
+            };
+            for _ in 0..3 {
+                counters.count_completed(Op::Read);
+            }
+            counters.count_completed(Op::Write);
+            counters.count_rejected(Reject::Range);
+            vec![DiskSnapshot {
+                path: "/img/root.raw".into(),
+                id: "root".into(),
+                readonly: false,
+                capacity_bytes: 1 << 30,
+                driver_ready: true,
+                counters,
+            }]
+        }
+    };
     FakeState {
         balloon,
+        disks,
         pressed: 0,
         stopped: None,
         delay: Duration::ZERO,
@@ -148,6 +176,10 @@ impl VmBackend for Fake {
 
     fn balloon(&self) -> Option<BalloonSnapshot> {
         self.state().balloon.clone()
+    }
+
+    fn disks(&self) -> Vec<DiskSnapshot> {
+        self.state().disks.clone()
     }
 
     fn set_balloon_target(&mut self, pages: u64) -> Result<(), ApiError> {
@@ -459,6 +491,18 @@ fn get_vm() {
     assert_eq!(v["rss"]["vmm_bytes"], 8 * MIB);
     assert_eq!(v["rss"]["process_bytes"], 108 * MIB);
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        v["disks"],
+        json!([{
+            "path": "/img/root.raw",
+            "id": "root",
+            "readonly": false,
+            "capacity_bytes": 1u64 << 30,
+            "driver_ready": true,
+        }])
+    );
+    let none = Harness::new(Kind::NoBalloon);
+    assert_eq!(json_of(&none.get("/vm"))["disks"], json!([]));
 }
 
 #[test]
@@ -505,6 +549,14 @@ fn metrics_are_prometheus_text() {
         "ebb_guest_ram_rss_bytes 104857600",
         "ebb_vmm_rss_bytes 8388608",
         "ebb_vm_state{state=\"running\"} 1",
+        "# TYPE ebb_disk_requests_total counter",
+        "ebb_disk_requests_total{disk=\"root\",op=\"read\"} 3",
+        "ebb_disk_requests_total{disk=\"root\",op=\"write\"} 1",
+        "ebb_disk_read_bytes_total{disk=\"root\"} 3145728",
+        "ebb_disk_written_bytes_total{disk=\"root\"} 1048576",
+        "ebb_disk_io_errors_total{disk=\"root\"} 1",
+        "ebb_disk_rejected_requests_total{disk=\"root\",reason=\"range\"} 1",
+        "ebb_disk_capacity_bytes{disk=\"root\"} 1073741824",
     ] {
         assert!(t.contains(needle), "missing '{needle}' in:\n{t}");
     }
@@ -539,6 +591,7 @@ fn balloon_not_configured_is_409() {
     assert_eq!(v["balloon"], Value::Null);
     let m = h.get("/metrics").text();
     assert!(!m.contains("ebb_balloon_") && m.contains("ebb_vm_uptime_seconds"));
+    assert!(!m.contains("ebb_disk_"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1258,6 +1311,10 @@ fn ebb_ctl_human_output() {
     let (code, out, _) = ctl_run(&h, &["vm", "info"]);
     assert_eq!(code, 0);
     assert!(out.contains("guest RAM RSS:  100 MiB"), "{out}");
+    assert!(
+        out.contains("disk root:      /img/root.raw, 1 GiB, read-write\n"),
+        "{out}"
+    );
     assert!(out.contains("VMM RSS:        8 MiB"), "{out}");
     let (code, out, _) = ctl_run(&h, &["metrics"]);
     assert!(code == 0 && out.contains("ebb_balloon_reports_total 7"));

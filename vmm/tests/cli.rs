@@ -472,6 +472,232 @@ fn balloon_larger_than_memory() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Disks
+//
+// Images are checked, de-duplicated and locked before KVM is opened; `--kvm-device
+// /nonexistent` stops a run whose disks are all good right after that, with an error
+// that is not about disks.
+
+/// A sparse image of `len` bytes.
+fn image(s: &Scratch, name: &str, len: u64, mode: u32) -> PathBuf {
+    let p = s.path(name);
+    let f = fs::File::create(&p).unwrap();
+    f.set_len(len).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+/// Runs ebb with a good kernel and these `--disk` values, stopping at the KVM device.
+fn ebb_disks(s: &Scratch, disks: &[&str]) -> Run {
+    let k = good_kernel(s);
+    let mut args = vec!["--kernel".to_string(), p(&k).to_string()];
+    for d in disks {
+        args.extend(["--disk".to_string(), d.to_string()]);
+    }
+    args.extend(["--kvm-device".to_string(), "/nonexistent".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ebb(&args)
+}
+
+const NO_KVM: &str = "/nonexistent not found";
+
+#[test]
+fn good_disks_pass_the_checks() {
+    let s = Scratch::new("disks-good");
+    let a = image(&s, "a.img", 1 << 20, 0o644);
+    let b = image(&s, "b.img", 4096, 0o444);
+    ebb_disks(
+        &s,
+        &[
+            &format!("path={},id=root", p(&a)),
+            &format!("{},readonly=on", p(&b)),
+        ],
+    )
+    .expect_error(&[NO_KVM]);
+}
+
+#[test]
+fn disk_image_missing_a_directory_or_empty() {
+    let s = Scratch::new("disks-missing");
+    let missing = s.path("nope.img");
+    ebb_disks(&s, &[&format!("path={}", p(&missing))])
+        .expect_error(&[&format!("disk image '{}' not found", p(&missing))]);
+    let dir = s.dir("dir.img");
+    for ro in ["on", "off"] {
+        ebb_disks(&s, &[&format!("path={},readonly={ro}", p(&dir))]).expect_error(&[&format!(
+            "disk image '{}' is a directory, not a regular file or block device",
+            p(&dir)
+        )]);
+    }
+    let empty = image(&s, "empty.img", 0, 0o644);
+    ebb_disks(&s, &[p(&empty)]).expect_error(&[&format!("disk image '{}' is empty", p(&empty))]);
+    ebb_disks(&s, &["path=/dev/null,readonly=on"])
+        .expect_error(&["disk image '/dev/null' is a character device"]);
+}
+
+#[test]
+fn disk_image_size_not_whole_sectors() {
+    let s = Scratch::new("disks-size");
+    let odd = image(&s, "odd.img", (1 << 20) + 100, 0o644);
+    ebb_disks(&s, &[p(&odd)]).expect_error(&[&format!(
+        "disk image '{}' is 1048676 bytes, not a multiple of 512 (the sector size)",
+        p(&odd)
+    )]);
+}
+
+#[test]
+fn disk_image_unreadable_or_unwritable_for_an_unprivileged_user() {
+    let s = Scratch::new("disks-perm");
+    let k = good_kernel(&s);
+    let run = |disk: String| {
+        ebb_unprivileged(
+            &s,
+            &[
+                "--kernel",
+                p(&k),
+                "--disk",
+                &disk,
+                "--kvm-device",
+                "/nonexistent",
+            ],
+            &[],
+        )
+    };
+    let locked = image(&s, "locked.img", 4096, 0o000);
+    for ro in ["on", "off"] {
+        let how = if ro == "on" { "reading" } else { "writing" };
+        run(format!("path={},readonly={ro}", p(&locked))).expect_error(&[&format!(
+            "cannot open disk image '{}' for {how}: permission denied",
+            p(&locked)
+        )]);
+    }
+    // Readable but not writable: a writable disk is refused with the way out, a
+    // read-only one passes.
+    let shared = image(&s, "shared.img", 4096, 0o444);
+    run(p(&shared).to_string()).expect_error(&[
+        &format!(
+            "cannot open disk image '{}' for writing: permission denied",
+            p(&shared)
+        ),
+        "readonly=on",
+    ]);
+    run(format!("{},readonly=on", p(&shared))).expect_error(&[NO_KVM]);
+}
+
+#[test]
+fn the_same_disk_image_twice() {
+    let s = Scratch::new("disks-twice");
+    let a = image(&s, "a.img", 4096, 0o644);
+    let link = s.path("link.img");
+    fs::hard_link(&a, &link).unwrap();
+    let sym = s.path("sym.img");
+    std::os::unix::fs::symlink(&a, &sym).unwrap();
+    let dotted = format!("{}/./a.img", s.0.display());
+    for (second, readonly) in [
+        (p(&a).to_string(), false),
+        (p(&link).to_string(), true),
+        (p(&sym).to_string(), false),
+        (dotted, true),
+    ] {
+        let ro = if readonly { "on" } else { "off" };
+        ebb_disks(
+            &s,
+            &[
+                &format!("path={},id=first", p(&a)),
+                &format!("path={second},readonly={ro},id=second"),
+            ],
+        )
+        .expect_error(&[&format!(
+            "disk image '{second}' is the same file as '{}': each image may be attached once",
+            p(&a)
+        )]);
+    }
+}
+
+/// Holds an open file description lock on `path` (shared or exclusive) until dropped.
+struct HeldLock {
+    _file: fs::File,
+}
+
+fn hold_lock(path: &Path, exclusive: bool) -> HeldLock {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(exclusive)
+        .open(path)
+        .unwrap();
+    // SAFETY: a zeroed flock is valid; the fields that matter are set.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if exclusive {
+        libc::F_WRLCK
+    } else {
+        libc::F_RDLCK
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK with a valid flock on our own descriptor.
+    let rc = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_OFD_SETLK, &fl) };
+    assert_eq!(
+        rc,
+        0,
+        "locking {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    HeldLock { _file: f }
+}
+
+#[test]
+fn a_disk_image_locked_by_another_process() {
+    let s = Scratch::new("disks-locked");
+    let img = image(&s, "busy.img", 4096, 0o644);
+    let writer = hold_lock(&img, true);
+    for ro in ["on", "off"] {
+        ebb_disks(&s, &[&format!("path={},readonly={ro}", p(&img))]).expect_error(&[&format!(
+            "disk image '{}' is locked by another process",
+            p(&img)
+        )]);
+    }
+    drop(writer);
+    // Readers share an image; a writer needs it alone.
+    let reader = hold_lock(&img, false);
+    ebb_disks(&s, &[&format!("path={},readonly=on", p(&img))]).expect_error(&[NO_KVM]);
+    ebb_disks(&s, &[p(&img)]).expect_error(&[
+        &format!("disk image '{}' is locked by another process", p(&img)),
+        "needs it alone",
+    ]);
+    drop(reader);
+    ebb_disks(&s, &[p(&img)]).expect_error(&[NO_KVM]);
+}
+
+#[test]
+fn disk_option_mistakes() {
+    let s = Scratch::new("disks-opts");
+    let a = image(&s, "a.img", 4096, 0o644);
+    let b = image(&s, "b.img", 4096, 0o644);
+    s.dir("sub");
+    let a2 = image(&s, "sub/a.img", 4096, 0o644);
+    ebb_disks(&s, &["readonly=on"]).expect_error(&["gives no disk image (path=IMAGE)"]);
+    ebb_disks(&s, &[&format!("path={},cache=none", p(&a))])
+        .expect_error(&["unknown disk option 'cache' (known: path, readonly, id)"]);
+    ebb_disks(&s, &[&format!("path={},readonly=sometimes", p(&a))])
+        .expect_error(&["invalid value 'sometimes' for readonly"]);
+    ebb_disks(&s, &[&format!("path={},id=a-very-long-disk-name", p(&a))])
+        .expect_error(&["invalid disk id 'a-very-long-disk-name': 1 to 20 characters"]);
+    ebb_disks(&s, &[&format!("path={},id=my disk", p(&a))])
+        .expect_error(&["invalid disk id 'my disk'"]);
+    // Two disks named alike: by id=, or by file names that derive the same id.
+    ebb_disks(
+        &s,
+        &[&format!("{},id=x", p(&a)), &format!("{},id=x", p(&b))],
+    )
+    .expect_error(&["both have the id 'x'", "id=NAME"]);
+    ebb_disks(&s, &[p(&a), p(&a2)]).expect_error(&["both have the id 'a.img'"]);
+    // More disks than interrupts.
+    let many: Vec<String> = (0..19).map(|i| format!("{},id=d{i}", p(&a))).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    ebb_disks(&s, &many).expect_error(&["19 disks are more than Ebb can attach: at most 18"]);
+}
+
+// ---------------------------------------------------------------------------------------
 // Other command-line mistakes
 
 #[test]
@@ -494,6 +720,12 @@ fn help_and_version_still_work() {
     let help = ebb(&["--help"]);
     assert_eq!(help.status.code(), Some(0), "{}", help.describe());
     assert!(help.stdout.contains("--balloon"), "{}", help.describe());
+    assert!(
+        help.stdout
+            .contains("--disk <path=IMAGE[,readonly=on|off][,id=NAME]>"),
+        "{}",
+        help.describe()
+    );
     assert!(help.stderr.is_empty(), "{}", help.describe());
     let version = ebb(&["--version"]);
     assert_eq!(version.status.code(), Some(0), "{}", version.describe());

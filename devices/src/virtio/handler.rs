@@ -1,5 +1,7 @@
 //! Runs a virtio device's work on the VMM's event loop: queue kicks (ioeventfds) and the
-//! device's own timers, never on a vCPU thread.
+//! device's own timers, never on a vCPU thread. A device with a
+//! [`QueueWorker`] has its queues processed outside the transport's lock, so vCPUs that
+//! access its registers meanwhile do not wait for that work.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -9,7 +11,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::MmioTransport;
-use super::{QueueWork, VirtioDevice};
+use super::{QueueWork, QueueWorker, VirtioDevice};
 use crate::bus::lock;
 
 /// Event data values at or above this mark a device event rather than a queue.
@@ -20,24 +22,26 @@ pub struct VirtioHandler<D: VirtioDevice> {
     transport: Arc<Mutex<MmioTransport<D>>>,
     notifiers: Vec<EventFd>,
     device_fds: Vec<(RawFd, u32)>,
+    worker: Option<Arc<dyn QueueWorker>>,
 }
 
 impl<D: VirtioDevice> VirtioHandler<D> {
     /// A handler for `transport`'s queues and device events.
     pub fn new(transport: Arc<Mutex<MmioTransport<D>>>) -> std::io::Result<Self> {
-        let (notifiers, device_fds) = {
+        let (notifiers, device_fds, worker) = {
             let t = lock(&transport);
             let notifiers = t
                 .notifiers()
                 .iter()
                 .map(EventFd::try_clone)
                 .collect::<std::io::Result<Vec<_>>>()?;
-            (notifiers, t.device().event_fds())
+            (notifiers, t.device().event_fds(), t.device().queue_worker())
         };
         Ok(Self {
             transport,
             notifiers,
             device_fds,
+            worker,
         })
     }
 }
@@ -78,7 +82,16 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioHandler<D> {
             if !t.is_activated() {
                 return;
             }
-            t.device_mut().process_queue(data as u16)
+            match &self.worker {
+                // The worker checks for itself that the device is still active: a reset
+                // between here and there leaves it nothing to do, and an activation
+                // after the check above kicks every queue again.
+                Some(worker) => {
+                    drop(t);
+                    worker.process_queue(data as u16)
+                }
+                None => t.device_mut().process_queue(data as u16),
+            }
         };
         if work == QueueWork::Yielded {
             // Kick ourselves: epoll reports it again after the events already waiting.
@@ -108,7 +121,7 @@ mod tests {
     use crate::bus::BusDevice;
     use crate::ram::GuestRam;
     use crate::virtio::MmioInterrupt;
-    use crate::virtio::{Activation, ActivationError};
+    use crate::virtio::{Activation, ActivationError, QueueWorker};
     use event_manager::{EventManager, SubscriberOps};
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
@@ -146,6 +159,88 @@ mod tests {
             self.yields -= 1;
             QueueWork::Yielded
         }
+    }
+
+    /// A device whose queue work runs in a worker: the worker records whether the
+    /// transport's lock was free while it ran.
+    struct Slow {
+        worker: Arc<SlowWorker>,
+    }
+
+    struct SlowWorker {
+        transport: Mutex<Option<Arc<Mutex<MmioTransport<Slow>>>>>,
+        lock_was_free: Mutex<Vec<bool>>,
+    }
+
+    impl QueueWorker for SlowWorker {
+        fn process_queue(&self, _: u16) -> QueueWork {
+            let t = self.transport.lock().unwrap().clone().unwrap();
+            let free = t.try_lock().is_ok();
+            self.lock_was_free.lock().unwrap().push(free);
+            QueueWork::Done
+        }
+    }
+
+    impl VirtioDevice for Slow {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn features(&self) -> u64 {
+            crate::virtio::VIRTIO_F_VERSION_1
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16]
+        }
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(&mut self, _: Activation) -> Result<(), ActivationError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn process_queue(&mut self, _: u16) -> QueueWork {
+            panic!("a device with a worker is processed through it");
+        }
+        fn queue_worker(&self) -> Option<Arc<dyn QueueWorker>> {
+            Some(self.worker.clone())
+        }
+    }
+
+    /// A worker runs without the transport's lock, so vCPUs can reach the registers.
+    #[test]
+    fn a_queue_worker_runs_outside_the_transport_lock() {
+        let worker = Arc::new(SlowWorker {
+            transport: Mutex::new(None),
+            lock_was_free: Mutex::new(Vec::new()),
+        });
+        let ram = GuestRam::new(&[(GuestAddress(0), 1 << 20)], Default::default()).unwrap();
+        let irq = Arc::new(MmioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let device = Slow {
+            worker: worker.clone(),
+        };
+        let transport = Arc::new(Mutex::new(MmioTransport::new(device, ram, irq).unwrap()));
+        *worker.transport.lock().unwrap() = Some(transport.clone());
+        let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().unwrap();
+        em.add_subscriber(Box::new(VirtioHandler::new(transport.clone()).unwrap()));
+        // A kick before the driver is ready does nothing.
+        lock(&transport).write(0x50, &0u32.to_le_bytes());
+        em.run_with_timeout(0).unwrap();
+        assert!(worker.lock_was_free.lock().unwrap().is_empty());
+        {
+            let mut t = lock(&transport);
+            for (offset, value) in [
+                (0x70, 1u32),
+                (0x70, 3),
+                (0x24, 1),
+                (0x20, 1),
+                (0x70, 11),
+                (0x70, 15),
+            ] {
+                t.write(offset, &value.to_le_bytes());
+            }
+            assert!(t.is_activated());
+        }
+        em.run_with_timeout(0).unwrap();
+        assert_eq!(*worker.lock_was_free.lock().unwrap(), [true]);
     }
 
     /// Another subscriber, standing for the API or the signal handler.

@@ -150,6 +150,14 @@ pub enum QueueWork {
     Yielded,
 }
 
+/// Queue work a device does without its transport's lock (see
+/// [`VirtioDevice::queue_worker`]).
+pub trait QueueWorker: Send + Sync {
+    /// As [`VirtioDevice::process_queue`]: a bounded amount of work on queue `index`.
+    /// Does nothing (and says [`QueueWork::Done`]) when the device is not active.
+    fn process_queue(&self, index: u16) -> QueueWork;
+}
+
 /// A virtio device, independent of its transport. The transport negotiates features,
 /// configures queues and forwards config accesses; the device does the work.
 pub trait VirtioDevice: Send {
@@ -171,6 +179,14 @@ pub trait VirtioDevice: Send {
     /// Processes queue `index` after the driver kicked it, doing a bounded amount of work
     /// (no guest can hold the caller for long) and saying whether work is left.
     fn process_queue(&mut self, index: u16) -> QueueWork;
+    /// For devices whose queue work blocks (disk I/O): a handle the event loop calls
+    /// instead of [`VirtioDevice::process_queue`], without holding the transport's lock,
+    /// so that a vCPU reading or acknowledging this device's registers (every interrupt
+    /// does) never waits for that work. `None` (the default): `process_queue` runs under
+    /// the lock.
+    fn queue_worker(&self) -> Option<Arc<dyn QueueWorker>> {
+        None
+    }
     /// Extra file descriptors the device wants polled (timers and the like), with ids
     /// passed back to [`VirtioDevice::process_event`].
     fn event_fds(&self) -> Vec<(std::os::fd::RawFd, u32)> {

@@ -350,6 +350,21 @@ pub struct RssInfo {
     pub process_bytes: Option<u64>,
 }
 
+/// A disk in `GET /vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// The image's path, as given.
+    pub path: String,
+    /// The disk's ID (its serial number in the guest; the `disk` label in /metrics).
+    pub id: String,
+    /// Attached read-only.
+    pub readonly: bool,
+    /// Size in bytes (512-byte sectors times 512).
+    pub capacity_bytes: u64,
+    /// The guest's driver has set the disk up (DRIVER_OK).
+    pub driver_ready: bool,
+}
+
 /// `GET /vm`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
@@ -373,6 +388,9 @@ pub struct VmInfo {
     pub cmdline: String,
     /// The balloon's configuration, `null` without a balloon.
     pub balloon: Option<BalloonInfo>,
+    /// The disks, in command-line order (the guest's vda, vdb, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
     /// Host memory use.
     pub rss: RssInfo,
 }

@@ -4,19 +4,23 @@
 //! - [`json`]: the request and response bodies of the API (serde).
 //! - [`balloon`]: [`BalloonConfig`], the balloon's configuration, with the `--balloon`
 //!   command-line syntax ([`std::str::FromStr`] and [`std::fmt::Display`]).
+//! - [`disk`]: [`DiskConfig`], a disk's configuration, with the `--disk` syntax.
 //! - [`units`]: sizes: units, parsing (`512M`, `1.5G`) and display.
 //! - [`options`]: `key=value,...` option lists and their [`ParseError`].
 //! - [`OPENAPI_YAML`]: the OpenAPI document describing the API.
 
 pub mod balloon;
+pub mod disk;
 pub mod json;
 pub mod options;
 pub mod units;
 
 pub use balloon::BalloonConfig;
+pub use disk::DiskConfig;
 pub use json::{
-    BalloonInfo, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate, EbbBalloonStats, EmptyBody,
-    Fault, HintCounters, HintStart, HintStatus, LatencySummary, Rejects, RssInfo, VmInfo, VmState,
+    BalloonInfo, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate, DiskInfo, EbbBalloonStats,
+    EmptyBody, Fault, HintCounters, HintStart, HintStatus, LatencySummary, Rejects, RssInfo,
+    VmInfo, VmState,
 };
 pub use options::ParseError;
 

@@ -143,6 +143,28 @@ pub fn render_vm(v: &VmInfo) -> String {
             let _ = writeln!(t, "balloon:        none");
         }
     }
+    if v.disks.is_empty() {
+        let _ = writeln!(t, "disks:          none");
+    }
+    for d in &v.disks {
+        let _ = writeln!(
+            t,
+            "disk {:<10} {}, {}, {}{}",
+            format!("{}:", d.id),
+            d.path,
+            format_size(d.capacity_bytes),
+            if d.readonly {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            if d.driver_ready {
+                ""
+            } else {
+                ", driver not ready"
+            }
+        );
+    }
     let _ = writeln!(t, "guest RAM RSS:  {}", bytes(v.rss.guest_ram_bytes));
     let _ = writeln!(t, "VMM RSS:        {}", bytes(v.rss.vmm_bytes));
     let _ = writeln!(t, "process RSS:    {}", bytes(v.rss.process_bytes));

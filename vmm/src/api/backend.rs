@@ -12,6 +12,7 @@ pub use ebb_api_model::VmState;
 use ebb_balloon::counters::BalloonCounters;
 use ebb_balloon::stats::GuestStats;
 use ebb_balloon::{BalloonOptions, HintControl};
+use ebb_block::counters::BlockCounters;
 
 /// An API error: an HTTP status and the message sent as `{"fault_message": ...}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +121,23 @@ impl BalloonSnapshot {
     }
 }
 
+/// A disk as the API sees it at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSnapshot {
+    /// The image's path.
+    pub path: String,
+    /// The disk's ID.
+    pub id: String,
+    /// Attached read-only.
+    pub readonly: bool,
+    /// Size in bytes.
+    pub capacity_bytes: u64,
+    /// The guest driver has set DRIVER_OK.
+    pub driver_ready: bool,
+    /// What the device did.
+    pub counters: BlockCounters,
+}
+
 /// Static and slowly changing facts about the VM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmSummary {
@@ -165,6 +183,8 @@ pub trait VmBackend: Send {
     fn memory_usage(&self) -> MemoryUsage;
     /// The balloon, or `None` when the VM has none.
     fn balloon(&self) -> Option<BalloonSnapshot>;
+    /// The disks, in command-line order.
+    fn disks(&self) -> Vec<DiskSnapshot>;
     /// Sets the balloon target in 4 KiB pages and tells the guest. The caller has
     /// checked that a balloon exists and that `pages` fits guest memory.
     fn set_balloon_target(&mut self, pages: u64) -> Result<(), ApiError>;

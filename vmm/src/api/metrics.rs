@@ -1,12 +1,13 @@
-//! `GET /metrics`: the VM and balloon figures in the Prometheus text exposition format
-//! (version 0.0.4).
+//! `GET /metrics`: the VM, balloon and disk figures in the Prometheus text exposition
+//! format (version 0.0.4).
 
 use std::fmt::Write;
 
 use ebb_balloon::counters::LatencyHistogram;
+use ebb_block::counters::{Op, Reject};
 use ebb_devices::faults::GuestFault;
 
-use super::backend::{BalloonSnapshot, MemoryUsage, VmState, VmSummary};
+use super::backend::{BalloonSnapshot, DiskSnapshot, MemoryUsage, VmState, VmSummary};
 use crate::config::PAGE_SIZE;
 
 /// The `Content-Type` of the metrics document.
@@ -49,12 +50,125 @@ impl Doc {
     }
 }
 
+/// One metric over every disk (label `disk`, plus the labels `extra` gives per value).
+fn per_disk(
+    d: &mut Doc,
+    disks: &[DiskSnapshot],
+    (name, kind, help): (&str, &str, &str),
+    values: impl Fn(&DiskSnapshot) -> Vec<(String, u64)>,
+) {
+    d.header(name, kind, help);
+    for disk in disks {
+        // Disk IDs are A-Z a-z 0-9 . _ - (checked when parsed): no escaping needed.
+        for (extra, value) in values(disk) {
+            let _ = writeln!(d.0, "{name}{{disk=\"{}\"{extra}}} {value}", disk.id);
+        }
+    }
+}
+
+/// The `ebb_disk_*` metrics.
+fn disk_metrics(d: &mut Doc, disks: &[DiskSnapshot]) {
+    if disks.is_empty() {
+        return;
+    }
+    let one = |v: u64| vec![(String::new(), v)];
+    per_disk(
+        d,
+        disks,
+        ("ebb_disk_capacity_bytes", "gauge", "Disk size."),
+        |s| one(s.capacity_bytes),
+    );
+    per_disk(
+        d,
+        disks,
+        ("ebb_disk_readonly", "gauge", "1 for a read-only disk."),
+        |s| one(u64::from(s.readonly)),
+    );
+    per_disk(
+        d,
+        disks,
+        (
+            "ebb_disk_driver_ready",
+            "gauge",
+            "1 when the guest's virtio-blk driver has set the disk up.",
+        ),
+        |s| one(u64::from(s.driver_ready)),
+    );
+    per_disk(
+        d,
+        disks,
+        (
+            "ebb_disk_requests_total",
+            "counter",
+            "Requests completed successfully, by operation.",
+        ),
+        |s| {
+            Op::ALL
+                .iter()
+                .map(|op| (format!(",op=\"{}\"", op.name()), s.counters.completed(*op)))
+                .collect()
+        },
+    );
+    type Counter = fn(&DiskSnapshot) -> u64;
+    let bytes: [(&str, &str, Counter); 4] = [
+        (
+            "ebb_disk_read_bytes_total",
+            "Bytes read from the image into guest memory.",
+            |s| s.counters.read_bytes,
+        ),
+        (
+            "ebb_disk_written_bytes_total",
+            "Bytes written from guest memory to the image.",
+            |s| s.counters.written_bytes,
+        ),
+        (
+            "ebb_disk_discarded_bytes_total",
+            "Bytes discarded (holes punched in the image).",
+            |s| s.counters.discarded_bytes,
+        ),
+        (
+            "ebb_disk_zeroed_bytes_total",
+            "Bytes zeroed by write-zeroes requests.",
+            |s| s.counters.zeroed_bytes,
+        ),
+    ];
+    for (name, help, value) in bytes {
+        per_disk(d, disks, (name, "counter", help), |s| one(value(s)));
+    }
+    per_disk(
+        d,
+        disks,
+        (
+            "ebb_disk_io_errors_total",
+            "counter",
+            "Requests that failed on the host (read, write, sync or fallocate errors).",
+        ),
+        |s| one(s.counters.io_errors),
+    );
+    per_disk(
+        d,
+        disks,
+        (
+            "ebb_disk_rejected_requests_total",
+            "counter",
+            "Guest requests refused (answered IOERR or UNSUPP, or unanswerable), by reason.",
+        ),
+        |s| {
+            Reject::ALL
+                .iter()
+                .map(|r| (format!(",reason=\"{}\"", r.name()), s.counters.rejected(*r)))
+                .collect()
+        },
+    );
+}
+
 /// Renders the metrics document.
 pub fn render(
     summary: &VmSummary,
     usage: MemoryUsage,
     faults: &[(GuestFault, u64)],
     balloon: Option<&BalloonSnapshot>,
+    disks: &[DiskSnapshot],
 ) -> String {
     let mut d = Doc(String::with_capacity(8192));
     d.header(
@@ -117,6 +231,7 @@ pub fn render(
             kind.name()
         );
     }
+    disk_metrics(&mut d, disks);
     let Some(b) = balloon else {
         return d.0;
     };
@@ -330,6 +445,7 @@ pub fn render(
 mod tests {
     use super::*;
     use ebb_balloon::BalloonOptions;
+    use ebb_block::counters::BlockCounters;
     use std::time::Duration;
 
     fn summary() -> VmSummary {
@@ -382,7 +498,32 @@ mod tests {
             process_rss: Some(150),
         };
         let faults = [(GuestFault::QueueSetup, 3), (GuestFault::SleepType, 0)];
-        let doc = render(&summary(), usage, &faults, Some(&b));
+        let mut counters = BlockCounters {
+            read_bytes: 4096,
+            io_errors: 2,
+            ..Default::default()
+        };
+        counters.count_completed(Op::Read);
+        counters.count_rejected(Reject::Range);
+        let disks = [
+            DiskSnapshot {
+                path: "/img/root.raw".into(),
+                id: "root".into(),
+                readonly: false,
+                capacity_bytes: 1 << 30,
+                driver_ready: true,
+                counters,
+            },
+            DiskSnapshot {
+                path: "/img/data.img".into(),
+                id: "data.img".into(),
+                readonly: true,
+                capacity_bytes: 1 << 20,
+                driver_ready: false,
+                counters: BlockCounters::default(),
+            },
+        ];
+        let doc = render(&summary(), usage, &faults, Some(&b), &disks);
         let mut typed = std::collections::HashSet::new();
         for line in doc.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -442,12 +583,40 @@ mod tests {
             value(&doc, "ebb_balloon_report_latency_seconds_count "),
             Some(4.0)
         );
+        for (series, v) in [
+            ("ebb_disk_capacity_bytes{disk=\"root\"}", 1073741824.0),
+            ("ebb_disk_readonly{disk=\"data.img\"}", 1.0),
+            ("ebb_disk_driver_ready{disk=\"data.img\"}", 0.0),
+            ("ebb_disk_requests_total{disk=\"root\",op=\"read\"}", 1.0),
+            (
+                "ebb_disk_requests_total{disk=\"root\",op=\"write_zeroes\"}",
+                0.0,
+            ),
+            ("ebb_disk_read_bytes_total{disk=\"root\"}", 4096.0),
+            ("ebb_disk_io_errors_total{disk=\"root\"}", 2.0),
+            (
+                "ebb_disk_rejected_requests_total{disk=\"root\",reason=\"range\"}",
+                1.0,
+            ),
+            (
+                "ebb_disk_rejected_requests_total{disk=\"data.img\",reason=\"no_status\"}",
+                0.0,
+            ),
+        ] {
+            assert_eq!(value(&doc, series), Some(v), "{series}");
+        }
+        let per_op = doc
+            .lines()
+            .filter(|l| l.starts_with("ebb_disk_requests_total{"))
+            .count();
+        assert_eq!(per_op, 2 * Op::ALL.len());
     }
 
     #[test]
     fn without_a_balloon_only_vm_metrics() {
-        let doc = render(&summary(), MemoryUsage::default(), &[], None);
+        let doc = render(&summary(), MemoryUsage::default(), &[], None, &[]);
         assert!(!doc.contains("ebb_balloon_"));
+        assert!(!doc.contains("ebb_disk_"));
         assert!(!doc.contains("ebb_guest_ram_rss_bytes"));
         assert!(doc.contains("ebb_vm_memory_bytes 536870912"));
     }

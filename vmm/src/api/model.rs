@@ -4,12 +4,12 @@ use std::time::SystemTime;
 
 use ebb_api_model::units::{MIB, PAGES_PER_MIB, PAGE_SIZE};
 use ebb_api_model::{
-    BalloonConfig, BalloonInfo, BalloonStatistics, EbbBalloonStats, HintCounters, HintStatus,
-    LatencySummary, Rejects, RssInfo, VmInfo,
+    BalloonConfig, BalloonInfo, BalloonStatistics, DiskInfo, EbbBalloonStats, HintCounters,
+    HintStatus, LatencySummary, Rejects, RssInfo, VmInfo,
 };
 use ebb_balloon::HintControl;
 
-use super::backend::{BalloonSnapshot, MemoryUsage, VmSummary};
+use super::backend::{BalloonSnapshot, DiskSnapshot, MemoryUsage, VmSummary};
 
 fn pages_to_mib(pages: u32) -> u32 {
     (u64::from(pages) / PAGES_PER_MIB) as u32
@@ -121,8 +121,24 @@ pub fn rss_info(m: MemoryUsage) -> RssInfo {
     }
 }
 
+/// A disk in `GET /vm`.
+pub fn disk_info(d: &DiskSnapshot) -> DiskInfo {
+    DiskInfo {
+        path: d.path.clone(),
+        id: d.id.clone(),
+        readonly: d.readonly,
+        capacity_bytes: d.capacity_bytes,
+        driver_ready: d.driver_ready,
+    }
+}
+
 /// `GET /vm`, assembled from the backend's answers.
-pub fn vm_info(s: &VmSummary, balloon: Option<&BalloonSnapshot>, usage: MemoryUsage) -> VmInfo {
+pub fn vm_info(
+    s: &VmSummary,
+    balloon: Option<&BalloonSnapshot>,
+    disks: &[DiskSnapshot],
+    usage: MemoryUsage,
+) -> VmInfo {
     VmInfo {
         state: s.state,
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -134,6 +150,7 @@ pub fn vm_info(s: &VmSummary, balloon: Option<&BalloonSnapshot>, usage: MemoryUs
         initramfs: s.initramfs.clone(),
         cmdline: s.cmdline.clone(),
         balloon: balloon.map(balloon_info),
+        disks: disks.iter().map(disk_info).collect(),
         rss: rss_info(usage),
     }
 }

@@ -347,7 +347,12 @@ async fn get_vm(State(s): State<AppState>) -> Result<Response, ApiError> {
         .dispatcher
         .call(|vm| {
             let balloon = vm.balloon();
-            vm_info(&vm.summary(), balloon.as_ref(), vm.memory_usage())
+            vm_info(
+                &vm.summary(),
+                balloon.as_ref(),
+                &vm.disks(),
+                vm.memory_usage(),
+            )
         })
         .await?;
     Ok(json_response(StatusCode::OK, &info))
@@ -379,6 +384,7 @@ async fn get_metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
                 vm.memory_usage(),
                 &ebb_devices::faults::totals(),
                 balloon.as_ref(),
+                &vm.disks(),
             )
         })
         .await?;

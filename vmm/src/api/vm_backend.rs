@@ -1,5 +1,5 @@
 //! [`LiveVm`]: the [`VmBackend`] of a running VM. It runs on the event-loop thread and
-//! takes the balloon transport's and the GED's locks only for the duration of a call,
+//! takes the balloon's, the disks' and the GED's locks only for the duration of a call,
 //! the same way the virtio event handler does; vCPU threads never wait on the API.
 
 use std::fs::File;
@@ -8,18 +8,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ebb_balloon::Balloon;
+use ebb_block::Block;
 use ebb_devices::bus::lock;
 use ebb_devices::exit::{ExitSignal, VmExit};
 use ebb_devices::ged::{Ged, GED_EVENT_POWER_BUTTON};
 use ebb_devices::virtio::mmio::MmioTransport;
 
-use super::backend::{ApiError, BalloonSnapshot, MemoryUsage, VmBackend, VmState, VmSummary};
+use super::backend::{
+    ApiError, BalloonSnapshot, DiskSnapshot, MemoryUsage, VmBackend, VmState, VmSummary,
+};
 use crate::config::VmConfig;
 
 /// The parts of a running VM the API reaches.
 pub struct LiveVm {
     exit: Arc<ExitSignal>,
     balloon: Option<Arc<Mutex<MmioTransport<Balloon>>>>,
+    disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
     ged: Option<Arc<Mutex<Ged>>>,
     started: Instant,
     config: VmConfig,
@@ -43,6 +47,8 @@ pub struct LiveVmParts {
     pub exit: Arc<ExitSignal>,
     /// The balloon's transport, when there is a balloon.
     pub balloon: Option<Arc<Mutex<MmioTransport<Balloon>>>>,
+    /// The disks' transports, in command-line order.
+    pub disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
     /// The Generic Event Device, when there is one.
     pub ged: Option<Arc<Mutex<Ged>>>,
     /// When the VM was built.
@@ -61,6 +67,7 @@ impl LiveVm {
         Self {
             exit: parts.exit,
             balloon: parts.balloon,
+            disks: parts.disks,
             ged: parts.ged,
             started: parts.started,
             config: parts.config,
@@ -121,6 +128,24 @@ impl VmBackend for LiveVm {
             stats: b.stats().cloned(),
             hint: b.hint_status().unwrap_or_default(),
         })
+    }
+
+    fn disks(&self) -> Vec<DiskSnapshot> {
+        self.disks
+            .iter()
+            .map(|d| {
+                let transport = lock(d);
+                let b = transport.device();
+                DiskSnapshot {
+                    path: b.path().display().to_string(),
+                    id: b.id().to_string(),
+                    readonly: b.readonly(),
+                    capacity_bytes: b.capacity(),
+                    driver_ready: transport.is_activated(),
+                    counters: b.counters(),
+                }
+            })
+            .collect()
     }
 
     fn set_balloon_target(&mut self, pages: u64) -> Result<(), ApiError> {
