@@ -27,7 +27,6 @@ required_modules=(virtio_mmio virtio_balloon)
 optional_modules=(evdev button)
 
 guest_dir="$here/guest"
-tool_dir="$here/guest-tool"
 out="$EBB_CACHE_DIR/guest"
 start_time=$SECONDS
 
@@ -52,18 +51,18 @@ inputs_stamp() {
         echo "kernel-dir $(basename "$kdir")"
         echo "kernel $kver $(cat "$kdir/package" 2>/dev/null || true)"
         echo "busybox $(dpkg-query -W -f='${Version}' busybox-static)"
-        echo "rustc $(rustc -V 2>/dev/null || echo unknown)"
         echo "modules ${required_modules[*]} / ${optional_modules[*]}"
         (
             cd "$repo"
             {
                 printf '%s\n' resources/build-guest.sh resources/common.sh \
-                    resources/fetch-kernel.sh resources/extract-vmlinux.sh Cargo.toml Cargo.lock
-                find resources/guest resources/guest-tool -path '*/target' -prune -o -type f -print
+                    resources/fetch-kernel.sh resources/extract-vmlinux.sh
+                find resources/guest -type f -print
             } | LC_ALL=C sort -u | while read -r f; do
                 if [ -f "$f" ]; then sha256sum "$f"; else echo "missing $f"; fi
             done
         )
+        guest_tool_sources_hash
     } | sha256sum | cut -d' ' -f1
 }
 stamp="$(inputs_stamp)"
@@ -81,33 +80,7 @@ if [ "${EBB_GUEST_FORCE:-0}" != 1 ] && [ -f "$out/inputs.sha256" ] \
 fi
 
 # --- ebb-guest, static ----------------------------------------------------------------------
-target=x86_64-unknown-linux-gnu
-log "building ebb-guest (static, $target)"
-# RUSTFLAGS would override the target-specific flags, so it is cleared for this build.
-(
-    cd "$repo"
-    env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
-        CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static -C strip=debuginfo" \
-        nice -n 10 cargo build --release -p ebb-guest --target "$target" \
-        --target-dir "$repo/target/guest" >&2
-) || die "cargo build of ebb-guest failed"
-tool_bin="$repo/target/guest/$target/release/ebb-guest"
-[ -x "$tool_bin" ] || die "cargo did not produce $tool_bin"
-
-assert_static() { # assert_static FILE
-    local desc
-    desc="$(file -b "$1")"
-    case "$desc" in
-        *"statically linked"* | *"static-pie linked"*) ;;
-        *) die "$1 is not statically linked: $desc" ;;
-    esac
-    local deps
-    deps="$(ldd "$1" 2>&1 || true)"
-    if grep -q '=>' <<<"$deps"; then
-        die "$1 has shared library dependencies: $(tr '\n' ' ' <<<"$deps")"
-    fi
-}
-assert_static "$tool_bin"
+tool_bin="$(build_guest_tool)" || die "building ebb-guest failed"
 assert_static "$busybox"
 
 # --- staging tree --------------------------------------------------------------------------
@@ -137,72 +110,11 @@ if [ -d "$guest_dir/rootfs" ]; then
 fi
 
 # --- modules -------------------------------------------------------------------------------
-declare -A dep_of=()      # module path -> its dependencies (modules.dep order)
-declare -A path_of=()     # module name -> module path
-modname() { # modname PATH -> name as the kernel spells it (dashes become underscores)
-    local n="${1##*/}"
-    n="${n%%.ko*}"
-    echo "${n//-/_}"
-}
-while IFS= read -r line; do
-    [ -n "$line" ] || continue
-    p="${line%%:*}"
-    read -r -a deps <<<"${line#*:}"
-    dep_of["$p"]="${deps[*]}"
-    n="${p##*/}"
-    n="${n%%.ko*}"
-    path_of["${n//-/_}"]="$p"
-done < "$moddir/modules.dep"
-
-builtin_module() { # builtin_module NAME: is it built into the kernel?
-    [ -f "$moddir/modules.builtin" ] || return 1
-    # (no grep -q: it would stop reading early and fail the pipeline under pipefail)
-    sed 's|.*/||; s|\.ko.*||; s|-|_|g' "$moddir/modules.builtin" | grep -x "$1" >/dev/null
-}
-
-declare -A state=()       # path -> visiting | done
-order=()
-visit() { # visit PATH: dependencies first (in modules.dep order), then PATH
-    local p="$1" d
-    case "${state[$p]:-}" in
-        done) return 0 ;;
-        visiting) die "dependency cycle in modules.dep at $p" ;;
-    esac
-    state["$p"]=visiting
-    for d in ${dep_of[$p]:-}; do
-        [ -n "${dep_of[$d]+x}" ] || die "modules.dep names $d (needed by $p) but has no entry for it"
-        visit "$d"
-    done
-    state["$p"]=done
-    order+=("$p")
-}
-for m in "${required_modules[@]}" "${optional_modules[@]}"; do
-    if [ -n "${path_of[$m]:-}" ]; then
-        visit "${path_of[$m]}"
-    elif builtin_module "$m"; then
-        log "module $m is built into $kver"
-    elif [[ " ${required_modules[*]} " == *" $m "* ]]; then
-        die "kernel $kver has no module $m (not in modules.dep nor modules.builtin)"
-    else
-        log "kernel $kver has no module $m; skipping it"
-    fi
-done
-
+order="$(module_load_order "$moddir" "${required_modules[*]}" "${optional_modules[*]}")" \
+    || die "cannot resolve the guest's modules in $moddir"
 : > "$root/etc/ebb/modules"
-for p in "${order[@]}"; do
-    src="$moddir/$p"
-    [ -f "$src" ] || die "module file $src is missing"
-    dst="${p%.ko*}.ko"
-    mkdir -p "$root/lib/modules/$kver/$(dirname "$dst")"
-    case "$p" in
-        *.ko) cp "$src" "$root/lib/modules/$kver/$dst" ;;
-        *.ko.xz) xz -dc "$src" > "$root/lib/modules/$kver/$dst" ;;
-        *.ko.zst) zstd -qdc "$src" > "$root/lib/modules/$kver/$dst" ;;
-        *.ko.gz) gzip -dc "$src" > "$root/lib/modules/$kver/$dst" ;;
-        *) die "unknown module format: $p" ;;
-    esac
-    echo "$(modname "$p") $dst" >> "$root/etc/ebb/modules"
-done
+# shellcheck disable=SC2086 # one path per line, no spaces in module paths
+install_modules "$moddir" "$root" "$kver" "$root/etc/ebb/modules" $order
 log "modules in load order: $(cut -d' ' -f1 "$root/etc/ebb/modules" | xargs)"
 
 # --- initramfs -----------------------------------------------------------------------------
@@ -223,12 +135,7 @@ dev_archive() {
     newc_entry 0 0 1 0 0 'TRAILER!!!'
 }
 
-find "$root" -exec touch -h -d @0 {} +
-(
-    cd "$root"
-    find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort \
-        | cpio --quiet -o -H newc -R 0:0 --reproducible
-) > "$tmp/main.cpio" || die "cpio failed"
+cpio_newc "$root" > "$tmp/main.cpio"
 dev_archive > "$tmp/dev.cpio"
 
 # Check both parts (cpio -t stops at the first trailer, so each is listed on its own).
