@@ -15,3 +15,7 @@ ensure_packages qemu-system-x86 busybox-static cpio kmod xz-utils zstd gzip \
 command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup)"
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+# The Debian root file system guest (virtio-blk tests); cached, rebuilt when its inputs
+# change.
+bash "$here/../resources/build-rootfs.sh" >/dev/null

@@ -193,11 +193,13 @@ impl Vmm for Ebb {
         if let Some(b) = &config.balloon {
             argv.push("--balloon".into());
             argv.push(format!(
-                "size={}M,deflate_on_oom={},free_page_reporting={},stats_interval={}",
+                "size={}M,deflate_on_oom={},free_page_reporting={},stats_interval={},\
+                 free_page_hinting={}",
                 b.size_mib,
                 onoff(b.deflate_on_oom),
                 onoff(b.free_page_reporting),
-                b.stats_interval
+                b.stats_interval,
+                onoff(b.free_page_hinting)
             ));
         }
 

@@ -37,6 +37,7 @@ fn inside() -> Result<(), String> {
             deflate_on_oom: false,
             free_page_reporting: true,
             stats_interval: 1,
+            free_page_hinting: false,
         }),
         ..GuestConfig::default()
     };

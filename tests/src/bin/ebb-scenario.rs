@@ -12,7 +12,7 @@
 use std::process::ExitCode;
 
 use ebb_tests::scenarios::{
-    self, api, balloon, bench, boot, cli, host, hostile, reporting, ScenarioDef,
+    self, api, balloon, bench, boot, cli, disk, hinting, host, hostile, reporting, ScenarioDef,
 };
 
 /// Every family this runner offers.
@@ -25,6 +25,8 @@ const FAMILIES: &[&[ScenarioDef]] = &[
     reporting::SCENARIOS,
     bench::SCENARIOS,
     hostile::SCENARIOS,
+    hinting::SCENARIOS,
+    disk::SCENARIOS,
 ];
 
 fn main() -> ExitCode {

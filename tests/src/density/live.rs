@@ -115,6 +115,7 @@ impl LiveLauncher {
                 deflate_on_oom: false,
                 free_page_reporting: spec.reporting,
                 stats_interval: 0,
+                free_page_hinting: false,
             }),
             // The same kernel image for both VMMs.
             kernel: Some(KernelImage::Elf),

@@ -36,6 +36,8 @@ pub struct BalloonConfig {
     pub free_page_reporting: bool,
     /// Seconds between statistics requests; 0: none.
     pub stats_interval: u32,
+    /// Ebb only: offer free page hinting.
+    pub free_page_hinting: bool,
 }
 
 impl Default for BalloonConfig {
@@ -45,6 +47,7 @@ impl Default for BalloonConfig {
             deflate_on_oom: true,
             free_page_reporting: true,
             stats_interval: 0,
+            free_page_hinting: false,
         }
     }
 }
@@ -169,6 +172,7 @@ mod tests {
                 deflate_on_oom: false,
                 free_page_reporting: true,
                 stats_interval: 2,
+                free_page_hinting: false,
             }),
             ..GuestConfig::default()
         };

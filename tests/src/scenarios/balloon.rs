@@ -57,6 +57,7 @@ fn balloon_config(
             deflate_on_oom,
             free_page_reporting,
             stats_interval: 0,
+            free_page_hinting: false,
         }),
     )
 }

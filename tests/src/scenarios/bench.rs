@@ -171,6 +171,7 @@ fn inflate_config(memory_mib: u64, size_mib: u64, extra: Vec<String>) -> GuestCo
             deflate_on_oom: false,
             free_page_reporting: false,
             stats_interval: 0,
+            free_page_hinting: false,
         }),
     );
     c.extra_args = extra;
@@ -332,6 +333,7 @@ fn reclaim_one(
             deflate_on_oom: false,
             free_page_reporting: true,
             stats_interval: 0,
+            free_page_hinting: false,
         }),
     );
     c.thp = thp;
@@ -505,6 +507,7 @@ fn bench_api(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             deflate_on_oom: false,
             free_page_reporting: true,
             stats_interval: 1,
+            free_page_hinting: false,
         }),
     );
     c.kernel = Some(KernelImage::Elf);
@@ -796,6 +799,7 @@ pub fn table(result: &Value) -> String {
             ));
         }
         "bench-footprint" => s.push_str(&super::footprint::table(d)),
+        "hint-reclaim" => s.push_str(&super::hinting::table(d)),
         _ => s.push_str(&format!("{name}: {d}\n")),
     }
     s

@@ -88,6 +88,7 @@ fn one(
             deflate_on_oom: false,
             free_page_reporting: true,
             stats_interval: 0,
+            free_page_hinting: false,
         }),
     );
     c.kernel = Some(KernelImage::Elf);

@@ -272,6 +272,7 @@ fn boot_once(kind: &VmmRef, artifacts: &GuestArtifacts, args: &Args) -> Result<V
             deflate_on_oom: true,
             free_page_reporting: true,
             stats_interval: 0,
+            free_page_hinting: false,
         }),
         ..GuestConfig::default()
     };

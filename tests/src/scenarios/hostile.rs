@@ -165,6 +165,7 @@ fn hostile_flood(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             deflate_on_oom: false,
             free_page_reporting: true,
             stats_interval: 1,
+            free_page_hinting: false,
         }),
     );
     c.extra_args = vec!["--api-socket".into(), socket.to_string_lossy().into_owned()];

@@ -71,6 +71,7 @@ fn reporting_config(
             deflate_on_oom: false,
             free_page_reporting: reporting,
             stats_interval: 0,
+            free_page_hinting: false,
         }),
     );
     c.cmdline_extra = cmdline_extra.to_string();
