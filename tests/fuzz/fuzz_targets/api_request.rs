@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::Request;
 use ebb_balloon::BalloonOptions;
-use ebb_vmm::api::backend::{BalloonSnapshot, MemoryUsage, VmState, VmSummary};
+use ebb_vmm::api::backend::{BalloonSnapshot, DiskSnapshot, MemoryUsage, VmState, VmSummary};
 use ebb_vmm::api::dispatch::{self, Dispatcher};
 use ebb_vmm::api::routes::{self, BodyLimits};
 use ebb_vmm::api::{ApiError, VmBackend};
@@ -40,6 +40,9 @@ impl VmBackend for FakeVm {
     }
     fn balloon(&self) -> Option<BalloonSnapshot> {
         Some(self.balloon.clone())
+    }
+    fn disks(&self) -> Vec<DiskSnapshot> {
+        Vec::new()
     }
     fn set_balloon_target(&mut self, pages: u64) -> Result<(), ApiError> {
         assert!(
