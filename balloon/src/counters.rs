@@ -101,6 +101,8 @@ pub struct BalloonCounters {
     /// Blocks (and command ids) that arrived outside the run they belong to, not
     /// discarded.
     pub hint_stale: u64,
+    /// Time the host spent checking and discarding hinted blocks, microseconds.
+    pub hint_host_us: u64,
 }
 
 /// Why a range is discarded (for the counters).

@@ -202,6 +202,15 @@ impl Vmm for Ebb {
                 onoff(b.free_page_hinting)
             ));
         }
+        for d in &config.disks {
+            argv.push("--disk".into());
+            argv.push(format!(
+                "path={},readonly={},id={}",
+                s(&d.path),
+                onoff(d.readonly),
+                d.id
+            ));
+        }
 
         Ok(argv)
     }
@@ -325,6 +334,19 @@ impl Vmm for Qemu {
                 ));
             }
             argv.extend(["-device".into(), dev]);
+        }
+        for (i, d) in config.disks.iter().enumerate() {
+            // Host page cache as Ebb uses it (cache=writeback, QEMU's default), raw.
+            argv.extend([
+                "-drive".into(),
+                format!(
+                    "id=disk{i},file={},format=raw,if=none,readonly={}",
+                    s(&d.path),
+                    onoff(d.readonly)
+                ),
+                "-device".into(),
+                format!("virtio-blk-device,drive=disk{i},serial={}", d.id),
+            ]);
         }
 
         Ok(argv)

@@ -94,6 +94,8 @@ pub struct HintRun {
     pub discarded_bytes: u64,
     /// Bytes kept (written again by the guest, or a failed discard).
     pub kept_bytes: u64,
+    /// Time the host spent checking and discarding this run's blocks.
+    pub host_time: Duration,
 }
 
 /// The host's side of free page hinting: the command id in the config space, the last
@@ -279,6 +281,7 @@ fn take_block(
     counters.hint_bytes += range.len();
     control.run.blocks += 1;
     control.run.bytes += range.len();
+    let started = Instant::now();
     let (discarded, kept) = match mode {
         HintDiscard::Unchecked => {
             let before = counters.hint_discarded_bytes;
@@ -302,6 +305,9 @@ fn take_block(
             }
         },
     };
+    let took = started.elapsed();
+    counters.hint_host_us += took.as_micros() as u64;
+    control.run.host_time += took;
     counters.hint_kept_bytes += kept;
     control.run.discarded_bytes += discarded;
     control.run.kept_bytes += kept;

@@ -2,7 +2,7 @@
 //! tables (see [`ebb_tests::scenarios::bench`] for what each measures and how).
 //!
 //! ```text
-//! cargo run --release -p ebb-tests --bin ebb-bench -- [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|all]... [--runs N]
+//! cargo run --release -p ebb-tests --bin ebb-bench -- [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|disk|all]... [--runs N]
 //! ```
 //! Runs directly on a KVM host, in the nested test host elsewhere (one L1 boot for all the
 //! benchmarks asked for). Figures, not pass/fail: the exit status is 0 when every
@@ -14,19 +14,25 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ebb_tests::paths;
-use ebb_tests::scenarios::{self, batch, bench, footprint, hinting, ScenarioDef};
+use ebb_tests::scenarios::{self, batch, bench, disk, footprint, hinting, ScenarioDef};
 
-const FAMILIES: &[&[ScenarioDef]] = &[bench::SCENARIOS, footprint::SCENARIOS, hinting::SCENARIOS];
+const FAMILIES: &[&[ScenarioDef]] = &[
+    bench::SCENARIOS,
+    footprint::SCENARIOS,
+    hinting::SCENARIOS,
+    disk::SCENARIOS,
+];
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ebb-bench [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|all]... [--runs N]\n\
+        "usage: ebb-bench [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|disk|all]... [--runs N]\n\
          \n  boot     spawn to EBB-READY (median of N, default 5) and VMM memory overhead\
          \n  inflate  balloon 768 MiB of a 1 GiB guest: time, madvise calls per GiB\
          \n  reclaim  free page reporting: 1 GiB guest freeing 768 MiB, 5 GiB freeing 4.5 GiB\
          \n           (reclaim-1g, reclaim-5g: one of them)\
          \n  thp      Ebb's touch and reclaim with guest RAM in huge pages (thp=on) and not (thp=off)\
          \n  api      REST API latency with the guest busy, VMM CPU use when idle\
+         \n  disk      fio in the guest on virtio-blk, Ebb vs QEMU microvm\
          \n  hint      free page hinting vs reporting: a 5 GiB guest touches and frees 4.5 GiB\
          \n  footprint idle host RSS of 1, 5 and 15 GiB guests and where it goes, Ebb vs QEMU\
          \n  all      everything (default)"
@@ -50,7 +56,7 @@ fn main() -> ExitCode {
                 None => return usage(),
             },
             "boot" | "inflate" | "reclaim" | "reclaim-1g" | "reclaim-5g" | "thp" | "api"
-            | "footprint" | "hint" | "all" => which.push(a),
+            | "footprint" | "hint" | "disk" | "all" => which.push(a),
             _ => return usage(),
         }
     }
@@ -63,6 +69,7 @@ fn main() -> ExitCode {
             "api".into(),
             "footprint".into(),
             "hint".into(),
+            "disk".into(),
         ];
     }
     let mut items = Vec::new();
@@ -93,6 +100,10 @@ fn main() -> ExitCode {
             "api" => {
                 items.push(format!("bench-api:requests={}", 1000));
                 minutes += 5;
+            }
+            "disk" => {
+                items.push("bench-disk".to_string());
+                minutes += 15;
             }
             "hint" => {
                 // The issue's figure: a 5 GiB guest that touched and freed 4.5 GiB.

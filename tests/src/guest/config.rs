@@ -78,6 +78,17 @@ pub struct GuestConfig {
     pub echo_console: bool,
     /// Ebb only: `--memory SIZE,thp=on|off` (`None`: the host's default).
     pub thp: Option<bool>,
+    /// virtio-blk disks, in order (the first is /dev/vda in the guest).
+    pub disks: Vec<DiskSpec>,
+}
+
+/// A raw disk image given to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// The serial the guest reads (`/sys/block/vdX/serial`): Ebb's `id=`, QEMU's `serial=`.
+    pub id: String,
 }
 
 impl Default for GuestConfig {
@@ -94,6 +105,7 @@ impl Default for GuestConfig {
             initramfs: None,
             echo_console: std::env::var("EBB_GUEST_ECHO").is_ok_and(|v| !v.is_empty() && v != "0"),
             thp: None,
+            disks: Vec::new(),
         }
     }
 }

@@ -30,7 +30,7 @@ pub use crate::vmm::{Ebb, Qemu, Vmm, VmmKind, VmmRef};
 pub use artifacts::{build_default_guest, GuestArtifacts};
 pub use binaries::{build_ebb_binary, find_ebb_binary, find_qemu};
 pub use config::{
-    vmm_command, BalloonConfig, GuestConfig, KernelImage, BASE_CMDLINE, BOOT_SPEEDUPS,
+    vmm_command, BalloonConfig, DiskSpec, GuestConfig, KernelImage, BASE_CMDLINE, BOOT_SPEEDUPS,
 };
 pub use protocol::{Ready, Received};
 pub use vm::{GuestExit, GuestVm};

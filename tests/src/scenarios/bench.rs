@@ -800,6 +800,7 @@ pub fn table(result: &Value) -> String {
         }
         "bench-footprint" => s.push_str(&super::footprint::table(d)),
         "hint-reclaim" => s.push_str(&super::hinting::table(d)),
+        "bench-disk" => s.push_str(&super::disk::table(d)),
         _ => s.push_str(&format!("{name}: {d}\n")),
     }
     s

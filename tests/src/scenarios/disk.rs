@@ -15,13 +15,24 @@ use super::{progress, Args, Ctx, ScenarioDef};
 use crate::guest::GuestVm;
 
 /// The scenarios of this family.
-pub const SCENARIOS: &[ScenarioDef] = &[ScenarioDef {
-    name: "disk-persist",
-    help: "the Debian root file system on virtio-blk: a synced file survives power-off and \
-           SIGKILL of Ebb, a read-only second disk is read-only in the guest and refuses \
-           writes, fstrim makes the image's allocated blocks fall (args: memory_mib=1024)",
-    run: disk_persist,
-}];
+pub const SCENARIOS: &[ScenarioDef] = &[
+    ScenarioDef {
+        name: "disk-persist",
+        help: "the Debian root file system on virtio-blk: a synced file survives power-off \
+               and SIGKILL of Ebb, a read-only second disk is read-only in the guest and \
+               refuses writes, fstrim makes the image's allocated blocks fall (args: \
+               memory_mib=1024)",
+        run: disk_persist,
+    },
+    ScenarioDef {
+        name: "bench-disk",
+        help: "Ebb vs QEMU microvm (virtio-blk-device, cache=writeback) on the same Debian \
+               guest: fio in the guest on a second raw disk, O_DIRECT: sequential write and \
+               read MiB/s (1 MiB blocks, depth 16) and 4 KiB random read IOPS (depth 32) \
+               (args: memory_mib=1024 size_mib=512 runtime_s=10)",
+        run: bench_disk,
+    },
+];
 
 /// The root file system's build output.
 fn rootfs_dir() -> PathBuf {
@@ -44,6 +55,135 @@ fn copy_image(to: &Path) -> Result<(), String> {
         .map_err(|e| format!("cp: {e}"))?
         .success();
     ensure(ok, || format!("copying {} failed", from.display()))
+}
+
+/// Boots `vmm` from the root file system image with `disks` (the first must be it).
+fn boot_rootfs(
+    vmm: &crate::guest::VmmRef,
+    memory_mib: u64,
+    disks: Vec<crate::guest::DiskSpec>,
+) -> Result<GuestVm, String> {
+    let mut c = config(memory_mib, 1, None);
+    c.initramfs = Some(rootfs_dir().join("initramfs.cpio.gz"));
+    c.cmdline_extra = "root=/dev/vda".into();
+    c.disks = disks;
+    let (mut vm, _) = boot(vmm, &c)?;
+    let root = sh(
+        &mut vm,
+        "grep ' / ' /proc/mounts; cat /sys/block/vdb/serial",
+    )?;
+    ensure(
+        root.starts_with("/dev/vda ") && root.contains("data"),
+        || format!("the guest's root is not /dev/vda or vdb is not the data disk: {root}"),
+    )?;
+    Ok(vm)
+}
+
+/// Runs one fio job in the guest and returns its JSON output's first job.
+fn fio(vm: &mut GuestVm, args: &str, runtime_s: u64) -> Result<Value, String> {
+    let line = format!(
+        "sh fio --output-format=json --filename=/dev/vdb --direct=1 --ioengine=libaio \
+         --runtime={runtime_s} --time_based=1 --group_reporting=1 {args}"
+    );
+    let r = vm
+        .command_ok(&line, Duration::from_secs(runtime_s + 120))
+        .map_err(|e| e.to_string())?;
+    let out = r["output"].as_str().unwrap_or_default();
+    let start = out
+        .find('{')
+        .ok_or_else(|| format!("fio printed no JSON: {out}"))?;
+    let v: Value =
+        serde_json::from_str(&out[start..]).map_err(|e| format!("fio JSON: {e}: {out}"))?;
+    Ok(v["jobs"][0].clone())
+}
+
+fn bench_disk(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    args.check_known(&["memory_mib", "size_mib", "runtime_s"])?;
+    let memory_mib: u64 = args.get("memory_mib", 1024)?;
+    let size_mib: u64 = args.get("size_mib", 512)?;
+    let runtime_s: u64 = args.get("runtime_s", 10)?;
+    let dir = scratch_dir("bench-disk")?;
+    let mut rows = Vec::new();
+    for vmm in [ebb()?, super::support::qemu()?] {
+        let root = dir.join("root.ext4");
+        let data = dir.join("data.img");
+        copy_image(&root)?;
+        std::fs::File::create(&data)
+            .and_then(|f| f.set_len((size_mib + 64) << 20))
+            .map_err(|e| format!("{}: {e}", data.display()))?;
+        let disks = vec![
+            crate::guest::DiskSpec {
+                path: root.clone(),
+                readonly: false,
+                id: "root".into(),
+            },
+            crate::guest::DiskSpec {
+                path: data.clone(),
+                readonly: false,
+                id: "data".into(),
+            },
+        ];
+        let mut vm = boot_rootfs(&vmm, memory_mib, disks)?;
+        let size = format!("--size={size_mib}M");
+        let write = fio(
+            &mut vm,
+            &format!("--name=w --rw=write --bs=1M --iodepth=16 {size}"),
+            runtime_s,
+        )?;
+        let read = fio(
+            &mut vm,
+            &format!("--name=r --rw=read --bs=1M --iodepth=16 {size}"),
+            runtime_s,
+        )?;
+        let rand = fio(
+            &mut vm,
+            &format!("--name=rr --rw=randread --bs=4k --iodepth=32 {size}"),
+            runtime_s,
+        )?;
+        super::support::poweroff_any(&mut vm)?;
+        let mibs = |j: &Value, dir: &str| j[dir]["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
+        let row = json!({
+            "vmm": vmm.name(),
+            "seq_write_mib_s": mibs(&write, "write"),
+            "seq_read_mib_s": mibs(&read, "read"),
+            "rand_read_4k_iops": rand["read"]["iops"].as_f64().unwrap_or(0.0),
+            "rand_read_lat_us_p50": rand["read"]["clat_ns"]["percentile"]["50.000000"].as_f64().unwrap_or(0.0) / 1000.0,
+        });
+        progress(&format!("bench-disk: {row}"));
+        rows.push(row);
+        let _ = std::fs::remove_file(&root);
+        let _ = std::fs::remove_file(&data);
+    }
+    Ok(json!({
+        "rows": rows,
+        "params": {"memory_mib": memory_mib, "size_mib": size_mib, "runtime_s": runtime_s},
+    }))
+}
+
+/// The table `ebb-bench disk` prints.
+pub fn table(d: &Value) -> String {
+    let mut s = format!(
+        "disk: fio in the guest on a raw second disk, O_DIRECT, libaio, {} s per job, {} MiB\n\
+         {:<6} {:>16} {:>16} {:>18} {:>14}\n",
+        d["params"]["runtime_s"],
+        d["params"]["size_mib"],
+        "vmm",
+        "seq write MiB/s",
+        "seq read MiB/s",
+        "4K randread IOPS",
+        "p50 lat us"
+    );
+    for r in d["rows"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "{:<6} {:>16.1} {:>16.1} {:>18.0} {:>14.0}\n",
+            r["vmm"].as_str().unwrap_or("?"),
+            r["seq_write_mib_s"].as_f64().unwrap_or(f64::NAN),
+            r["seq_read_mib_s"].as_f64().unwrap_or(f64::NAN),
+            r["rand_read_4k_iops"].as_f64().unwrap_or(f64::NAN),
+            r["rand_read_lat_us_p50"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
+    s
 }
 
 fn boot_disk(memory_mib: u64, disks: &[String]) -> Result<GuestVm, String> {

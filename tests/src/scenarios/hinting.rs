@@ -260,7 +260,8 @@ pub fn table(d: &Value) -> String {
     format!(
         "hint: {:.1} GiB guest touched and freed {:.1} GiB; time until {}% of it is back on the host\n\
          \x20 hinting (Ebb, reporting off): {} ms after the start request (the guest's run: {} \
-         ms, {} blocks, {:.0} MiB given back, {:.0} MiB kept)\n\
+         ms, of which the host checking and discarding: {} ms; {} blocks, {:.0} MiB given \
+         back, {:.0} MiB kept)\n\
          \x20 reporting (Ebb, the guest's pace): {} ms after the free\n\
          \x20 idle guest, one run: {} ms, guest RAM RSS {} -> peak {} -> {} MiB\n",
         gib(&d["memory_mib"]),
@@ -268,6 +269,7 @@ pub fn table(d: &Value) -> String {
         d["pct"],
         d["hinting"]["back_ms"],
         d["hinting"]["run_ms"],
+        st["host_ms"],
         st["blocks"],
         st["discarded_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         st["kept_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,

@@ -197,6 +197,9 @@ pub struct HintCounters {
     pub kept_bytes: u64,
     /// Blocks and command ids that came outside their run.
     pub stale: u64,
+    /// Milliseconds the host spent checking and discarding hinted blocks.
+    #[serde(default)]
+    pub host_ms: u64,
 }
 
 /// `PATCH /balloon/hinting/start` (Firecracker's `BalloonStartCmd`): an empty body
@@ -252,6 +255,9 @@ pub struct HintStatus {
     /// Milliseconds from the start request to the guest's stop (`null` while running).
     #[serde(default)]
     pub duration_ms: Option<u64>,
+    /// Milliseconds the host spent checking and discarding this run's blocks.
+    #[serde(default)]
+    pub host_ms: u64,
 }
 
 /// `GET /balloon/statistics`: Firecracker's `BalloonStats` plus Ebb's counters.

@@ -181,7 +181,7 @@ pub fn render_hint(s: &ebb_api_model::HintStatus) -> String {
         .map_or_else(|| "-".to_string(), |d| format!("{d} ms"));
     format!(
         "run {} {}: host_cmd {}, guest_cmd {}, {} blocks, {:.1} MiB hinted, {:.1} MiB \
-         given back, {:.1} MiB kept (written again), guest took {}\n",
+         given back, {:.1} MiB kept (written again), guest took {}, host {} ms\n",
         s.run_cmd,
         s.state,
         s.host_cmd,
@@ -190,6 +190,7 @@ pub fn render_hint(s: &ebb_api_model::HintStatus) -> String {
         s.hinted_bytes as f64 / 1048576.0,
         s.discarded_bytes as f64 / 1048576.0,
         s.kept_bytes as f64 / 1048576.0,
-        duration
+        duration,
+        s.host_ms
     )
 }

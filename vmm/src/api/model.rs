@@ -92,6 +92,7 @@ pub fn balloon_statistics(b: &BalloonSnapshot, now: SystemTime) -> BalloonStatis
                 discarded_bytes: c.hint_discarded_bytes,
                 kept_bytes: c.hint_kept_bytes,
                 stale: c.hint_stale,
+                host_ms: c.hint_host_us / 1000,
             },
         },
     }
@@ -109,6 +110,7 @@ pub fn hint_status(h: &HintControl) -> HintStatus {
         discarded_bytes: h.run.discarded_bytes,
         kept_bytes: h.run.kept_bytes,
         duration_ms: h.run.duration.map(|d| d.as_millis() as u64),
+        host_ms: h.run.host_time.as_millis() as u64,
     }
 }
 
