@@ -28,7 +28,7 @@ pub const SCENARIOS: &[ScenarioDef] = &[
         name: "bench-disk",
         help: "Ebb vs QEMU microvm (virtio-blk-device, cache=writeback) on the same Debian \
                guest: fio in the guest on a second raw disk, O_DIRECT: sequential write and \
-               read MiB/s (1 MiB blocks, depth 16) and 4 KiB random read IOPS (depth 32) \
+               read MiB/s (1 MiB blocks, depth 16) and 4 KiB random read IOPS (depth 8) \
                (args: memory_mib=1024 size_mib=512 runtime_s=10)",
         run: bench_disk,
     },
@@ -137,7 +137,7 @@ fn bench_disk(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         )?;
         let rand = fio(
             &mut vm,
-            &format!("--name=rr --rw=randread --bs=4k --iodepth=32 {size}"),
+            &format!("--name=rr --rw=randread --bs=4k --iodepth=8 {size}"),
             runtime_s,
         )?;
         super::support::poweroff_any(&mut vm)?;
