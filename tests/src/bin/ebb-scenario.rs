@@ -12,7 +12,8 @@
 use std::process::ExitCode;
 
 use ebb_tests::scenarios::{
-    self, api, balloon, bench, boot, cli, disk, hinting, host, hostile, reporting, ScenarioDef,
+    self, api, balloon, bench, boot, cli, compaction, disk, hinting, host, hostile, reporting,
+    ScenarioDef,
 };
 
 /// Every family this runner offers.
@@ -27,6 +28,7 @@ const FAMILIES: &[&[ScenarioDef]] = &[
     hostile::SCENARIOS,
     hinting::SCENARIOS,
     disk::SCENARIOS,
+    compaction::SCENARIOS,
 ];
 
 fn main() -> ExitCode {

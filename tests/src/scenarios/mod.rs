@@ -31,6 +31,7 @@ pub mod batch;
 pub mod bench;
 pub mod boot;
 pub mod cli;
+pub mod compaction;
 pub mod disk;
 pub mod footprint;
 pub mod hinting;
