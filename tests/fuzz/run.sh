@@ -22,9 +22,13 @@ if [[ $target == all ]]; then cargo +nightly fuzz build -O; else cargo +nightly 
 # A smaller quarantine keeps AddressSanitizer's own memory well under the RSS limit.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-quarantine_size_mb=16}
 for t in "${targets[@]}"; do
-    mkdir -p "corpus/$t"
+    # New inputs go to a scratch corpus under target/ (libFuzzer writes into the first
+    # directory), so a run never leaves untracked files in the committed corpus, which
+    # reads as the second. Minimize before committing any (cargo fuzz cmin).
+    found="target/new-corpus/$t"
+    mkdir -p "corpus/$t" "$found"
     log=$(mktemp)
-    if ! cargo +nightly fuzz run -O "$t" "corpus/$t" -- \
+    if ! cargo +nightly fuzz run -O "$t" "$found" "corpus/$t" -- \
         -max_total_time="$seconds" -rss_limit_mb=1024 -timeout=10 -max_len=4096 \
         -print_final_stats=1 >"$log" 2>&1; then
         tail -60 "$log" >&2
@@ -33,6 +37,6 @@ for t in "${targets[@]}"; do
     fi
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || true)
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*' || true)
-    echo "fuzz $t: ${runs:-?} executions in ${seconds} s, coverage ${cov:-?} edges, corpus $(ls "corpus/$t" | wc -l) inputs"
+    echo "fuzz $t: ${runs:-?} executions in ${seconds} s, coverage ${cov:-?} edges, corpus $(ls "corpus/$t" | wc -l) inputs (+$(ls "$found" | wc -l) new in tests/fuzz/$found)"
     rm -f "$log"
 done
