@@ -398,9 +398,7 @@ impl GuestRam {
             Err(io::Error::last_os_error())
         }
     }
-}
 
-impl GuestRam {
     /// Whether guest RAM was registered for write protection.
     pub fn has_write_fence(&self) -> bool {
         self.write_fence.is_some()
@@ -421,35 +419,26 @@ impl GuestRam {
                 "guest RAM has no write fence (RamOptions::write_fence)",
             )
         })?;
+        map_every_page(range);
         let page = HOST_PAGE_SIZE as usize;
         let len = range.len as usize;
-        for offset in (0..len).step_by(page) {
-            // SAFETY: inside the range, which a `RamRange` guarantees is mapped guest RAM;
-            // a volatile read of one byte changes nothing.
-            unsafe { std::ptr::read_volatile((range.host + offset) as *const u8) };
-        }
         fence.protect(range.host, len)?;
         let mut done = FencedDiscard::default();
-        let mut zero_run: Option<usize> = None;
         let mut result = Ok(());
-        let mut flush = |start: usize, end: usize, done: &mut FencedDiscard| {
-            // SAFETY: [start, end) lies in the range (see above); its pages hold zeros and
-            // no one can write them while the fence is up, so discarding changes nothing
-            // anyone can observe.
-            let rc = unsafe {
-                libc::madvise(
-                    (range.host + start) as *mut libc::c_void,
-                    end - start,
-                    libc::MADV_DONTNEED,
-                )
-            };
-            if rc == 0 {
-                done.discarded += (end - start) as u64;
-            } else {
-                done.kept += (end - start) as u64;
-                result = Err(io::Error::last_os_error());
+        // Discards the zero pages [start, end) of the range: no one can write them while
+        // the fence is up, so discarding changes nothing anyone can observe.
+        let mut discard_zeros = |start: usize, end: usize, done: &mut FencedDiscard| {
+            let zeros = range.slice(start as u64, (end - start) as u64);
+            match zeros.map(|z| self.discard(z)) {
+                Some(Ok(())) => done.discarded += (end - start) as u64,
+                Some(Err(e)) => {
+                    done.kept += (end - start) as u64;
+                    result = Err(e);
+                }
+                None => done.kept += (end - start) as u64,
             }
         };
+        let mut zero_run: Option<usize> = None;
         for offset in (0..len).step_by(page) {
             // SAFETY: one page inside the range, mapped and write-protected: no one
             // writes it while this slice lives. u64 alignment holds (page aligned).
@@ -460,7 +449,7 @@ impl GuestRam {
             match (zero, zero_run) {
                 (true, None) => zero_run = Some(offset),
                 (false, Some(start)) => {
-                    flush(start, offset, &mut done);
+                    discard_zeros(start, offset, &mut done);
                     zero_run = None;
                 }
                 _ => {}
@@ -470,13 +459,34 @@ impl GuestRam {
             }
         }
         if let Some(start) = zero_run {
-            flush(start, len, &mut done);
+            discard_zeros(start, len, &mut done);
         }
         // Unprotect whatever happened above: a writer must never wait for good.
         let unprotected = fence.unprotect(range.host, len);
         result?;
         unprotected?;
         Ok(done)
+    }
+}
+
+/// Maps every page of `range` (the zero page where there is none) without writing: one
+/// `MADV_POPULATE_READ` (Linux 5.14+), else a read of each page.
+fn map_every_page(range: RamRange) {
+    // SAFETY: advising on a range a `RamRange` guarantees is mapped guest RAM; populating
+    // for reading changes no contents.
+    let rc = unsafe {
+        libc::madvise(
+            range.host as *mut libc::c_void,
+            range.len as usize,
+            libc::MADV_POPULATE_READ,
+        )
+    };
+    if rc != 0 {
+        for offset in (0..range.len as usize).step_by(HOST_PAGE_SIZE as usize) {
+            // SAFETY: inside the range (see above); a volatile read of one byte changes
+            // nothing.
+            unsafe { std::ptr::read_volatile((range.host + offset) as *const u8) };
+        }
     }
 }
 

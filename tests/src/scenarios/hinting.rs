@@ -5,6 +5,7 @@
 //! and that memory the guest still uses keeps its contents.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -87,17 +88,13 @@ fn guest_config(
     hinting: bool,
     socket: &Path,
 ) -> crate::guest::GuestConfig {
-    let mut c = config(
-        memory_mib,
-        1,
-        Some(BalloonConfig {
-            size_mib: 0,
-            deflate_on_oom: false,
-            free_page_reporting: reporting,
-            stats_interval: 0,
-            free_page_hinting: hinting,
-        }),
-    );
+    let balloon = BalloonConfig {
+        deflate_on_oom: false,
+        free_page_reporting: reporting,
+        free_page_hinting: hinting,
+        ..BalloonConfig::default()
+    };
+    let mut c = config(memory_mib, 1, Some(balloon));
     c.extra_args = vec!["--api-socket".into(), socket.to_string_lossy().into_owned()];
     c
 }
@@ -118,29 +115,27 @@ fn hint_reclaim(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let sum = canary(&mut vm, true)?;
     let idle_before = settled_rss(&vm, Duration::from_secs(4), Duration::from_secs(30), 2048)?;
     // An idle run: the guest zeroes (init_on_alloc) and hands over all its free memory.
-    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let watcher = {
-        let (peak, pid) = (peak.clone(), vm.pid());
-        let bytes = memory_mib << 20;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s2 = stop.clone();
-        let h = thread::spawn(move || {
-            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+    // Sampled while the run goes: the guest zeroes each block before handing it over.
+    let stop = AtomicBool::new(false);
+    let (pid, bytes) = (vm.pid(), memory_mib << 20);
+    let (idle, sampled_peak) = thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut peak = 0;
+            while !stop.load(Ordering::Relaxed) {
                 if let Ok(kib) = crate::procfs::guest_ram_rss_kib(pid, bytes) {
-                    peak.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+                    peak = peak.max(kib);
                 }
                 thread::sleep(Duration::from_millis(50));
             }
+            peak
         });
-        (h, stop)
-    };
-    let (idle_status, idle_took) = run_hint(&client, limit)?;
-    watcher.1.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = watcher.0.join();
+        let run = run_hint(&client, limit);
+        stop.store(true, Ordering::Relaxed);
+        (run, sampler.join().unwrap_or(0))
+    });
+    let (idle_status, idle_took) = idle?;
     let idle_after = settled_rss(&vm, Duration::from_secs(3), Duration::from_secs(20), 2048)?;
-    let idle_peak = peak
-        .load(std::sync::atomic::Ordering::Relaxed)
-        .max(idle_after);
+    let idle_peak = sampled_peak.max(idle_after);
     progress(&format!(
         "idle hint: {} ms, RSS {} -> peak {} -> {} MiB",
         idle_took.as_millis(),

@@ -78,6 +78,18 @@ impl LiveVm {
     }
 }
 
+impl LiveVm {
+    /// Runs `request` on the balloon under its transport's lock; the device's refusals
+    /// are the client's mistakes (400).
+    fn balloon_request<T>(
+        &self,
+        request: impl FnOnce(&mut Balloon) -> Result<T, ebb_balloon::device::BalloonError>,
+    ) -> Result<T, ApiError> {
+        let balloon = self.balloon.as_ref().ok_or_else(ApiError::no_balloon)?;
+        request(lock(balloon).device_mut()).map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+}
+
 impl VmBackend for LiveVm {
     fn summary(&self) -> VmSummary {
         let state = if self.exit.is_requested() {
@@ -149,27 +161,15 @@ impl VmBackend for LiveVm {
     }
 
     fn set_balloon_target(&mut self, pages: u64) -> Result<(), ApiError> {
-        let balloon = self.balloon.as_ref().ok_or_else(ApiError::no_balloon)?;
-        lock(balloon)
-            .device_mut()
-            .set_target_pages(pages)
-            .map_err(|e| ApiError::bad_request(e.to_string()))
+        self.balloon_request(|b| b.set_target_pages(pages))
     }
 
     fn start_hinting(&mut self, acknowledge_on_stop: bool) -> Result<u32, ApiError> {
-        let balloon = self.balloon.as_ref().ok_or_else(ApiError::no_balloon)?;
-        lock(balloon)
-            .device_mut()
-            .start_hinting(acknowledge_on_stop)
-            .map_err(|e| ApiError::bad_request(e.to_string()))
+        self.balloon_request(|b| b.start_hinting(acknowledge_on_stop))
     }
 
     fn stop_hinting(&mut self) -> Result<(), ApiError> {
-        let balloon = self.balloon.as_ref().ok_or_else(ApiError::no_balloon)?;
-        lock(balloon)
-            .device_mut()
-            .stop_hinting()
-            .map_err(|e| ApiError::bad_request(e.to_string()))
+        self.balloon_request(Balloon::stop_hinting)
     }
 
     fn set_balloon_stats_interval(&mut self, secs: u32) -> Result<(), ApiError> {
