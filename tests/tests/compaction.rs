@@ -1,7 +1,8 @@
-//! Balloon pages under guest compaction (`balloon-compaction`): with a 512 MiB balloon in a
-//! 1 GiB guest, compaction and a huge page allocation migrate balloon pages
-//! (`balloon_migrate` grows), the balloon keeps its size, the host's RSS grows only by the
-//! huge pages, and the huge pages are allocated.
+//! Balloon pages under guest compaction (`balloon-compaction`): with balloon pages
+//! interleaved with a 1 GiB guest's free memory, compaction and a request for more huge
+//! pages than free 2 MiB blocks migrate balloon pages (`balloon_migrate` grows), the
+//! balloon keeps its size, the host's RSS grows only by the huge pages, and the huge pages
+//! are allocated.
 //!
 //! Run: `cargo test --release -p ebb-tests --test compaction -- --nocapture`
 

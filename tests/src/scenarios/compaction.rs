@@ -1,27 +1,38 @@
 //! Balloon pages under guest compaction: Linux makes ballooned pages movable, and when
 //! compaction moves one it inflates a new page and deflates the old one. Ebb must follow:
-//! `balloon-compaction` holds a 512 MiB balloon in a 1 GiB guest, fragments the guest's
-//! memory, compacts it and asks for huge pages; `balloon_migrate` in the guest's
-//! /proc/vmstat must grow, the balloon keep its size, host RSS stay within a few MiB and
-//! the huge pages be allocated.
+//! `balloon-compaction` fills a 1 GiB guest with 128 KiB tmpfs files whose pages
+//! interleave, removes every other one, inflates the balloon into those holes and removes
+//! the rest, so balloon pages sit in nearly every 2 MiB block of free memory. It then compacts and asks for more huge pages
+//! than there are free 2 MiB blocks: `balloon_migrate` in the guest's /proc/vmstat must
+//! grow, the balloon keep its size, host RSS grow only by the huge pages and the huge pages
+//! be allocated.
 
 use std::time::Duration;
 
+use ebb_ctl::client::Client;
 use serde_json::{json, Value};
 
-use super::support::{boot, cmd, config, ebb, ensure, mib, ram_rss, settled_rss, sh, wait_balloon};
+use super::support::{
+    boot, cmd, config, ebb, ensure, mib, ram_rss, scratch_dir, settled_rss, sh, wait_balloon,
+};
 use super::{progress, Args, Ctx, ScenarioDef};
 use crate::guest::{BalloonConfig, GuestVm};
 
 /// The scenarios of this family.
 pub const SCENARIOS: &[ScenarioDef] = &[ScenarioDef {
     name: "balloon-compaction",
-    help: "a 512 MiB balloon in a 1 GiB guest, memory fragmented, then compact_memory and \
-           nr_hugepages: balloon_migrate grows, the balloon keeps its size, guest RAM RSS \
-           grows by at most the huge pages plus `slack_mib`, the huge pages are allocated \
-           (args: memory_mib=1024 balloon_mib=512 hugepages=64 slack_mib=16)",
+    help: "a 1 GiB guest's free memory interleaved with balloon pages (128 KiB tmpfs files, \
+           every other one removed, the balloon inflated into the holes, the rest removed), \
+           then compact_memory and more huge pages than free 2 MiB blocks: balloon_migrate \
+           grows, the balloon keeps its size, guest RAM RSS grows by at most the huge pages \
+           plus `slack_mib`, the huge pages are allocated \
+           (args: memory_mib=1024 headroom_mib=160 extra_hugepages=32 slack_mib=16)",
     run: balloon_compaction,
 }];
+
+/// Tmpfs file size used to fragment the guest's memory: smaller than a huge page, so
+/// each 2 MiB block holds several files and, after the holes are ballooned, balloon pages.
+const FILE_KIB: u64 = 128;
 
 fn vmstat(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
     let out = sh(
@@ -34,36 +45,97 @@ fn vmstat(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("/proc/vmstat {key}: {out:?}"))
 }
 
+/// Free blocks of order 9 (2 MiB) or larger in the guest, counted in 2 MiB blocks.
+fn free_huge_blocks(vm: &mut GuestVm) -> Result<u64, String> {
+    let info = sh(vm, "cat /proc/buddyinfo")?;
+    let mut blocks = 0;
+    for line in info.lines() {
+        // "Node 0, zone   DMA32  a0 a1 ... a10"
+        let counts: Vec<u64> = line
+            .split_whitespace()
+            .skip(4)
+            .map(|c| c.parse().map_err(|_| format!("/proc/buddyinfo: {line:?}")))
+            .collect::<Result<_, _>>()?;
+        for (order, count) in counts.iter().enumerate().skip(9) {
+            blocks += count << (order - 9);
+        }
+    }
+    Ok(blocks)
+}
+
+fn meminfo_kib(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
+    let out = sh(vm, &format!("grep '^{key}:' /proc/meminfo"))?;
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("/proc/meminfo {key}: {out:?}"))
+}
+
 fn balloon_compaction(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
-    args.check_known(&["memory_mib", "balloon_mib", "hugepages", "slack_mib"])?;
+    args.check_known(&["memory_mib", "headroom_mib", "extra_hugepages", "slack_mib"])?;
     let memory_mib: u64 = args.get("memory_mib", 1024)?;
-    let balloon_mib: u64 = args.get("balloon_mib", 512)?;
-    let hugepages: u64 = args.get("hugepages", 64)?;
+    let headroom_mib: u64 = args.get("headroom_mib", 160)?;
+    let extra_hugepages: u64 = args.get("extra_hugepages", 32)?;
     let slack_mib: u64 = args.get("slack_mib", 16)?;
-    let c = config(
+    let dir = scratch_dir("compaction")?;
+    let socket = dir.join("api.sock");
+    let mut c = config(
         memory_mib,
         1,
         Some(BalloonConfig {
-            size_mib: balloon_mib,
+            size_mib: 0,
             deflate_on_oom: false,
             free_page_reporting: true,
             stats_interval: 0,
             free_page_hinting: false,
         }),
     );
+    c.extra_args = vec!["--api-socket".into(), socket.to_string_lossy().into_owned()];
     let (mut vm, _) = boot(&ebb()?, &c)?;
-    let target = balloon_mib * 256;
-    let (before, _) = wait_balloon(&mut vm, Duration::from_secs(240), |p| p >= target)?;
-    // Fragment: many small files in tmpfs, every other one removed, so free memory is
-    // scattered between used pages and the balloon's pages.
+    let client = Client::new(&socket, Duration::from_secs(30));
+
+    // Fill most of the guest's memory with small files, 256 written at once by one `tee`
+    // so their pages interleave, and remove every other one: the free memory is then small
+    // holes spread over all of it.
+    let available_mib = meminfo_kib(&mut vm, "MemAvailable")? / 1024;
+    ensure(available_mib > headroom_mib + 64, || {
+        format!("the guest has only {available_mib} MiB available")
+    })?;
+    let files = (available_mib - headroom_mib) * 1024 / FILE_KIB;
     sh(
         &mut vm,
-        "mkdir -p /dev/shm/frag && i=0; while [ $i -lt 3000 ]; do \
-         dd if=/dev/zero of=/dev/shm/frag/$i bs=32k count=1 2>/dev/null; i=$((i+1)); done; \
-         i=0; while [ $i -lt 3000 ]; do rm -f /dev/shm/frag/$i; i=$((i+2)); done",
+        &format!(
+            "mkdir -p /mnt/frag && mount -t tmpfs -o size=100% frag /mnt/frag && \
+             cd /mnt/frag && seq 0 {last} | xargs -n 256 sh -c \
+             'head -c {bytes} /dev/zero | tee \"$@\" >/dev/null' tee && \
+             seq 0 2 {last} | xargs rm",
+            last = files - 1,
+            bytes = FILE_KIB * 1024
+        ),
     )?;
+    // The balloon takes the holes (the allocator splits the smallest free blocks first);
+    // removing the remaining files leaves free memory interleaved with balloon pages.
+    let balloon_mib = files / 2 * FILE_KIB / 1024;
+    let r = client
+        .request(
+            "PATCH",
+            "/balloon",
+            Some(format!("{{\"amount_mib\": {balloon_mib}}}").as_bytes()),
+        )
+        .map_err(|e| format!("PATCH /balloon: {e}"))?;
+    ensure(r.status == 204, || {
+        format!("PATCH /balloon: {} {}", r.status, r.text())
+    })?;
+    let target = balloon_mib * 256;
+    let (before, _) = wait_balloon(&mut vm, Duration::from_secs(240), |p| p >= target)?;
+    sh(&mut vm, "umount /mnt/frag")?;
+
     let rss_before = settled_rss(&vm, Duration::from_secs(4), Duration::from_secs(40), 2048)?;
     let migrated_before = vmstat(&mut vm, "balloon_migrate")?;
+    // More huge pages than free 2 MiB blocks: compaction must empty blocks, and the only
+    // movable pages left in the interleaved region are the balloon's.
+    let free_blocks = free_huge_blocks(&mut vm)?;
+    let hugepages = free_blocks + extra_hugepages;
     sh(&mut vm, "echo 1 > /proc/sys/vm/compact_memory")?;
     sh(
         &mut vm,
@@ -79,8 +151,9 @@ fn balloon_compaction(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let rss_after = settled_rss(&vm, Duration::from_secs(4), Duration::from_secs(40), 2048)?;
     let peak = ram_rss(&vm)?.max(rss_after);
     progress(&format!(
-        "compaction: balloon_migrate +{migrated}, {got}/{hugepages} huge pages, balloon {} -> {} \
-         pages, guest RAM RSS {} -> {} MiB",
+        "compaction: {files} files of {FILE_KIB} KiB, balloon {balloon_mib} MiB, \
+         {free_blocks} free 2 MiB blocks; balloon_migrate +{migrated}, {got}/{hugepages} huge \
+         pages, balloon {} -> {} pages, guest RAM RSS {} -> {} MiB",
         before["inflated_pages"],
         after["inflated_pages"],
         mib(rss_before),
@@ -108,6 +181,8 @@ fn balloon_compaction(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     })?;
     super::support::poweroff_ebb(&mut vm)?;
     Ok(json!({
+        "balloon_mib": balloon_mib,
+        "free_huge_blocks_before": free_blocks,
         "balloon_migrate": migrated,
         "hugepages": got,
         "balloon_pages": after["inflated_pages"],
