@@ -24,7 +24,7 @@ use crate::protocol::{
 use crate::queues::hinting::{self, HintControl, HintDiscard};
 use crate::queues::reporting::{ReportedPages, ReportingQueue};
 use crate::queues::statistics::StatsQueue;
-use crate::queues::{self, inflate, notify};
+use crate::queues::{self, inflate, notify, PASS_TIME_LIMIT};
 use crate::stats::GuestStats;
 
 /// Event id of the statistics timer.
@@ -173,6 +173,8 @@ pub struct Balloon {
     stats_timer: TimerFd,
     poison_warned: bool,
     hint: HintControl,
+    /// How long one pass over a queue may run (see [`PASS_TIME_LIMIT`]).
+    pass_time_limit: Duration,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -241,7 +243,14 @@ impl Balloon {
             stats_timer,
             poison_warned: false,
             hint: HintControl::default(),
+            pass_time_limit: PASS_TIME_LIMIT,
         })
+    }
+
+    /// Sets how long one pass over a queue may run before it yields (the budgets of
+    /// units still apply); tests that count passes lift it.
+    pub fn set_pass_time_limit(&mut self, limit: Duration) {
+        self.pass_time_limit = limit;
     }
 
     /// The options the device was created with.
@@ -402,17 +411,18 @@ impl Balloon {
             return QueueWork::Done;
         };
         let counters = &mut self.counters;
+        let time_limit = self.pass_time_limit;
         let (ram, interrupt) = (&active.ram, active.interrupt.as_ref());
         let noticed = Instant::now();
         let (queue, pass) = match role {
             QueueRole::Inflate => {
                 let q = &mut active.inflate;
-                let pass = inflate::inflate(ram, q, &mut self.held, counters);
+                let pass = inflate::inflate(ram, q, &mut self.held, counters, time_limit);
                 (q, pass)
             }
             QueueRole::Deflate => {
                 let q = &mut active.deflate;
-                let pass = inflate::deflate(ram, q, &mut self.held, counters);
+                let pass = inflate::deflate(ram, q, &mut self.held, counters, time_limit);
                 (q, pass)
             }
             QueueRole::Stats => {
@@ -426,7 +436,7 @@ impl Balloon {
                 let Some(r) = active.reporting.as_mut() else {
                     return QueueWork::Done;
                 };
-                let pass = r.process(ram, reported, counters);
+                let pass = r.process(ram, reported, counters, time_limit);
                 if pass.gave_back {
                     counters.report_latency.record(noticed.elapsed());
                 }
@@ -437,7 +447,7 @@ impl Balloon {
                     return QueueWork::Done;
                 };
                 let mode = self.options.hint_discard;
-                let done = hinting::process(ram, q, &mut self.hint, mode, counters);
+                let done = hinting::process(ram, q, &mut self.hint, mode, counters, time_limit);
                 if done.config_changed {
                     interrupt.trigger(InterruptKind::Config);
                 }

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ebb_balloon::protocol::*;
 use ebb_balloon::{Balloon, BalloonOptions, HintDiscard, HintState};
@@ -176,9 +177,17 @@ struct Setup<'a> {
     deflate: DriverQueue<'a>,
 }
 
+/// A balloon whose passes are bounded by their budgets of units only, so that tests can
+/// count passes however slow the machine is (the time limit has a test of its own).
+fn new_balloon(options: BalloonOptions, ram: &GuestRam) -> Balloon {
+    let mut b = Balloon::new(options, ram).unwrap();
+    b.set_pass_time_limit(Duration::from_secs(3600));
+    b
+}
+
 fn basic(ram: &GuestRam) -> (Balloon, Setup<'_>, Arc<Irq>) {
     let mem = ram.memory();
-    let mut b = Balloon::new(options(false, 0), ram).unwrap();
+    let mut b = new_balloon(options(false, 0), ram);
     let inflate = DriverQueue::new(mem, 0x1000, 256);
     let deflate = DriverQueue::new(mem, 0x5000, 256);
     let irq = activate(
@@ -448,15 +457,15 @@ fn target_and_actual_in_config_space() {
 #[test]
 fn offered_features_and_queue_sizes_follow_options() {
     let ram = ram();
-    let b = Balloon::new(options(true, 5), &ram).unwrap();
+    let b = new_balloon(options(true, 5), &ram);
     assert_eq!(
         b.features(),
         VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_PAGE_REPORTING | F_PAGE_POISON
     );
     assert_eq!(b.queue_max_sizes(), vec![256, 256, 2, 32]);
-    let b = Balloon::new(options(true, 0), &ram).unwrap();
+    let b = new_balloon(options(true, 0), &ram);
     assert_eq!(b.queue_max_sizes(), vec![256, 256, 32]);
-    let b = Balloon::new(options(false, 0), &ram).unwrap();
+    let b = new_balloon(options(false, 0), &ram);
     assert_eq!(b.queue_max_sizes(), vec![256, 256]);
     assert_eq!(
         b.features() & (F_PAGE_POISON | F_PAGE_REPORTING | F_STATS_VQ),
@@ -484,7 +493,7 @@ fn reporting_queue_index_follows_negotiated_features() {
     ] {
         let ram = ram();
         let mem = ram.memory();
-        let mut b = Balloon::new(options(true, stats), &ram).unwrap();
+        let mut b = new_balloon(options(true, stats), &ram);
         let inflate = DriverQueue::new(mem, 0x1000, 256);
         let deflate = DriverQueue::new(mem, 0x5000, 256);
         let mut report = DriverQueue::new(mem, 0x9000, 32);
@@ -510,7 +519,7 @@ fn reporting_queue_index_follows_negotiated_features() {
 
 fn reporting_setup(ram: &GuestRam) -> (Balloon, DriverQueue<'_>, Arc<Irq>) {
     let mem = ram.memory();
-    let mut b = Balloon::new(options(true, 0), ram).unwrap();
+    let mut b = new_balloon(options(true, 0), ram);
     let inflate = DriverQueue::new(mem, 0x1000, 256);
     let deflate = DriverQueue::new(mem, 0x5000, 256);
     let report = DriverQueue::new(mem, 0x9000, 32);
@@ -581,7 +590,7 @@ fn bad_report_entries_are_rejected_one_by_one() {
 fn oversized_reports_stop_at_capacity() {
     let ram = ram();
     let mem = ram.memory();
-    let mut b = Balloon::new(options(true, 0), &ram).unwrap();
+    let mut b = new_balloon(options(true, 0), &ram);
     let inflate = DriverQueue::new(mem, 0x1000, 256);
     let deflate = DriverQueue::new(mem, 0x5000, 256);
     // A driver that sized the ring bigger than Ebb offers cannot pass activation through
@@ -610,7 +619,7 @@ fn oversized_reports_stop_at_capacity() {
 fn poisoned_free_pages_are_kept() {
     let ram = ram();
     let mem = ram.memory();
-    let mut b = Balloon::new(options(true, 0), &ram).unwrap();
+    let mut b = new_balloon(options(true, 0), &ram);
     // The guest writes poison_val during probe, before DRIVER_OK.
     b.write_config(12, &0xaaaa_aaaau32.to_le_bytes());
     let inflate = DriverQueue::new(mem, 0x1000, 256);
@@ -642,7 +651,7 @@ fn poisoned_free_pages_are_kept() {
 fn zero_poison_from_init_on_free_still_discards() {
     let ram = ram();
     let mem = ram.memory();
-    let mut b = Balloon::new(options(true, 0), &ram).unwrap();
+    let mut b = new_balloon(options(true, 0), &ram);
     b.write_config(12, &0u32.to_le_bytes());
     let inflate = DriverQueue::new(mem, 0x1000, 256);
     let deflate = DriverQueue::new(mem, 0x5000, 256);
@@ -674,7 +683,7 @@ fn stats_entry(tag: u16, value: u64) -> Vec<u8> {
 fn stats_buffer_primed_before_activation_is_read_and_held() {
     let ram = ram();
     let mem = ram.memory();
-    let mut b = Balloon::new(options(false, 1), &ram).unwrap();
+    let mut b = new_balloon(options(false, 1), &ram);
     let inflate = DriverQueue::new(mem, 0x1000, 256);
     let deflate = DriverQueue::new(mem, 0x5000, 256);
     let mut stats = DriverQueue::new(mem, 0x9000, 2);
@@ -738,9 +747,9 @@ fn stats_buffer_primed_before_activation_is_read_and_held() {
 #[test]
 fn stats_interval_cannot_be_enabled_when_off_at_boot() {
     let ram = ram();
-    let mut b = Balloon::new(options(false, 0), &ram).unwrap();
+    let mut b = new_balloon(options(false, 0), &ram);
     assert!(b.set_stats_interval(5).is_err());
-    let mut b = Balloon::new(options(false, 2), &ram).unwrap();
+    let mut b = new_balloon(options(false, 2), &ram);
     assert!(b.set_stats_interval(5).is_ok());
     assert_eq!(b.stats_interval_s(), 5);
     assert!(b.set_stats_interval(0).is_ok());
@@ -750,7 +759,7 @@ fn stats_interval_cannot_be_enabled_when_off_at_boot() {
 fn activation_without_inflate_or_deflate_is_refused() {
     let ram = ram();
     let mem = ram.memory();
-    let mut b = Balloon::new(options(false, 0), &ram).unwrap();
+    let mut b = new_balloon(options(false, 0), &ram);
     let inflate = DriverQueue::new(mem, 0x1000, 256);
     let r = b.activate(Activation {
         ram: ram.clone(),
@@ -862,26 +871,68 @@ fn a_huge_report_is_discarded_over_several_passes() {
         (0..32).map(|_| (B_START, region_b as u32, true)).collect();
     report.add(&entries);
     let total = 32 * region_b;
-    let expected_passes = total.div_ceil(REPORT_BUDGET_BYTES);
     assert_eq!(b.process_queue(2), QueueWork::Yielded);
     assert_eq!(
         report.used_count(),
         0,
         "not back before it is all discarded"
     );
+    // Each pass stops at its byte budget (or sooner, at its time limit).
     let mut passes = 1;
-    while b.process_queue(2) == QueueWork::Yielded {
+    let mut discarded = b.counters().reported_discarded_bytes;
+    assert!(discarded <= REPORT_BUDGET_BYTES, "first pass: {discarded}");
+    loop {
+        let work = b.process_queue(2);
         passes += 1;
-        assert!(passes < 100);
+        let now = b.counters().reported_discarded_bytes;
+        assert!(
+            now - discarded <= REPORT_BUDGET_BYTES,
+            "pass {passes}: {now}"
+        );
+        assert!(
+            now > discarded || work == QueueWork::Done,
+            "pass {passes} did nothing"
+        );
+        discarded = now;
+        if work == QueueWork::Done {
+            break;
+        }
+        assert!(passes < 100_000, "the report never ends");
     }
-    passes += 1;
-    // The pass that spends the last of the budget yields even if nothing is left.
-    assert!(passes <= expected_passes + 1, "{passes} passes");
+    assert!(
+        passes >= total.div_ceil(REPORT_BUDGET_BYTES),
+        "{passes} passes"
+    );
     assert_eq!(report.used_count(), 1);
     assert_eq!(irq.queue.load(Ordering::SeqCst), 1);
     let c = b.counters();
     assert_eq!(c.reported_discarded_bytes, total);
     assert_eq!(resident(&ram, (B_START, region_b)), 0);
+}
+
+/// However much budget a pass has left, it yields when its time is up: with no time at
+/// all, each pass discards one range, and the report goes back only after the last.
+#[test]
+fn a_pass_yields_when_its_time_is_up() {
+    let ram = ram();
+    let mem = ram.memory();
+    let (mut b, mut report, _irq) = reporting_setup(&ram);
+    b.set_pass_time_limit(Duration::ZERO);
+    touch(mem, B_START, 4 * 512);
+    let ranges: Vec<(u64, u32, bool)> = (0..4)
+        .map(|i| (B_START + i * 2 * MIB, 2 * MIB as u32, true))
+        .collect();
+    report.add(&ranges);
+    let mut discarded = Vec::new();
+    while b.process_queue(2) == QueueWork::Yielded {
+        discarded.push(b.counters().reported_discarded_bytes);
+        assert!(discarded.len() < 100, "never done: {discarded:?}");
+    }
+    let mib = |v: &[u64]| v.iter().map(|b| b / MIB).collect::<Vec<_>>();
+    // Taking the report off the ring is the first pass's work; then one range a pass.
+    assert_eq!(mib(&discarded), [0, 2, 4, 6, 8], "bytes after each pass");
+    assert_eq!(report.used_count(), 1);
+    assert_eq!(resident(&ram, (B_START, 8 * MIB)), 0);
 }
 
 fn fenced_ram() -> GuestRam {
@@ -906,7 +957,7 @@ fn hinting_setup(ram: &GuestRam, mode: HintDiscard) -> (Balloon, DriverQueue<'_>
         hint_discard: mode,
         ..options(true, 0)
     };
-    let mut b = Balloon::new(opts, ram).unwrap();
+    let mut b = new_balloon(opts, ram);
     assert_ne!(b.features() & F_FREE_PAGE_HINT, 0);
     let inflate = DriverQueue::new(mem, 0x1000, 256);
     let deflate = DriverQueue::new(mem, 0x5000, 256);
@@ -1043,7 +1094,7 @@ fn hostile_hint_buffers_are_counted_and_the_queue_keeps_working() {
     b.write_config(config::FREE_PAGE_HINT_CMD_ID, &7u32.to_le_bytes());
     assert_eq!(cmd_id(&b), id);
     // Without hinting offered the API calls fail.
-    let mut plain = Balloon::new(options(true, 0), &ram).unwrap();
+    let mut plain = new_balloon(options(true, 0), &ram);
     assert!(plain.start_hinting(true).is_err());
     assert!(plain.hint_status().is_err());
     // Checked hinting needs a fenced RAM.

@@ -184,7 +184,7 @@ impl HintControl {
     }
 }
 
-/// Takes the queue's buffers within [`HINT_BUDGET_BYTES`]: command ids move the run on,
+/// Takes the queue's buffers within [`HINT_BUDGET_BYTES`] and `time_limit`: command ids move the run on,
 /// blocks of the current run are discarded (as `mode` says), the rest only counted.
 pub fn process(
     ram: &GuestRam,
@@ -192,13 +192,14 @@ pub fn process(
     control: &mut HintControl,
     mode: HintDiscard,
     counters: &mut BalloonCounters,
+    time_limit: Duration,
 ) -> HintPass {
     let mut config_changed = false;
     let pass = drain(
         queue,
         ram.memory(),
         counters,
-        Budget::new(HINT_BUDGET_BYTES),
+        Budget::new(HINT_BUDGET_BYTES, time_limit),
         |chain, counters, budget| {
             // Even an empty chain costs something: a ring of them must yield.
             budget.spend(4096);

@@ -1,6 +1,8 @@
 //! The inflate and deflate queues: arrays of 4 KiB page numbers the guest gives to the
 //! host or takes back.
 
+use std::time::Duration;
+
 use ebb_devices::ram::{GuestRam, RamRange};
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -27,8 +29,9 @@ pub fn inflate(
     queue: &mut Queue,
     balloon: &mut PageSet,
     counters: &mut BalloonCounters,
+    time_limit: Duration,
 ) -> Pass {
-    drain_pfn_buffers(ram, queue, counters, |checked, counters| {
+    drain_pfn_buffers(ram, queue, counters, time_limit, |checked, counters| {
         counters.inflated_pages += checked.valid_entries;
         counters.repeated_inflates += checked.repeats;
         for range in &checked.ranges {
@@ -74,8 +77,9 @@ pub fn deflate(
     queue: &mut Queue,
     balloon: &mut PageSet,
     counters: &mut BalloonCounters,
+    time_limit: Duration,
 ) -> Pass {
-    drain_pfn_buffers(ram, queue, counters, |checked, counters| {
+    drain_pfn_buffers(ram, queue, counters, time_limit, |checked, counters| {
         counters.deflated_pages += checked.valid_entries;
         counters.unknown_deflates += checked.repeats;
         for pfn in checked.pages() {
@@ -86,15 +90,16 @@ pub fn deflate(
     })
 }
 
-/// Drains PFN buffers within [`PFN_BUDGET`]: each one read and checked against guest RAM
+/// Drains PFN buffers within [`PFN_BUDGET`] and `time_limit`: each one read and checked against guest RAM
 /// (rejects counted), then handed to `handle` before it goes back.
 fn drain_pfn_buffers(
     ram: &GuestRam,
     queue: &mut Queue,
     counters: &mut BalloonCounters,
+    time_limit: Duration,
     mut handle: impl FnMut(CheckedPfns, &mut BalloonCounters),
 ) -> Pass {
-    let budget = Budget::new(PFN_BUDGET);
+    let budget = Budget::new(PFN_BUDGET, time_limit);
     drain(
         queue,
         ram.memory(),

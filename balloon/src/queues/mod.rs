@@ -10,6 +10,8 @@ pub mod inflate;
 pub mod reporting;
 pub mod statistics;
 
+use std::time::{Duration, Instant};
+
 use ebb_devices::faults::{self, GuestFault};
 use ebb_devices::ram::{GuestRam, RamRange};
 use ebb_devices::virtio::chains::uses_indirect_table;
@@ -72,22 +74,35 @@ pub fn give_back(
     ok
 }
 
+/// How long one wake-up may work on one queue before it yields, whatever its budget of
+/// units has left: the API and signals are served on the same loop, and a unit's cost
+/// (a `madvise` of one page, say) varies a hundredfold between hosts.
+pub const PASS_TIME_LIMIT: Duration = Duration::from_millis(5);
+
 /// How much work one wake-up may do on one queue before it yields to the event loop, in
-/// units each queue kind defines (page numbers read, bytes discarded, ...).
+/// units each queue kind defines (page numbers read, bytes discarded, ...), and within
+/// [`PASS_TIME_LIMIT`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
     left: u64,
+    spent_any: bool,
+    deadline: Instant,
 }
 
 impl Budget {
-    /// A budget of `units`.
-    pub fn new(units: u64) -> Self {
-        Self { left: units }
+    /// A budget of `units`, to be spent within `limit` from now.
+    pub fn new(units: u64, limit: Duration) -> Self {
+        Self {
+            left: units,
+            spent_any: false,
+            deadline: Instant::now() + limit,
+        }
     }
 
     /// Takes `units` off what is left.
     pub fn spend(&mut self, units: u64) {
         self.left = self.left.saturating_sub(units);
+        self.spent_any = true;
     }
 
     /// Units left.
@@ -95,9 +110,10 @@ impl Budget {
         self.left
     }
 
-    /// True when nothing is left.
+    /// True when no units are left, or the time is up. The clock only counts once some
+    /// work was done, so every pass makes progress however late it starts.
     pub fn is_spent(&self) -> bool {
-        self.left == 0
+        self.left == 0 || (self.spent_any && Instant::now() >= self.deadline)
     }
 }
 
@@ -161,4 +177,30 @@ pub fn discard(
         );
     }
     counters.count_discard(reason, range.len(), result.is_ok());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pass whose time is up before it started still does one piece of work.
+    #[test]
+    fn a_late_pass_still_makes_progress_then_stops() {
+        let mut budget = Budget::new(1000, Duration::ZERO);
+        assert!(!budget.is_spent(), "nothing done yet");
+        budget.spend(1);
+        assert!(budget.is_spent(), "the time is up once work was done");
+        assert_eq!(budget.left(), 999);
+    }
+
+    /// Within its time a budget lasts until its units are gone.
+    #[test]
+    fn a_budget_within_its_time_ends_with_its_units() {
+        let mut budget = Budget::new(3, Duration::from_secs(3600));
+        budget.spend(2);
+        assert!(!budget.is_spent());
+        budget.spend(5);
+        assert!(budget.is_spent());
+        assert_eq!(budget.left(), 0);
+    }
 }

@@ -5,6 +5,8 @@
 //! a budget of bytes per wake-up: a report naming gigabytes is finished over several
 //! wake-ups (the guest waits for it anyway), so no guest can hold the event loop.
 
+use std::time::Duration;
+
 use ebb_devices::ram::{GuestRam, RamRange, HOST_PAGE_SIZE};
 use ebb_devices::virtio::QueueWork;
 use virtio_queue::Queue;
@@ -57,15 +59,16 @@ impl ReportingQueue {
         &mut self.queue
     }
 
-    /// Works through reports within [`REPORT_BUDGET_BYTES`].
+    /// Works through reports within [`REPORT_BUDGET_BYTES`] and `time_limit`.
     pub fn process(
         &mut self,
         ram: &GuestRam,
         reported: ReportedPages,
         counters: &mut BalloonCounters,
+        time_limit: Duration,
     ) -> Pass {
         let mem = ram.memory();
-        let mut budget = Budget::new(REPORT_BUDGET_BYTES);
+        let mut budget = Budget::new(REPORT_BUDGET_BYTES, time_limit);
         let mut gave_back = false;
         loop {
             let pending = match self.pending.as_mut() {

@@ -59,6 +59,8 @@ pub struct Outcome {
     pub final_status: u32,
     /// The bystander pages still hold their pattern.
     pub bystander_intact: bool,
+    /// The kernel moved one of the pages the device was given (the run proves nothing).
+    pub pages_moved: bool,
 }
 
 /// Flood modes.
@@ -100,6 +102,11 @@ struct Pages {
 
 impl Pages {
     fn new(count: usize) -> Result<Pages, String> {
+        // The device is told physical addresses: the kernel must not move these pages
+        // (compaction migrates mlocked pages unless told not to), or the device would
+        // read and discard whatever took their place.
+        fs::write("/proc/sys/vm/compact_unevictable_allowed", "0")
+            .map_err(|e| format!("pinning mlocked pages (compact_unevictable_allowed): {e}"))?;
         let len = count * PAGE;
         // SAFETY: a fresh anonymous mapping; checked below.
         let ptr = unsafe {
@@ -119,26 +126,17 @@ impl Pages {
         if unsafe { libc::mlock(ptr, len) } != 0 {
             return Err(format!("mlock: {}", std::io::Error::last_os_error()));
         }
-        let pagemap = fs::File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
-        let mut phys = Vec::with_capacity(count);
-        for i in 0..count {
-            let virt = ptr as usize + i * PAGE;
-            let mut entry = [0u8; 8];
-            let offset = (virt / PAGE * 8) as i64;
-            // SAFETY: reading 8 bytes into our buffer at an offset of the pagemap file.
-            let n =
-                unsafe { libc::pread(pagemap.as_raw_fd(), entry.as_mut_ptr().cast(), 8, offset) };
-            let entry = u64::from_le_bytes(entry);
-            if n != 8 || entry & (1 << 63) == 0 || entry & ((1 << 55) - 1) == 0 {
-                return Err("pagemap gave no physical page (not root?)".into());
-            }
-            phys.push((entry & ((1 << 55) - 1)) * PAGE as u64);
-        }
+        let phys = physical_addresses(ptr as usize, count)?;
         Ok(Pages {
             ptr: ptr.cast(),
             len,
             phys,
         })
+    }
+
+    /// True when a page is no longer where the device was told it is.
+    fn moved(&self) -> bool {
+        physical_addresses(self.ptr as usize, self.phys.len()).map_or(true, |now| now != self.phys)
     }
 
     fn page(&self, i: usize) -> *mut u8 {
@@ -158,6 +156,24 @@ impl Pages {
         // SAFETY: as for write; the device writes the used ring.
         unsafe { std::ptr::read_volatile(self.page(page).add(offset).cast::<T>()) }
     }
+}
+
+/// The guest-physical addresses of `count` pages from `virt`, from /proc/self/pagemap.
+fn physical_addresses(virt: usize, count: usize) -> Result<Vec<u64>, String> {
+    let pagemap = fs::File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
+    let mut phys = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut entry = [0u8; 8];
+        let offset = ((virt + i * PAGE) / PAGE * 8) as i64;
+        // SAFETY: reading 8 bytes into our buffer at an offset of the pagemap file.
+        let n = unsafe { libc::pread(pagemap.as_raw_fd(), entry.as_mut_ptr().cast(), 8, offset) };
+        let entry = u64::from_le_bytes(entry);
+        if n != 8 || entry & (1 << 63) == 0 || entry & ((1 << 55) - 1) == 0 {
+            return Err("pagemap gave no physical page (not root?)".into());
+        }
+        phys.push((entry & ((1 << 55) - 1)) * PAGE as u64);
+    }
+    Ok(phys)
 }
 
 /// The device's register window mapped from /dev/mem.
@@ -446,5 +462,6 @@ pub fn run(mode: Mode, secs: f64) -> Result<Outcome, String> {
         kicks,
         final_status,
         bystander_intact: intact,
+        pages_moved: pages.moved(),
     })
 }

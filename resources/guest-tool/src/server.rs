@@ -127,7 +127,8 @@ impl Server {
                     .uint("completed", o.completed)
                     .uint("kicks", o.kicks)
                     .uint("final_status", o.final_status.into())
-                    .bool("bystander_intact", o.bystander_intact),
+                    .bool("bystander_intact", o.bystander_intact)
+                    .bool("pages_moved", o.pages_moved),
                 Err(e) => result(name, false).str("error", &e),
             },
             Command::Sleep(d) => {
