@@ -1020,8 +1020,8 @@ fn fenced_ram() -> GuestRam {
             (GuestAddress(B_START), RAM_END - B_START),
         ],
         RamOptions {
-            thp: None,
             write_fence: true,
+            ..Default::default()
         },
     )
     .expect("userfaultfd write protection (run as root or with vm.unprivileged_userfaultfd=1)")
