@@ -4,9 +4,10 @@
 //! The rule, in order, first match wins:
 //! 1. The guest is short: an OOM kill or allocation stall since the last report, more
 //!    major faults per second than `fault_rate` (it is re-reading evicted cache or
-//!    swapping), or less available memory than `headroom`. Deflate at once: by the
-//!    shortfall below the headroom, and by at least a `step` when the guest is
-//!    faulting or stalling. Inflating then waits `cooldown`.
+//!    swapping), or less available memory than `headroom` by the next report if it keeps
+//!    falling as fast as since the last one. Deflate at once: by that shortfall below
+//!    the headroom, and by at least a `step` when the guest is faulting or stalling.
+//!    Inflating then waits `cooldown`.
 //! 2. In the cooldown, or the guest has not caught up with the last target yet: hold.
 //! 3. The guest has more than `headroom` (plus a quarter of it, the hysteresis)
 //!    available: inflate by the excess, at most `step` per report (twice that while the
@@ -315,7 +316,14 @@ impl AutoPolicy {
         };
         // Deflate from what the guest holds, not from a target it has not reached.
         let holding = now.target.min(now.actual);
-        let shortfall = s.headroom.saturating_sub(available);
+        // A guest whose available memory fell since the last report (not into the
+        // balloon) is likely to fall as much again before the next one: count that fall
+        // as already gone.
+        let falling = self.last.map_or(0, |last| {
+            let fell = last.available.unwrap_or(available).saturating_sub(available);
+            fell.saturating_sub(now.actual.saturating_sub(last.actual))
+        });
+        let shortfall = s.headroom.saturating_sub(available.saturating_sub(falling));
         if grew(|o| o.oom_kills) || grew(|o| o.alloc_stalls) {
             return (
                 holding.saturating_sub(shortfall.max(s.step)),
@@ -444,6 +452,24 @@ mod tests {
         assert_eq!(d.target, 2 * GIB - 300 * MIB);
         let d = p.decide(obs(5 + s.cooldown.as_secs(), d.target, 3 * GIB));
         assert_eq!(d.reason, Reason::Inflate);
+    }
+
+    /// A guest whose available memory is falling gets back what it will be short of by
+    /// the next report, before it is short.
+    #[test]
+    fn a_falling_guest_is_given_memory_ahead_of_its_fall() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        p.decide(obs(0, 2 * GIB, s.headroom + 500 * MIB));
+        // 300 MiB gone in a report: 200 MiB above the headroom now, 100 below predicted.
+        let d = p.decide(obs(1, 2 * GIB, s.headroom + 200 * MIB));
+        assert_eq!(d.reason, Reason::DeflateLow);
+        assert_eq!(d.target, 2 * GIB - 100 * MIB);
+        // What went into the balloon is no fall.
+        let mut p = AutoPolicy::new(s, true);
+        p.decide(obs(0, GIB, s.headroom + 500 * MIB));
+        let d = p.decide(obs(1, GIB + 300 * MIB, s.headroom + 200 * MIB));
+        assert_ne!(d.reason, Reason::DeflateLow);
     }
 
     #[test]
