@@ -17,6 +17,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::counters::BalloonCounters;
 use crate::pages::PageSet;
+use crate::policy::{AutoPolicy, HostPressure, Observation, PolicyView};
 use crate::protocol::{
     self, config, max_queue_size, queue_roles, QueueRole, BALLOON_PAGE_SIZE, F_DEFLATE_ON_OOM,
     F_FREE_PAGE_HINT, F_PAGE_POISON, F_PAGE_REPORTING, F_STATS_VQ,
@@ -175,6 +176,12 @@ pub struct Balloon {
     hint: HintControl,
     /// How long one pass over a queue may run (see [`PASS_TIME_LIMIT`]).
     pass_time_limit: Duration,
+    /// The automatic policy, when configured (on or off).
+    policy: Option<AutoPolicy>,
+    /// Where the policy reads the host's memory pressure.
+    host_pressure: Option<Box<dyn HostPressure>>,
+    /// The policy's clock starts here.
+    created: Instant,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -244,7 +251,84 @@ impl Balloon {
             poison_warned: false,
             hint: HintControl::default(),
             pass_time_limit: PASS_TIME_LIMIT,
+            policy: None,
+            host_pressure: None,
+            created: Instant::now(),
         })
+    }
+
+    /// Hands the target to `policy` (which decides at each statistics report while it
+    /// is enabled), reading the host's pressure from `host_pressure`. Needs the
+    /// statistics queue.
+    pub fn set_policy(
+        &mut self,
+        policy: AutoPolicy,
+        host_pressure: Option<Box<dyn HostPressure>>,
+    ) -> Result<(), BalloonError> {
+        if self.offered & F_STATS_VQ == 0 {
+            return Err(BalloonError::StatsDisabled);
+        }
+        self.policy = Some(policy);
+        self.host_pressure = host_pressure;
+        Ok(())
+    }
+
+    /// The automatic policy, when one was configured.
+    pub fn policy(&self) -> Option<&AutoPolicy> {
+        self.policy.as_ref()
+    }
+
+    /// The automatic policy as the API shows it.
+    pub fn policy_view(&self) -> Option<PolicyView> {
+        let now = self.created.elapsed();
+        self.policy.as_ref().map(|p| p.view(now))
+    }
+
+    /// The automatic policy, to change its settings or turn it on or off.
+    pub fn policy_mut(&mut self) -> Option<&mut AutoPolicy> {
+        self.policy.as_mut()
+    }
+
+    /// Lets the policy set the target from the statistics just received.
+    fn apply_policy(&mut self) {
+        let Some(policy) = self.policy.as_mut().filter(|p| p.enabled()) else {
+            return;
+        };
+        let Some(stats) = self.stats.as_ref() else {
+            return;
+        };
+        let observation = Observation {
+            at: self.created.elapsed(),
+            target: u64::from(self.target_pages) * BALLOON_PAGE_SIZE,
+            actual: u64::from(self.actual_pages) * BALLOON_PAGE_SIZE,
+            available: stats.available_memory,
+            major_faults: stats.major_faults,
+            oom_kills: stats.oom_kills,
+            alloc_stalls: stats.alloc_stalls,
+            host_pressure: self
+                .host_pressure
+                .as_mut()
+                .and_then(|p| p.memory_some_avg10()),
+        };
+        let decision = policy.decide(observation);
+        let pages = decision.target / BALLOON_PAGE_SIZE;
+        tracing::debug!(
+            "balloon policy: {} -> {} MiB ({}; available {:?} MiB, actual {} MiB, \
+             major faults {:?}, host pressure {:?})",
+            observation.target >> 20,
+            decision.target >> 20,
+            decision.reason,
+            observation.available.map(|a| a >> 20),
+            observation.actual >> 20,
+            observation.major_faults,
+            observation.host_pressure,
+        );
+        if pages != u64::from(self.target_pages) {
+            // The policy keeps its target within guest RAM (its max is checked).
+            if let Err(e) = self.set_target_pages(pages) {
+                tracing::warn!("balloon policy: {e}");
+            }
+        }
     }
 
     /// Sets how long one pass over a queue may run before it yields (the budgets of
@@ -414,6 +498,7 @@ impl Balloon {
         let time_limit = self.pass_time_limit;
         let (ram, interrupt) = (&active.ram, active.interrupt.as_ref());
         let noticed = Instant::now();
+        let mut new_stats = false;
         let (queue, pass) = match role {
             QueueRole::Inflate => {
                 let q = &mut active.inflate;
@@ -429,7 +514,9 @@ impl Balloon {
                 let Some(s) = active.statistics.as_mut() else {
                     return QueueWork::Done;
                 };
+                let before = counters.stats_updates;
                 let pass = s.take_reports(ram.memory(), &mut self.stats, counters);
+                new_stats = counters.stats_updates > before;
                 (s.queue_mut(), pass)
             }
             QueueRole::Reporting => {
@@ -456,6 +543,9 @@ impl Balloon {
         };
         if pass.gave_back {
             notify(queue, ram.memory(), interrupt);
+        }
+        if new_stats {
+            self.apply_policy();
         }
         pass.work
     }

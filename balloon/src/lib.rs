@@ -9,10 +9,12 @@
 //!   ranges of guest RAM, which [`ebb_devices::ram::GuestRam`] discards.
 //! - [`stats`]: the statistics queue's wire format and the typed snapshot.
 //! - [`counters`]: what the device did, for the API and metrics.
+//! - [`policy`]: the automatic balloon policy, a target from each statistics report.
 
 pub mod counters;
 pub mod device;
 pub mod pages;
+pub mod policy;
 pub mod protocol;
 pub mod queues;
 pub mod stats;

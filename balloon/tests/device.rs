@@ -744,6 +744,84 @@ fn stats_buffer_primed_before_activation_is_read_and_held() {
     );
 }
 
+/// A host pressure source with a fixed figure.
+struct FixedPressure(f64);
+
+impl ebb_balloon::policy::HostPressure for FixedPressure {
+    fn memory_some_avg10(&mut self) -> Option<f64> {
+        Some(self.0)
+    }
+}
+
+/// With the policy on, each statistics report sets the target (and tells the guest);
+/// with it off, or without statistics, the target is the host's alone.
+#[test]
+fn the_policy_sets_the_target_from_each_statistics_report() {
+    use ebb_balloon::policy::{AutoPolicy, PolicySettings, Reason};
+    let ram = ram();
+    let mem = ram.memory();
+    let mut plain = new_balloon(options(false, 0), &ram);
+    let settings = PolicySettings {
+        headroom: 4 * MIB,
+        min: 0,
+        max: 24 * MIB,
+        step: 2 * MIB,
+        ..PolicySettings::for_ram(RAM_BYTES)
+    };
+    assert!(plain
+        .set_policy(AutoPolicy::new(settings, true), None)
+        .is_err());
+    let mut b = new_balloon(options(false, 1), &ram);
+    b.set_policy(
+        AutoPolicy::new(settings, true),
+        Some(Box::new(FixedPressure(0.0))),
+    )
+    .unwrap();
+    let inflate = DriverQueue::new(mem, 0x1000, 256);
+    let deflate = DriverQueue::new(mem, 0x5000, 256);
+    let mut stats = DriverQueue::new(mem, 0x9000, 2);
+    let irq = activate(
+        &mut b,
+        &ram,
+        VIRTIO_F_VERSION_1 | F_STATS_VQ,
+        vec![
+            (0, inflate.queue()),
+            (1, deflate.queue()),
+            (2, stats.queue()),
+        ],
+    );
+    let configs_before = irq.config.load(Ordering::SeqCst);
+    let mut report = |available: u64| {
+        let mut buf = stats_entry(6, available);
+        buf.extend(stats_entry(2, 0));
+        mem.write_slice(&buf, GuestAddress(DATA)).unwrap();
+        stats.add(&[(DATA, buf.len() as u32, false)]);
+        b.process_queue(2);
+        (
+            u64::from(b.target_pages()) * 4096 / MIB,
+            b.policy().unwrap().last_decision().unwrap().reason,
+        )
+    };
+    // 20 MiB available, headroom 4: a step of 2 MiB.
+    assert_eq!(report(20 * MIB), (2, Reason::Inflate));
+    assert!(
+        irq.config.load(Ordering::SeqCst) > configs_before,
+        "guest told"
+    );
+    // The guest has not inflated (actual 0): the policy waits for it.
+    assert_eq!(report(20 * MIB), (2, Reason::Catching));
+    // Short of memory: back to 0 at once.
+    assert_eq!(report(MIB), (0, Reason::DeflateLow));
+    // Off: reports change nothing.
+    b.policy_mut().unwrap().set_enabled(false);
+    b.set_target_pages(100).unwrap();
+    mem.write_slice(&stats_entry(6, 20 * MIB), GuestAddress(DATA))
+        .unwrap();
+    stats.add(&[(DATA, 10, false)]);
+    b.process_queue(2);
+    assert_eq!(b.target_pages(), 100);
+}
+
 #[test]
 fn stats_interval_cannot_be_enabled_when_off_at_boot() {
     let ram = ram();
@@ -942,8 +1020,8 @@ fn fenced_ram() -> GuestRam {
             (GuestAddress(B_START), RAM_END - B_START),
         ],
         RamOptions {
-            thp: None,
             write_fence: true,
+            ..Default::default()
         },
     )
     .expect("userfaultfd write protection (run as root or with vm.unprivileged_userfaultfd=1)")

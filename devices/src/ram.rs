@@ -36,6 +36,8 @@ pub struct RamOptions {
     /// Register guest RAM for userfaultfd write protection, which
     /// [`GuestRam::discard_unwritten`] needs (free page hinting).
     pub write_fence: bool,
+    /// Offer guest RAM to the host's same-page merging (KSM, `MADV_MERGEABLE`).
+    pub merge: bool,
 }
 
 /// Errors creating guest RAM.
@@ -55,6 +57,11 @@ pub enum RamError {
     /// The write fence could not be set up.
     #[error("cannot write-protect guest RAM: {0}")]
     WriteFence(io::Error),
+    /// The host refused same-page merging.
+    #[error(
+        "cannot offer guest RAM to same-page merging (is the host kernel built with KSM?): {0}"
+    )]
+    Merge(io::Error),
 }
 
 /// What [`GuestRam::discard_unwritten`] did with a range.
@@ -231,6 +238,16 @@ impl GuestRam {
             // SAFETY: unmapping exactly the reservation made above.
             unsafe { libc::munmap(base, total) };
             return Err(reserve_err(e));
+        }
+        if options.merge {
+            // SAFETY: advising on our own RAM mapping; KSM may share identical pages
+            // copy-on-write, which changes no contents the guest sees.
+            if unsafe { libc::madvise(ram, size_usize, libc::MADV_MERGEABLE) } != 0 {
+                let e = io::Error::last_os_error();
+                // SAFETY: unmapping exactly the reservation made above.
+                unsafe { libc::munmap(base, total) };
+                return Err(RamError::Merge(e));
+            }
         }
         if let Some(huge) = options.thp {
             let advice = if huge {
@@ -599,7 +616,7 @@ mod tests {
                 &[(GuestAddress(0), 64 * MIB)],
                 RamOptions {
                     thp,
-                    write_fence: false,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -716,8 +733,8 @@ mod tests {
         GuestRam::new(
             &[(GuestAddress(0), 8 * MIB)],
             RamOptions {
-                thp: None,
                 write_fence: true,
+                ..Default::default()
             },
         )
         .expect("userfaultfd write protection (run the tests as root or with vm.unprivileged_userfaultfd=1)")

@@ -187,7 +187,11 @@ impl Vmm for Ebb {
             Some(false) => ",thp=off",
             None => "",
         };
-        argv.extend(["--memory".into(), format!("{}M{thp}", config.memory_mib)]);
+        let merge = if config.merge { ",merge=on" } else { "" };
+        argv.extend([
+            "--memory".into(),
+            format!("{}M{thp}{merge}", config.memory_mib),
+        ]);
         argv.extend(["--cpus".into(), config.cpus.to_string()]);
         argv.extend(["--serial".into(), "stdio".into()]);
         if let Some(b) = &config.balloon {
@@ -292,7 +296,11 @@ impl Vmm for Qemu {
         argv.extend(
             [
                 "-M",
-                "microvm,acpi=on",
+                if config.merge {
+                    "microvm,acpi=on,mem-merge=on"
+                } else {
+                    "microvm,acpi=on,mem-merge=off"
+                },
                 "-accel",
                 "kvm",
                 "-cpu",

@@ -27,8 +27,13 @@ pub struct Cli {
     pub cmdline: String,
 
     /// Guest memory: SIZE (512M, 5G, 1024K or bytes), optionally `,thp=on|off` to ask for
-    /// or refuse transparent huge pages.
-    #[arg(long, value_name = "SIZE[,thp=on|off]", default_value = "512M")]
+    /// or refuse transparent huge pages and `,merge=on` to offer it to the host's
+    /// same-page merging (KSM).
+    #[arg(
+        long,
+        value_name = "SIZE[,thp=on|off][,merge=on|off]",
+        default_value = "512M"
+    )]
     pub memory: MemoryConfig,
 
     /// Number of vCPUs.

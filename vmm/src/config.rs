@@ -24,7 +24,7 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ParseError> {
     Err(ParseError(msg.into()))
 }
 
-/// Guest memory configuration (`--memory SIZE[,thp=on|off]`).
+/// Guest memory configuration (`--memory SIZE[,thp=on|off][,merge=on|off]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryConfig {
     /// Guest RAM in bytes (a multiple of 4 KiB).
@@ -33,6 +33,9 @@ pub struct MemoryConfig {
     /// (`MADV_HUGEPAGE`), `Some(false)` refuses them (`MADV_NOHUGEPAGE`), `None` leaves the
     /// host's policy in charge.
     pub thp: Option<bool>,
+    /// Offer guest RAM to the host's same-page merging (KSM): identical pages across
+    /// guests are stored once, at the cost of ksmd's scanning.
+    pub merge: bool,
 }
 
 impl Default for MemoryConfig {
@@ -40,6 +43,7 @@ impl Default for MemoryConfig {
         Self {
             size: DEFAULT_MEMORY,
             thp: None,
+            merge: false,
         }
     }
 }
@@ -62,7 +66,12 @@ impl std::str::FromStr for MemoryConfig {
                     size_given = true;
                 }
                 "thp" => cfg.thp = Some(parse_switch(key, value)?),
-                _ => return err(format!("unknown memory option '{key}' (known: size, thp)")),
+                "merge" => cfg.merge = parse_switch(key, value)?,
+                _ => {
+                    return err(format!(
+                        "unknown memory option '{key}' (known: size, thp, merge)"
+                    ))
+                }
             }
         }
         if !size_given {
@@ -199,11 +208,15 @@ mod tests {
             m,
             MemoryConfig {
                 size: 5 * GIB,
-                thp: None
+                thp: None,
+                merge: false,
             }
         );
         let m: MemoryConfig = "1G,thp=on".parse().unwrap();
         assert_eq!(m.thp, Some(true));
+        let m: MemoryConfig = "1G,merge=on".parse().unwrap();
+        assert!(m.merge);
+        assert!("1G,merge=maybe".parse::<MemoryConfig>().is_err());
         let m: MemoryConfig = "size=2G".parse().unwrap();
         assert_eq!(m.size, 2 * GIB);
         assert!("0"

@@ -4,7 +4,8 @@
 //! Module map: [`config`] and [`cli`] say what to run; [`host`] checks the KVM;
 //! [`memory`] and [`layout`] place guest RAM; [`boot`], [`acpi`] and [`cpu`] prepare the
 //! guest's first instruction; [`vm`] wires devices and runs the vCPUs ([`vcpu`]) and the
-//! event loop ([`console`], [`signals`]); [`api`] serves the REST API on a Unix socket.
+//! event loop ([`console`], [`signals`]); [`api`] serves the REST API on a Unix socket;
+//! [`pressure`] reads the host's memory pressure for the balloon policy.
 
 pub mod acpi;
 pub mod api;
@@ -16,6 +17,7 @@ pub mod cpu;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod pressure;
 pub mod seccomp;
 pub mod signals;
 pub mod vcpu;

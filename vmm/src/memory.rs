@@ -26,6 +26,12 @@ pub enum MemoryError {
     /// Free page hinting needs a write fence the host could not give.
     #[error("free page hinting: cannot write-protect guest RAM: {0}")]
     WriteFence(std::io::Error),
+    /// `merge=on` asked for same-page merging the host does not have.
+    #[error(
+        "--memory ...,merge=on: the host refused same-page merging (MADV_MERGEABLE: {0}); \
+         its kernel needs CONFIG_KSM"
+    )]
+    Merge(std::io::Error),
 }
 
 /// Reserves and maps guest RAM for `config`. Nothing is touched: pages appear on first
@@ -35,6 +41,7 @@ pub fn guest_ram(config: &MemoryConfig, write_fence: bool) -> Result<GuestRam, M
     let options = RamOptions {
         thp: config.thp,
         write_fence,
+        merge: config.merge,
     };
     GuestRam::new(&layout::ram_regions(config.size), options).map_err(|e| match e {
         RamError::Reserve { source, .. } => MemoryError::Reserve {
@@ -43,6 +50,7 @@ pub fn guest_ram(config: &MemoryConfig, write_fence: bool) -> Result<GuestRam, M
         },
         RamError::Layout(what) => MemoryError::Layout(what),
         RamError::WriteFence(e) => MemoryError::WriteFence(e),
+        RamError::Merge(e) => MemoryError::Merge(e),
     })
 }
 
@@ -57,6 +65,7 @@ mod tests {
         let cfg = MemoryConfig {
             size: 5 * GIB,
             thp: None,
+            merge: false,
         };
         let ram = guest_ram(&cfg, false).unwrap();
         assert_eq!(ram.size(), 5 * GIB);
@@ -92,6 +101,7 @@ mod tests {
             &MemoryConfig {
                 size: 1 << 62,
                 thp: None,
+                merge: false,
             },
             false,
         )

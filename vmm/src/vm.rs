@@ -3,10 +3,12 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
+use ebb_balloon::policy::{AutoPolicy, PolicySettings};
 use ebb_balloon::{Balloon, BalloonOptions, HintDiscard};
 use ebb_block::{Block, DiskImage, ImageError};
 use ebb_devices::acpi_pm::{self, AcpiPm};
@@ -32,12 +34,13 @@ use crate::acpi::{self, AcpiError, GedInfo, MmioDeviceInfo};
 use crate::api::vm_backend::{LiveVm, LiveVmParts};
 use crate::api::{self, ApiHandler, ServerOptions};
 use crate::boot::{self, BootError, BootSetup};
-use crate::config::{format_size, SerialConfig, VmConfig, PAGE_SIZE};
+use crate::config::{format_size, BalloonConfig, SerialConfig, VmConfig, PAGE_SIZE};
 use crate::console::ConsoleInput;
 use crate::cpu::{self, CpuError};
 use crate::host::{self, HostError};
 use crate::layout;
 use crate::memory::{guest_ram, GuestRam, MemoryError};
+use crate::pressure::PsiFile;
 use crate::seccomp::{self, ThreadKind};
 use crate::signals::SignalWatcher;
 use crate::vcpu::Vcpu;
@@ -119,6 +122,7 @@ pub fn validate(config: &VmConfig) -> Result<Validated, VmError> {
                 format_size(config.memory.size)
             )));
         }
+        policy_settings(b, config.memory.size)?;
     }
     if config.cpus == 0 {
         return Err(VmError::Config("--cpus must be at least 1".into()));
@@ -377,6 +381,40 @@ fn virtio_slot(index: usize) -> MmioDeviceInfo {
     }
 }
 
+/// Gives a balloon with a statistics queue its automatic policy (on when the user asked
+/// for `policy=auto`, else off until the API turns it on), its settings the defaults for
+/// the guest's size with the user's knobs on top.
+fn with_policy(mut device: Balloon, cfg: &BalloonConfig, ram: u64) -> Result<Balloon, VmError> {
+    if cfg.stats_interval_s == 0 {
+        return Ok(device);
+    }
+    let settings = policy_settings(cfg, ram)?;
+    let pressure = PsiFile::open(Path::new(HOST_PRESSURE_FILE))
+        .map(|p| Box::new(p) as Box<dyn ebb_balloon::policy::HostPressure>);
+    device
+        .set_policy(AutoPolicy::new(settings, cfg.policy.auto), pressure)
+        .map_err(|e| VmError::Config(e.to_string()))?;
+    Ok(device)
+}
+
+/// The policy's settings for a guest of `ram` bytes: the defaults for its size with the
+/// user's knobs on top, checked.
+fn policy_settings(cfg: &BalloonConfig, ram: u64) -> Result<PolicySettings, VmError> {
+    let mut settings = PolicySettings::for_ram(ram);
+    let knobs = cfg.policy;
+    settings.headroom = knobs.headroom.unwrap_or(settings.headroom);
+    settings.min = knobs.min.unwrap_or(settings.min);
+    settings.max = knobs.max.unwrap_or(settings.max);
+    settings.step = knobs.step.unwrap_or(settings.step);
+    settings
+        .check(ram)
+        .map_err(|e| VmError::Config(format!("--balloon: {e}")))?;
+    Ok(settings)
+}
+
+/// Where the host's memory pressure is read.
+const HOST_PRESSURE_FILE: &str = "/proc/pressure/memory";
+
 /// Puts `device` in the next virtio-mmio slot, with its event loop handler.
 fn add_virtio<D: VirtioDevice + 'static>(
     vm: &VmFd,
@@ -425,6 +463,7 @@ fn mmio_devices(
             ram,
         )
         .map_err(|e| VmError::Config(e.to_string()))?;
+        let device = with_policy(device, balloon_cfg, ram.size())?;
         let slots = (&mut mmio_bus, &mut virtio);
         balloon = Some(add_virtio(
             vm,

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
+use ebb_balloon::policy::{AutoPolicy, Observation, PolicySettings};
 use ebb_balloon::stats::GuestStats;
 use ebb_balloon::BalloonOptions;
 use ebb_block::counters::{BlockCounters, Op, Reject};
@@ -97,6 +98,21 @@ fn fake_state(kind: Kind) -> FakeState {
                     ..Default::default()
                 }),
                 hint: Default::default(),
+                // A policy needs statistics: off, with one decision behind it.
+                policy: (kind == Kind::Stats).then(|| {
+                    let mut p = AutoPolicy::new(PolicySettings::for_ram(GUEST_MIB * MIB), false);
+                    p.set_enabled(true);
+                    p.decide(Observation {
+                        at: Duration::from_secs(10),
+                        target: 64 * MIB,
+                        actual: 64 * MIB,
+                        // Within the headroom band: a steady decision.
+                        available: Some(150 * MIB),
+                        ..Default::default()
+                    });
+                    p.set_enabled(false);
+                    p.view(Duration::from_secs(12))
+                }),
             })
         }
     };
@@ -212,6 +228,22 @@ impl VmBackend for Fake {
         let b = s.balloon.as_mut().expect("checked by the API layer");
         assert!(b.options.free_page_hinting, "checked by the API layer");
         b.hint.done();
+        Ok(())
+    }
+
+    fn set_balloon_policy(
+        &mut self,
+        settings: PolicySettings,
+        enabled: bool,
+    ) -> Result<(), ApiError> {
+        let mut s = self.state();
+        let b = s.balloon.as_mut().expect("checked by the API layer");
+        let p = b.policy.as_mut().expect("checked by the API layer");
+        settings
+            .check(b.guest_memory_bytes)
+            .expect("checked by the API layer");
+        p.settings = settings;
+        p.enabled = enabled;
         Ok(())
     }
 
@@ -400,6 +432,82 @@ fn patch_balloon_sets_the_target() {
     assert_eq!(h.state().balloon.unwrap().target_pages, 512 * 256);
     let r = h.send("PATCH", "/balloon", r#"{"amount_mib": 0}"#);
     assert_eq!(r.status, 204);
+}
+
+/// The policy's settings and decisions are readable; changes are checked against guest
+/// memory; while it is on it owns the target.
+#[test]
+fn balloon_policy_get_and_patch() {
+    let h = Harness::new(Kind::Stats);
+    let v = json_of(&h.get("/balloon/policy"));
+    assert_eq!(v["enabled"], false);
+    // Defaults for a 512 MiB guest: headroom 128 MiB (the floor), steps of 32 MiB.
+    assert_eq!(
+        (v["headroom_mib"].as_u64(), v["step_mib"].as_u64()),
+        (Some(128), Some(32))
+    );
+    assert_eq!(v["max_mib"], 256);
+    assert_eq!(v["last_decision"]["reason"], "steady");
+    assert_eq!(v["last_decision"]["age_ms"], 2000);
+    assert_eq!(v["decisions"]["steady"], 1);
+
+    let r = h.send(
+        "PATCH",
+        "/balloon/policy",
+        r#"{"enabled": true, "headroom_mib": 96}"#,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let v = json_of(&h.get("/balloon/policy"));
+    assert_eq!(
+        (v["enabled"].as_bool(), v["headroom_mib"].as_u64()),
+        (Some(true), Some(96))
+    );
+    // The policy owns the target now.
+    let r = h.send("PATCH", "/balloon", r#"{"amount_mib": 10}"#);
+    assert_fault(&r, 409, "policy sets the target");
+    let metrics = h.get("/metrics").text();
+    assert!(
+        metrics.contains("ebb_balloon_policy_enabled 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ebb_balloon_policy_decisions_total{reason=\"steady\"} 1"));
+
+    for (body, needle) in [
+        (
+            r#"{"headroom_mib": 512}"#,
+            "headroom 512 MiB is not below guest memory",
+        ),
+        (
+            r#"{"min_mib": 300, "max_mib": 200}"#,
+            "min 300 MiB is above policy max 200 MiB",
+        ),
+        (r#"{"max_mib": 1024}"#, "max 1024 MiB is above guest memory"),
+        (r#"{"step_mib": 0}"#, "step must be above 0"),
+        (r#"{"headroom_mib": 18446744073709551615}"#, "too large"),
+        (r#"{"enabled": "yes"}"#, "invalid request body"),
+        (r#"{"headroom": 1}"#, "unknown field"),
+    ] {
+        assert_fault(&h.send("PATCH", "/balloon/policy", body), 400, needle);
+    }
+    // Nothing half-applied by a refused change.
+    assert_eq!(json_of(&h.get("/balloon/policy"))["headroom_mib"], 96);
+    let r = h.send("PATCH", "/balloon/policy", r#"{"enabled": false}"#);
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        h.send("PATCH", "/balloon", r#"{"amount_mib": 10}"#).status,
+        204
+    );
+
+    // Without statistics there is no policy; without a balloon, 409 as everywhere.
+    let h = Harness::new(Kind::NoStats);
+    assert_fault(&h.get("/balloon/policy"), 400, "stats_interval=SECS");
+    assert_fault(
+        &h.send("PATCH", "/balloon/policy", r#"{"enabled": true}"#),
+        400,
+        "statistics",
+    );
+    let h = Harness::new(Kind::NoBalloon);
+    assert_fault(&h.get("/balloon/policy"), 409, "no balloon");
 }
 
 #[test]
@@ -1149,6 +1257,7 @@ fn trigger(path: &str, method: &str, status: u16) -> (Kind, bool, Vec<u8>) {
     let good_body = match (path, method) {
         ("/balloon", "patch") => Some(r#"{"amount_mib": 128}"#),
         ("/balloon/statistics", "patch") => Some(r#"{"stats_polling_interval_s": 2}"#),
+        ("/balloon/policy", "patch") => Some(r#"{"enabled": false, "headroom_mib": 64}"#),
         _ => None,
     };
     let bad_body = match method {
@@ -1323,6 +1432,33 @@ fn ebb_ctl_human_output() {
     let (code, out, _) = ctl_run(&h, &["vm", "stop"]);
     assert_eq!((code, out.as_str()), (0, "VM stopped\n"));
     assert!(h.state().stopped.is_some());
+}
+
+#[test]
+fn ebb_ctl_balloon_policy() {
+    let h = Harness::new(Kind::Stats);
+    let (code, out, err) = ctl_run(&h, &["balloon", "policy"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert!(out.contains("policy:              off"), "{out}");
+    assert!(out.contains("headroom:            128 MiB"), "{out}");
+    assert!(
+        out.contains("last decision:       64 MiB (steady), 2.0 s ago"),
+        "{out}"
+    );
+    let (code, out, _) = ctl_run(&h, &["balloon", "policy", "--on", "--headroom", "200M"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("policy:              auto (on)"), "{out}");
+    assert!(out.contains("headroom:            200 MiB"), "{out}");
+    let (code, _, err) = ctl_run(&h, &["balloon", "policy", "--headroom", "1G"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not below guest memory"), "{err}");
+    let (code, out, _) = ctl_run(&h, &["--json", "balloon", "policy", "--off"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["enabled"],
+        false
+    );
+    assert!(ctl::parse_args(["ebb-ctl", "balloon", "policy", "--on", "--off"]).is_err());
 }
 
 #[test]

@@ -471,6 +471,37 @@ fn balloon_larger_than_memory() {
         .expect_error(&["invalid value 'maybe' for deflate_on_oom"]);
 }
 
+#[test]
+fn balloon_policy_settings_that_cannot_work() {
+    let s = Scratch::new("policy");
+    let k = good_kernel(&s);
+    for (balloon, message) in [
+        (
+            "policy=auto",
+            "policy=auto decides from the guest's statistics: add stats_interval=SECS",
+        ),
+        (
+            "stats_interval=1,policy=auto,policy_headroom=1G",
+            "--balloon: policy headroom 1024 MiB is not below guest memory (512 MiB)",
+        ),
+        (
+            "stats_interval=1,policy_max=600M",
+            "--balloon: policy max 600 MiB is above guest memory (512 MiB)",
+        ),
+        (
+            "stats_interval=1,policy_min=300M,policy_max=200M",
+            "policy_min 300M is above policy_max 200M",
+        ),
+        (
+            "policy=sometimes",
+            "invalid policy 'sometimes': expected auto or off",
+        ),
+    ] {
+        ebb(&["--kernel", p(&k), "--memory", "512M", "--balloon", balloon])
+            .expect_error(&[message]);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Disks
 //

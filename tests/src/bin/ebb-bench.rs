@@ -2,7 +2,7 @@
 //! tables (see [`ebb_tests::scenarios::bench`] for what each measures and how).
 //!
 //! ```text
-//! cargo run --release -p ebb-tests --bin ebb-bench -- [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|disk|all]... [--runs N]
+//! cargo run --release -p ebb-tests --bin ebb-bench -- [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|disk|ksm|all]... [--runs N]
 //! ```
 //! Runs directly on a KVM host, in the nested test host elsewhere (one L1 boot for all the
 //! benchmarks asked for). Figures, not pass/fail: the exit status is 0 when every
@@ -14,18 +14,19 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ebb_tests::paths;
-use ebb_tests::scenarios::{self, batch, bench, disk, footprint, hinting, ScenarioDef};
+use ebb_tests::scenarios::{self, batch, bench, disk, footprint, hinting, merge, ScenarioDef};
 
 const FAMILIES: &[&[ScenarioDef]] = &[
     bench::SCENARIOS,
     footprint::SCENARIOS,
     hinting::SCENARIOS,
     disk::SCENARIOS,
+    merge::SCENARIOS,
 ];
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ebb-bench [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|disk|all]... [--runs N]\n\
+        "usage: ebb-bench [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|disk|ksm|all]... [--runs N]\n\
          \n  boot     spawn to EBB-READY (median of N, default 5) and VMM memory overhead\
          \n  inflate  balloon 768 MiB of a 1 GiB guest: time, madvise calls per GiB\
          \n  reclaim  free page reporting: 1 GiB guest freeing 768 MiB, 5 GiB freeing 4.5 GiB\
@@ -35,6 +36,7 @@ fn usage() -> ExitCode {
          \n  disk      fio in the guest on virtio-blk, Ebb vs QEMU microvm\
          \n  hint      free page hinting vs reporting: a 5 GiB guest touches and frees 4.5 GiB\
          \n  footprint idle host RSS of 1, 5 and 15 GiB guests and where it goes, Ebb vs QEMU\
+         \n  ksm      same-page merging across 3 identical idle guests: RSS saved, ksmd CPU\
          \n  all      everything (default)"
     );
     ExitCode::from(2)
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
                 None => return usage(),
             },
             "boot" | "inflate" | "reclaim" | "reclaim-1g" | "reclaim-5g" | "thp" | "api"
-            | "footprint" | "hint" | "disk" | "all" => which.push(a),
+            | "footprint" | "hint" | "disk" | "ksm" | "all" => which.push(a),
             _ => return usage(),
         }
     }
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
             "footprint".into(),
             "hint".into(),
             "disk".into(),
+            "ksm".into(),
         ];
     }
     let mut items = Vec::new();
@@ -110,6 +113,11 @@ fn main() -> ExitCode {
                 items.push("hint-reclaim:memory_mib=5120:touch_mib=4608".to_string());
                 l1_memory_mib = l1_memory_mib.max(6144);
                 minutes += 20;
+            }
+            "ksm" => {
+                items.push("bench-ksm".to_string());
+                l1_memory_mib = l1_memory_mib.max(3072);
+                minutes += 15;
             }
             "footprint" => {
                 items.push("bench-footprint".to_string());

@@ -3,8 +3,13 @@
 //!
 //! ```text
 //! ebb-density [--scale full|small] [--host-gib H] [--guest-gib G] [--touch-gib T]
-//!             [--max-guests N] [--runs ebb-on,ebb-off,qemu-on] [--out DIR]
+//!             [--max-guests N] [--runs ebb-on,ebb-off,ebb-auto,qemu-on]
+//!             [--workload touch|cache] [--cache-mib N] [--out DIR]
 //! ```
+//! `ebb-auto` is Ebb with reporting and the automatic balloon policy. `--workload cache`
+//! boots each guest from the Debian root file system and has it read `--cache-mib` of a
+//! data disk (default: half the guest, at most 2 GiB) before it touches and frees memory,
+//! so the guests hold page cache that free page reporting never sees.
 //! `--scale full` is the published setup (15 GiB host, 5 GiB guests touching 4.5 GiB),
 //! `--scale small` (the default) a quick one (3, 1, 0.8). Where the local KVM runs stock
 //! guests, each run is bounded by a memory cgroup; elsewhere each run boots the nested
@@ -36,7 +41,8 @@ fn usage(msg: &str) -> ExitCode {
     eprintln!("ebb-density: {msg}");
     eprintln!(
         "usage: ebb-density [--scale full|small] [--host-gib H] [--guest-gib G] [--touch-gib T] \
-         [--max-guests N] [--runs ebb-on,ebb-off,qemu-on] [--out DIR] [--mode direct|nested]"
+         [--max-guests N] [--runs ebb-on,ebb-off,ebb-auto,qemu-on] [--workload touch|cache] \
+         [--cache-mib N] [--out DIR] [--mode direct|nested]"
     );
     ExitCode::from(2)
 }
@@ -51,6 +57,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
     ];
     let mut out = None;
     let mut mode = None;
+    let mut workload_cache = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
@@ -62,7 +69,12 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     other => return Err(format!("unknown scale {other:?}: full or small")),
                 }
             }
-            "--host-gib" | "--guest-gib" | "--touch-gib" | "--max-guests" => {
+            "--workload" => match value()?.as_str() {
+                "touch" => workload_cache = false,
+                "cache" => workload_cache = true,
+                other => return Err(format!("unknown workload {other:?}: touch or cache")),
+            },
+            "--host-gib" | "--guest-gib" | "--touch-gib" | "--max-guests" | "--cache-mib" => {
                 overrides.push((a.clone(), value()?))
             }
             "--runs" => {
@@ -86,8 +98,18 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--host-gib" => cfg.host_gib = num(&v)?,
             "--guest-gib" => cfg.guest_gib = num(&v)?,
             "--touch-gib" => cfg.touch_gib = num(&v)?,
+            "--cache-mib" => {
+                cfg.cache_mib = v.parse().map_err(|_| format!("{k}: not MiB: {v:?}"))?
+            }
             _ => cfg.max_guests = v.parse().map_err(|_| format!("{k}: not a count: {v:?}"))?,
         }
+    }
+    if workload_cache && cfg.cache_mib == 0 {
+        // A few GiB at full scale; half the guest at small scale.
+        cfg.cache_mib = (cfg.guest_mib() / 2).min(2048);
+    }
+    if !workload_cache {
+        cfg.cache_mib = 0;
     }
     if cfg.touch_gib >= cfg.guest_gib || cfg.touch_gib <= 0.0 {
         return Err("--touch-gib must be positive and smaller than --guest-gib".into());

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{DensityConfig, GuestHandle, Launcher, Probe, RunSpec, TouchOutcome};
-use crate::guest::{BalloonConfig, GuestArtifacts, GuestConfig, GuestVm, KernelImage, VmmRef};
+use crate::guest::{
+    BalloonConfig, DiskSpec, GuestArtifacts, GuestConfig, GuestVm, KernelImage, VmmRef,
+};
 use crate::procfs;
 
 /// How host memory is bounded and measured.
@@ -85,6 +87,41 @@ pub fn protect_self() -> io::Result<()> {
     write("/proc/self/oom_score_adj", "-1000")
 }
 
+/// The page cache workload's disks, shared read-only by every guest of a run: the Debian
+/// root file system (read from where it was built, nothing copied) and a sparse data
+/// image (holes cost the host nothing; the guest caches what it reads all the same).
+#[derive(Debug, Clone)]
+struct CacheDisks {
+    root: PathBuf,
+    data: PathBuf,
+    /// The data image and the API sockets live here.
+    dir: PathBuf,
+}
+
+impl CacheDisks {
+    fn new(cache_mib: u64, label: &str) -> Result<Self, String> {
+        let image = crate::paths::cache_dir().join("rootfs/rootfs.ext4");
+        if !image.exists() {
+            return Err(format!(
+                "{} is missing: the cache workload boots the Debian root file system; build \
+                 it with resources/build-rootfs.sh (ci/setup.sh does)",
+                image.display()
+            ));
+        }
+        let dir = std::env::temp_dir().join(format!("ebb-density-{}-{label}", std::process::id()));
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let data = dir.join("data.img");
+        File::create(&data)
+            .and_then(|f| f.set_len((cache_mib + 64) << 20))
+            .map_err(|e| format!("{}: {e}", data.display()))?;
+        Ok(Self {
+            root: image,
+            data,
+            dir,
+        })
+    }
+}
+
 /// Launches default guests for one run.
 pub struct LiveLauncher {
     kind: VmmRef,
@@ -95,6 +132,18 @@ pub struct LiveLauncher {
     describe: String,
     /// Running inside the emulated (nested) test host.
     emulated: bool,
+    /// The cache workload's disks, when it runs.
+    cache: Option<CacheDisks>,
+    /// Turn the automatic balloon policy on in each guest.
+    policy: bool,
+}
+
+impl Drop for LiveLauncher {
+    fn drop(&mut self) {
+        if let Some(c) = &self.cache {
+            let _ = fs::remove_dir_all(&c.dir);
+        }
+    }
 }
 
 impl LiveLauncher {
@@ -106,20 +155,48 @@ impl LiveLauncher {
         where_: &str,
     ) -> Result<Self, String> {
         let kind = spec.vmm.vmm().map_err(|e| e.to_string())?;
+        if spec.policy && spec.vmm != crate::guest::VmmKind::Ebb {
+            return Err(format!(
+                "{}: only Ebb has the automatic policy",
+                spec.label()
+            ));
+        }
         let artifacts = GuestArtifacts::locate().map_err(|e| e.to_string())?;
-        let config = GuestConfig {
+        let mut config = GuestConfig {
             memory_mib: cfg.guest_mib(),
             cpus: 1,
             balloon: Some(BalloonConfig {
                 size_mib: 0,
-                deflate_on_oom: false,
+                // The policy's safety net for bursts faster than its statistics.
+                deflate_on_oom: spec.policy,
                 free_page_reporting: spec.reporting,
-                stats_interval: 0,
+                stats_interval: u32::from(spec.policy),
                 free_page_hinting: false,
             }),
             // The same kernel image for both VMMs.
             kernel: Some(KernelImage::Elf),
             ..GuestConfig::default()
+        };
+        let cache = if cfg.cache_mib > 0 {
+            let disks = CacheDisks::new(cfg.cache_mib, &spec.label())?;
+            config.initramfs = Some(crate::paths::cache_dir().join("rootfs/initramfs.cpio.gz"));
+            // Read-only: every guest of the run boots from the same image.
+            config.cmdline_extra = "root=/dev/vda ro".into();
+            config.disks = vec![
+                DiskSpec {
+                    path: disks.root.clone(),
+                    readonly: true,
+                    id: "root".into(),
+                },
+                DiskSpec {
+                    path: disks.data.clone(),
+                    readonly: true,
+                    id: "data".into(),
+                },
+            ];
+            Some(disks)
+        } else {
+            None
         };
         let kmsg = OpenOptions::new()
             .read(true)
@@ -150,6 +227,8 @@ impl LiveLauncher {
             kmsg,
             describe,
             emulated: where_ == "nested",
+            cache,
+            policy: spec.policy,
         })
     }
 }
@@ -159,14 +238,33 @@ impl Launcher for LiveLauncher {
         self.emulated
     }
 
-    fn launch(&mut self, _index: u32) -> Result<Box<dyn GuestHandle>, String> {
-        let vm = GuestVm::spawn_with(self.kind.clone(), &self.config, &self.artifacts)
+    fn launch(&mut self, index: u32) -> Result<Box<dyn GuestHandle>, String> {
+        let mut config = self.config.clone();
+        let socket = self.policy.then(|| {
+            let dir = self
+                .cache
+                .as_ref()
+                .map_or_else(std::env::temp_dir, |c| c.dir.clone());
+            dir.join(format!(
+                "ebb-density-{}-api-{index}.sock",
+                std::process::id()
+            ))
+        });
+        if let Some(s) = &socket {
+            config.extra_args = vec!["--api-socket".into(), s.to_string_lossy().into_owned()];
+        }
+        let vm = GuestVm::spawn_with(self.kind.clone(), &config, &self.artifacts)
             .map_err(|e| e.to_string())?;
         // Children inherit our -1000; the VMMs are the ones the kernel should pick.
         let _ = write(format!("/proc/{}/oom_score_adj", vm.pid()), "500");
         let pid = vm.pid();
-        let bytes = self.config.memory_mib << 20;
-        Ok(Box::new(LiveGuest { vm, pid, bytes }))
+        let bytes = config.memory_mib << 20;
+        Ok(Box::new(LiveGuest {
+            vm,
+            pid,
+            bytes,
+            socket,
+        }))
     }
 
     fn host_used_kib(&self) -> u64 {
@@ -216,6 +314,8 @@ struct LiveGuest {
     vm: GuestVm,
     pid: u32,
     bytes: u64,
+    /// The VMM's API socket, when the run uses the automatic policy.
+    socket: Option<PathBuf>,
 }
 
 impl LiveGuest {
@@ -242,8 +342,32 @@ impl GuestHandle for LiveGuest {
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
-        match self.vm.wait_ready(timeout) {
-            Ok(_) => Ok(()),
+        if let Err(e) = self.vm.wait_ready(timeout) {
+            let first = e.to_string().lines().next().unwrap_or("").to_string();
+            return Err(format!("{first} ({})", self.exit_text()));
+        }
+        if let Some(socket) = &self.socket {
+            let client = ebb_ctl::client::Client::new(socket, Duration::from_secs(30));
+            let body = br#"{"enabled": true}"#;
+            let r = client
+                .request("PATCH", "/balloon/policy", Some(body))
+                .map_err(|e| format!("turning the balloon policy on: {e}"))?;
+            if r.status != 204 {
+                return Err(format!(
+                    "turning the balloon policy on: {} {}",
+                    r.status,
+                    r.text()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn read_cache(&mut self, mib: u64, timeout: Duration) -> Result<(), String> {
+        let line = format!("sh dd if=/dev/vdb of=/dev/null bs=1M count={mib} 2>&1");
+        match self.vm.command(&line, timeout) {
+            Ok(v) if v["ok"] == true && v["status"] == 0 => Ok(()),
+            Ok(v) => Err(format!("the guest could not read its data disk: {v}")),
             Err(e) => {
                 let first = e.to_string().lines().next().unwrap_or("").to_string();
                 Err(format!("{first} ({})", self.exit_text()))

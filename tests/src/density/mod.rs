@@ -40,6 +40,11 @@ pub struct DensityConfig {
     pub settle_fraction: f64,
     /// Window for the settle test.
     pub settle_window_s: u64,
+    /// The page cache workload: each guest boots from the Debian root file system and
+    /// reads this many MiB of a data disk (its cache grows) before it touches and frees
+    /// memory; 0 is the plain workload on the initramfs guest.
+    #[serde(default)]
+    pub cache_mib: u64,
 }
 
 impl DensityConfig {
@@ -55,6 +60,7 @@ impl DensityConfig {
             settle_timeout_s: 180,
             settle_fraction: 0.01,
             settle_window_s: 8,
+            cache_mib: 0,
         }
     }
 
@@ -72,6 +78,7 @@ impl DensityConfig {
             settle_timeout_s: 60,
             settle_fraction: 0.01,
             settle_window_s: 6,
+            cache_mib: 0,
         }
     }
 
@@ -88,35 +95,44 @@ impl DensityConfig {
 
 pub use crate::vmm::VmmKind;
 
-/// One run: a VMM with reporting on or off.
+/// One run: a VMM with reporting on or off, or (Ebb) reporting with the automatic policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSpec {
     /// VMM.
     pub vmm: VmmKind,
     /// Free page reporting.
     pub reporting: bool,
+    /// The automatic balloon policy (with reporting).
+    #[serde(default)]
+    pub policy: bool,
 }
 
 impl RunSpec {
-    /// `ebb-on`, `ebb-off`, `qemu-on`, `qemu-off`.
+    /// `ebb-on`, `ebb-off`, `ebb-auto`, `qemu-on`, `qemu-off`.
     pub fn label(&self) -> String {
-        format!(
-            "{}-{}",
-            self.vmm.as_str(),
-            if self.reporting { "on" } else { "off" }
-        )
+        let mode = match (self.policy, self.reporting) {
+            (true, _) => "auto",
+            (false, true) => "on",
+            (false, false) => "off",
+        };
+        format!("{}-{mode}", self.vmm.as_str())
     }
 
-    /// Parses a label.
+    /// Parses a label (`auto` only for Ebb: QEMU has no policy of its own).
     pub fn parse(label: &str) -> Option<RunSpec> {
         let (vmm, rep) = label.split_once('-')?;
         let vmm: VmmKind = vmm.parse().ok()?;
-        let reporting = match rep {
-            "on" => true,
-            "off" => false,
+        let (reporting, policy) = match rep {
+            "on" => (true, false),
+            "off" => (false, false),
+            "auto" if vmm == VmmKind::Ebb => (true, true),
             _ => return None,
         };
-        Some(RunSpec { vmm, reporting })
+        Some(RunSpec {
+            vmm,
+            reporting,
+            policy,
+        })
     }
 }
 
@@ -154,6 +170,9 @@ pub struct GuestRecord {
     pub launched_at_s: f64,
     /// Launch to ready marker.
     pub boot_s: Option<f64>,
+    /// Page cache read duration (cache workload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_s: Option<f64>,
     /// Touch duration.
     pub touch_s: Option<f64>,
     /// Guest RAM RSS after the touch.
@@ -187,6 +206,9 @@ pub struct RunResult {
     pub vmm: VmmKind,
     /// Free page reporting.
     pub reporting: bool,
+    /// The automatic balloon policy.
+    #[serde(default)]
+    pub policy: bool,
     /// Guests that booted, completed their touch and were alive at the end.
     pub guests_fit: u32,
     /// Mean settled guest RAM RSS of the fitting guests.
@@ -231,6 +253,11 @@ pub trait GuestHandle: Send {
     fn touch(&mut self, mib: u64, timeout: Duration) -> TouchOutcome;
     /// Frees what touch holds.
     fn free(&mut self, timeout: Duration) -> Result<(), String>;
+    /// The page cache workload's first step: reads `mib` MiB of the guest's data disk.
+    fn read_cache(&mut self, mib: u64, timeout: Duration) -> Result<(), String> {
+        let _ = (mib, timeout);
+        Err("this guest has no data disk for the page cache workload".into())
+    }
     /// Guest RAM RSS in KiB (None once the VMM is gone).
     fn ram_rss_kib(&self) -> Option<u64>;
     /// `Some(description)` once the VMM has exited.
@@ -288,6 +315,19 @@ fn bring_up(
     g.wait_ready(Duration::from_secs(cfg.boot_timeout_s))
         .map_err(|e| fail(FailureKind::Boot, e, launcher))?;
     rec.boot_s = Some(t0.elapsed().as_secs_f64());
+    if cfg.cache_mib > 0 {
+        let t = Instant::now();
+        g.read_cache(cfg.cache_mib, touch_timeout)
+            .map_err(|e| fail(FailureKind::Touch, format!("cache read: {e}"), launcher))?;
+        rec.cache_s = Some(t.elapsed().as_secs_f64());
+        progress(&format!(
+            "[{}] guest {index}: read {} MiB into its page cache in {:.1} s (RSS {:.0} MiB)",
+            spec.label(),
+            cfg.cache_mib,
+            rec.cache_s.unwrap_or(0.0),
+            g.ram_rss_kib().map(mib).unwrap_or(0.0)
+        ));
+    }
     progress(&format!(
         "[{}] guest {index}: ready after {:.1} s; touching {} MiB",
         spec.label(),
@@ -497,6 +537,7 @@ pub fn run_density(
     RunResult {
         vmm: spec.vmm,
         reporting: spec.reporting,
+        policy: spec.policy,
         guests_fit: fitting.len() as u32,
         residual_mib_per_guest: residual,
         reclaim_s_median: median(&reclaims),
@@ -626,6 +667,12 @@ mod tests {
             self.rss_mib.store(50 + mib, Ordering::SeqCst);
             TouchOutcome::Done
         }
+        fn read_cache(&mut self, mib: u64, _: Duration) -> Result<(), String> {
+            // The cache stays: it is not freed with the touch.
+            self.used.fetch_add(mib, Ordering::SeqCst);
+            self.rss_mib.fetch_add(mib, Ordering::SeqCst);
+            Ok(())
+        }
         fn free(&mut self, _: Duration) -> Result<(), String> {
             let before = self.rss_mib.load(Ordering::SeqCst);
             self.used
@@ -698,6 +745,7 @@ mod tests {
             settle_timeout_s: 2,
             settle_fraction: 0.01,
             settle_window_s: 1,
+            cache_mib: 0,
         }
     }
 
@@ -720,6 +768,7 @@ mod tests {
         let spec = RunSpec {
             vmm: VmmKind::Ebb,
             reporting: true,
+            policy: false,
         };
         let mut lines = Vec::new();
         let r = run_density(
@@ -759,6 +808,7 @@ mod tests {
         let spec = RunSpec {
             vmm: VmmKind::Qemu,
             reporting: false,
+            policy: false,
         };
         let r = run_density(spec, &cfg(), &mut h, Duration::from_millis(50), &mut |_| {});
         assert_eq!(r.guests_fit, 2);
@@ -771,6 +821,7 @@ mod tests {
         let spec = RunSpec {
             vmm: VmmKind::Ebb,
             reporting: true,
+            policy: false,
         };
         let mut cfg = cfg();
         cfg.max_guests = 4;
@@ -829,11 +880,49 @@ mod tests {
         assert!(r.guests[1].crash_retry.is_none());
     }
 
+    /// The cache workload reads before the touch, and its cache stays on the host: fewer
+    /// guests fit than with the plain workload.
+    #[test]
+    fn the_cache_workload_reads_first_and_its_cache_stays() {
+        let spec = RunSpec::parse("ebb-on").unwrap();
+        let plain = run_density(
+            spec,
+            &cfg(),
+            &mut host(20),
+            Duration::from_millis(50),
+            &mut |_| {},
+        );
+        let mut with_cache = cfg();
+        with_cache.cache_mib = 200;
+        let mut lines = Vec::new();
+        let cached = run_density(
+            spec,
+            &with_cache,
+            &mut host(20),
+            Duration::from_millis(50),
+            &mut |l| lines.push(l.to_string()),
+        );
+        assert!(cached.guests.iter().all(|g| g.cache_s.is_some()));
+        assert!(plain.guests.iter().all(|g| g.cache_s.is_none()));
+        assert!(
+            cached.guests_fit < plain.guests_fit,
+            "{} vs {}",
+            cached.guests_fit,
+            plain.guests_fit
+        );
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("read 200 MiB into its page cache")));
+    }
+
     #[test]
     fn labels_and_medians() {
-        for l in ["ebb-on", "ebb-off", "qemu-on", "qemu-off"] {
+        for l in ["ebb-on", "ebb-off", "ebb-auto", "qemu-on", "qemu-off"] {
             assert_eq!(RunSpec::parse(l).unwrap().label(), l);
         }
         assert!(RunSpec::parse("ebb").is_none());
+        let auto = RunSpec::parse("ebb-auto").unwrap();
+        assert!(auto.policy && auto.reporting);
+        assert!(RunSpec::parse("qemu-auto").is_none(), "QEMU has no policy");
     }
 }

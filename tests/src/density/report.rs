@@ -39,13 +39,21 @@ impl DensityReport {
         Ok(())
     }
 
-    /// The summary table.
+    /// The summary table (`cache` workload runs say how much each guest read first).
     pub fn table(&self) -> String {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "Density: {} GiB host, {} GiB guests touching {} GiB ({})",
-            self.host_gib, self.guest_gib, self.touch_gib, self.started_utc
+            "Density: {} GiB host, {} GiB guests touching {} GiB{} ({})",
+            self.host_gib,
+            self.guest_gib,
+            self.touch_gib,
+            if self.config.cache_mib > 0 {
+                format!(" after reading {} MiB from disk", self.config.cache_mib)
+            } else {
+                String::new()
+            },
+            self.started_utc
         );
         t.push_str(
             "vmm    reporting guests fit   residual MiB reclaim s p50   wall s  stopped by\n",
@@ -59,7 +67,7 @@ impl DensityReport {
                 t,
                 "{:<6} {:>9} {:>10} {:>14} {:>13} {:>8.0}  {}",
                 r.vmm.as_str(),
-                if r.reporting { "on" } else { "off" },
+                mode(r),
                 r.guests_fit,
                 r.residual_mib_per_guest
                     .map(|v| format!("{v:.0}"))
@@ -179,7 +187,7 @@ impl DensityReport {
                 left + pw + 36.0,
                 ly + 4.0,
                 r.vmm.as_str(),
-                if r.reporting { "on" } else { "off" },
+                mode(r),
                 left + pw + 36.0,
                 ly + 20.0,
                 r.guests_fit
@@ -215,6 +223,15 @@ fn nice_step(raw: f64) -> f64 {
     10.0 * mag
 }
 
+/// The reporting column: `on`, `off`, or `auto` (reporting with the automatic policy).
+fn mode(r: &RunResult) -> &'static str {
+    match (r.policy, r.reporting) {
+        (true, _) => "auto",
+        (false, true) => "on",
+        (false, false) => "off",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +241,7 @@ mod tests {
         let run = |vmm, reporting, fit| RunResult {
             vmm,
             reporting,
+            policy: false,
             guests_fit: fit,
             residual_mib_per_guest: Some(120.0),
             reclaim_s_median: Some(6.5),

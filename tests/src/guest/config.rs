@@ -78,6 +78,9 @@ pub struct GuestConfig {
     pub echo_console: bool,
     /// Ebb only: `--memory SIZE,thp=on|off` (`None`: the host's default).
     pub thp: Option<bool>,
+    /// Same-page merging: Ebb's `--memory SIZE,merge=on|off`, QEMU's `-machine
+    /// mem-merge=on|off` (QEMU defaults to on; the harness says it either way).
+    pub merge: bool,
     /// virtio-blk disks, in order (the first is /dev/vda in the guest).
     pub disks: Vec<DiskSpec>,
 }
@@ -105,6 +108,7 @@ impl Default for GuestConfig {
             initramfs: None,
             echo_console: std::env::var("EBB_GUEST_ECHO").is_ok_and(|v| !v.is_empty() && v != "0"),
             thp: None,
+            merge: false,
             disks: Vec::new(),
         }
     }

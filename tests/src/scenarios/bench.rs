@@ -801,6 +801,8 @@ pub fn table(result: &Value) -> String {
         "bench-footprint" => s.push_str(&super::footprint::table(d)),
         "hint-reclaim" => s.push_str(&super::hinting::table(d)),
         "bench-disk" => s.push_str(&super::disk::table(d)),
+        // Scenarios that render their own table.
+        _ if d["table"].is_string() => s.push_str(d["table"].as_str().unwrap_or_default()),
         _ => s.push_str(&format!("{name}: {d}\n")),
     }
     s

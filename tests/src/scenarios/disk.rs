@@ -35,11 +35,12 @@ pub const SCENARIOS: &[ScenarioDef] = &[
 ];
 
 /// The root file system's build output.
-fn rootfs_dir() -> PathBuf {
+pub(super) fn rootfs_dir() -> PathBuf {
     crate::paths::cache_dir().join("rootfs")
 }
 
-fn copy_image(to: &Path) -> Result<(), String> {
+/// Copies the root file system image to `to` (sparse).
+pub(super) fn copy_image(to: &Path) -> Result<(), String> {
     let from = rootfs_dir().join("rootfs.ext4");
     ensure(from.exists(), || {
         format!(

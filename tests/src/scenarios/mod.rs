@@ -37,6 +37,8 @@ pub mod footprint;
 pub mod hinting;
 pub mod host;
 pub mod hostile;
+pub mod merge;
+pub mod policy;
 pub mod reporting;
 pub mod support;
 

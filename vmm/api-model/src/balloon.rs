@@ -27,6 +27,36 @@ pub struct BalloonConfig {
     pub stats_interval_s: u32,
     /// Offer free page hinting (the host asks the guest for its free memory).
     pub free_page_hinting: bool,
+    /// The automatic balloon policy.
+    pub policy: PolicyConfig,
+}
+
+/// The automatic balloon policy's options (`policy=auto|off`, `policy_headroom=SIZE`,
+/// `policy_min=SIZE`, `policy_max=SIZE`, `policy_step=SIZE`); a knob left out takes the
+/// default for the guest's size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// The policy sets the balloon target (it can also be turned on at run time).
+    pub auto: bool,
+    /// Memory the guest keeps available beyond the balloon, bytes.
+    pub headroom: Option<u64>,
+    /// Smallest balloon the policy sets, bytes.
+    pub min: Option<u64>,
+    /// Largest balloon the policy sets, bytes.
+    pub max: Option<u64>,
+    /// Largest inflate per decision, bytes.
+    pub step: Option<u64>,
+}
+
+impl PolicyConfig {
+    fn knobs(&self) -> [(&'static str, Option<u64>); 4] {
+        [
+            ("policy_headroom", self.headroom),
+            ("policy_min", self.min),
+            ("policy_max", self.max),
+            ("policy_step", self.step),
+        ]
+    }
 }
 
 impl Default for BalloonConfig {
@@ -37,6 +67,7 @@ impl Default for BalloonConfig {
             free_page_reporting: true,
             stats_interval_s: 0,
             free_page_hinting: false,
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -56,6 +87,21 @@ impl FromStr for BalloonConfig {
                 "deflate_on_oom" => cfg.deflate_on_oom = parse_switch(key, value)?,
                 "free_page_reporting" => cfg.free_page_reporting = parse_switch(key, value)?,
                 "free_page_hinting" => cfg.free_page_hinting = parse_switch(key, value)?,
+                "policy" => {
+                    cfg.policy.auto = match value {
+                        "auto" => true,
+                        "off" => false,
+                        _ => {
+                            return Err(ParseError(format!(
+                                "invalid policy '{value}': expected auto or off"
+                            )))
+                        }
+                    }
+                }
+                "policy_headroom" => cfg.policy.headroom = Some(parse_size(value)?),
+                "policy_min" => cfg.policy.min = Some(parse_size(value)?),
+                "policy_max" => cfg.policy.max = Some(parse_size(value)?),
+                "policy_step" => cfg.policy.step = Some(parse_size(value)?),
                 "stats_interval" => {
                     cfg.stats_interval_s = value.parse().map_err(|_| {
                         ParseError(format!(
@@ -66,7 +112,8 @@ impl FromStr for BalloonConfig {
                 _ => {
                     return Err(ParseError(format!(
                         "unknown balloon option '{key}' (known: size, deflate_on_oom, \
-                         free_page_reporting, stats_interval, free_page_hinting)"
+                         free_page_reporting, stats_interval, free_page_hinting, policy, \
+                         policy_headroom, policy_min, policy_max, policy_step)"
                     )))
                 }
             }
@@ -76,6 +123,22 @@ impl FromStr for BalloonConfig {
                 "balloon size {} bytes is not a multiple of 4 KiB",
                 cfg.size
             )));
+        }
+        if cfg.policy.auto && cfg.stats_interval_s == 0 {
+            return Err(ParseError(
+                "policy=auto decides from the guest's statistics: add stats_interval=SECS \
+                 (1 or 2 is usual)"
+                    .into(),
+            ));
+        }
+        if let (Some(min), Some(max)) = (cfg.policy.min, cfg.policy.max) {
+            if min > max {
+                return Err(ParseError(format!(
+                    "policy_min {} is above policy_max {}",
+                    size_arg(min),
+                    size_arg(max)
+                )));
+            }
         }
         Ok(cfg)
     }
@@ -92,7 +155,16 @@ impl fmt::Display for BalloonConfig {
             switch_arg(self.free_page_reporting),
             self.stats_interval_s,
             switch_arg(self.free_page_hinting)
-        )
+        )?;
+        if self.policy.auto {
+            write!(f, ",policy=auto")?;
+        }
+        for (name, value) in self.policy.knobs() {
+            if let Some(v) = value {
+                write!(f, ",{name}={}", size_arg(v))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -116,6 +188,7 @@ mod tests {
                 free_page_reporting: false,
                 stats_interval_s: 2,
                 free_page_hinting: true,
+                policy: PolicyConfig::default(),
             }
         );
         let d: BalloonConfig = "size=0".parse().unwrap();
@@ -133,7 +206,8 @@ mod tests {
             (
                 "size=1G,bogus=1",
                 "unknown balloon option 'bogus' (known: size, deflate_on_oom, \
-                 free_page_reporting, stats_interval, free_page_hinting)",
+                 free_page_reporting, stats_interval, free_page_hinting, policy, \
+                 policy_headroom, policy_min, policy_max, policy_step)",
             ),
             (
                 "stats_interval=-1",
@@ -151,6 +225,16 @@ mod tests {
                 "size=lots",
                 "invalid size 'lots': unknown unit 'lots' (use K, M, G or T)",
             ),
+            (
+                "policy=auto",
+                "policy=auto decides from the guest's statistics: add stats_interval=SECS \
+                 (1 or 2 is usual)",
+            ),
+            ("policy=on", "invalid policy 'on': expected auto or off"),
+            (
+                "stats_interval=1,policy_min=2G,policy_max=1G",
+                "policy_min 2G is above policy_max 1G",
+            ),
         ] {
             assert_eq!(
                 bad.parse::<BalloonConfig>().unwrap_err().to_string(),
@@ -167,6 +251,7 @@ mod tests {
             free_page_reporting: true,
             stats_interval_s: 2,
             free_page_hinting: false,
+            policy: PolicyConfig::default(),
         };
         assert_eq!(
             b.to_string(),
@@ -182,7 +267,11 @@ mod tests {
                 free_page_reporting: false,
                 stats_interval_s: 0,
                 free_page_hinting: true,
+                policy: PolicyConfig::default(),
             },
+            "stats_interval=1,policy=auto,policy_headroom=512M,policy_step=64M"
+                .parse()
+                .unwrap(),
         ] {
             assert_eq!(cfg.to_string().parse::<BalloonConfig>().unwrap(), cfg);
         }

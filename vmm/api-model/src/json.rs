@@ -26,6 +26,63 @@ pub struct BalloonUpdate {
     pub amount_mib: u32,
 }
 
+/// `GET /balloon/policy`: the automatic policy's settings and what it last did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    /// The policy sets the balloon target.
+    pub enabled: bool,
+    /// Memory the guest keeps available beyond the balloon, MiB.
+    pub headroom_mib: u64,
+    /// Smallest balloon the policy sets, MiB.
+    pub min_mib: u64,
+    /// Largest balloon the policy sets, MiB.
+    pub max_mib: u64,
+    /// Largest inflate per decision, MiB.
+    pub step_mib: u64,
+    /// Major faults per second above which the guest counts as short of memory.
+    pub fault_rate_per_s: u64,
+    /// Seconds inflating waits after a deflate.
+    pub cooldown_s: u64,
+    /// Host PSI `some avg10` (percent) above which inflating is faster.
+    pub host_pressure_pct: f64,
+    /// The latest decision (`null` before the first statistics report).
+    pub last_decision: Option<PolicyDecision>,
+    /// Decisions so far, per reason.
+    pub decisions: std::collections::BTreeMap<String, u64>,
+}
+
+/// One decision of the policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDecision {
+    /// The target it set, MiB.
+    pub target_mib: u64,
+    /// Why (`inflate_idle`, `deflate_low_available`, `steady`, ...).
+    pub reason: String,
+    /// Milliseconds since.
+    pub age_ms: u64,
+}
+
+/// `PATCH /balloon/policy`: any of the fields; those left out keep their value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyUpdate {
+    /// Turn the policy on or off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// New headroom, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headroom_mib: Option<u64>,
+    /// New smallest balloon, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_mib: Option<u64>,
+    /// New largest balloon, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_mib: Option<u64>,
+    /// New largest inflate per decision, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_mib: Option<u64>,
+}
+
 /// `PATCH /balloon/statistics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,6 +166,7 @@ impl From<BalloonWire> for BalloonInfo {
                 free_page_reporting: w.free_page_reporting,
                 stats_interval_s: w.stats_polling_interval_s,
                 free_page_hinting: w.free_page_hinting,
+                policy: Default::default(),
             },
             actual_bytes: u64::from(w.actual_mib) * MIB,
         }
@@ -415,6 +473,7 @@ mod tests {
                 free_page_reporting: false,
                 stats_interval_s: 2,
                 free_page_hinting: false,
+                policy: Default::default(),
             },
             actual_bytes: 50 * MIB,
         };

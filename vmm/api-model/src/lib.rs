@@ -15,12 +15,12 @@ pub mod json;
 pub mod options;
 pub mod units;
 
-pub use balloon::BalloonConfig;
+pub use balloon::{BalloonConfig, PolicyConfig};
 pub use disk::DiskConfig;
 pub use json::{
     BalloonInfo, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate, DiskInfo, EbbBalloonStats,
-    EmptyBody, Fault, HintCounters, HintStart, HintStatus, LatencySummary, Rejects, RssInfo,
-    VmInfo, VmState,
+    EmptyBody, Fault, HintCounters, HintStart, HintStatus, LatencySummary, PolicyDecision,
+    PolicyInfo, PolicyUpdate, Rejects, RssInfo, VmInfo, VmState,
 };
 pub use options::ParseError;
 

@@ -18,9 +18,9 @@ use serde_json::json;
 
 use crate::bench::bench;
 use crate::client::{Client, ClientError, Response};
-use crate::render::{render_balloon, render_hint, render_stats, render_vm};
+use crate::render::{render_balloon, render_hint, render_policy, render_stats, render_vm};
 use ebb_api_model::units::{format_size, parse_size, MIB};
-use ebb_api_model::HintStatus;
+use ebb_api_model::{HintStatus, PolicyUpdate};
 
 /// Exit status: the API answered with an error.
 pub const EXIT_API_ERROR: i32 = 1;
@@ -96,6 +96,31 @@ pub enum BalloonAction {
     HintStatus,
     /// Tell the guest the host is done with its hinted memory (after `hint --no-ack`).
     HintStop,
+    /// Show the automatic balloon policy, or change it with the options.
+    Policy(PolicyArgs),
+}
+
+/// `ebb-ctl balloon policy`: with no option it shows the policy.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// Turn the policy on (it sets the balloon target from the guest's statistics).
+    #[arg(long, conflicts_with = "off")]
+    pub on: bool,
+    /// Turn the policy off (the target stays where it is).
+    #[arg(long)]
+    pub off: bool,
+    /// Memory the guest keeps available beyond the balloon (SIZE, whole MiB).
+    #[arg(long, value_name = "SIZE")]
+    pub headroom: Option<String>,
+    /// Smallest balloon the policy sets (SIZE).
+    #[arg(long, value_name = "SIZE")]
+    pub min: Option<String>,
+    /// Largest balloon the policy sets (SIZE).
+    #[arg(long, value_name = "SIZE")]
+    pub max: Option<String>,
+    /// Largest inflate per decision (SIZE).
+    #[arg(long, value_name = "SIZE")]
+    pub step: Option<String>,
 }
 
 /// `ebb-ctl balloon hint`.
@@ -252,6 +277,49 @@ fn compact(r: &Response) -> Result<String, Failure> {
     Ok(r.text().trim().to_string())
 }
 
+/// `ebb-ctl balloon policy`: shows the policy, or sends the changes the options ask for.
+fn policy(
+    client: &Client,
+    args: &PolicyArgs,
+    json: bool,
+    err: &mut dyn Write,
+) -> Result<String, Failure> {
+    let mut mib = |size: &Option<String>| -> Result<Option<u64>, Failure> {
+        let Some(text) = size else {
+            return Ok(None);
+        };
+        let (mib, note) = size_to_mib(text).map_err(|m| Failure {
+            status: 0,
+            message: m,
+            exit: EXIT_USAGE,
+        })?;
+        if let Some(note) = note {
+            let _ = writeln!(err, "ebb-ctl: note: {note}");
+        }
+        Ok(Some(u64::from(mib)))
+    };
+    let update = PolicyUpdate {
+        enabled: match (args.on, args.off) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+        headroom_mib: mib(&args.headroom)?,
+        min_mib: mib(&args.min)?,
+        max_mib: mib(&args.max)?,
+        step_mib: mib(&args.step)?,
+    };
+    if update != PolicyUpdate::default() {
+        expect_ok(client.send_json("PATCH", "/balloon/policy", &json!(update))?)?;
+    }
+    let r = expect_ok(client.get("/balloon/policy")?)?;
+    if json {
+        compact(&r)
+    } else {
+        Ok(render_policy(&decode(&r)?))
+    }
+}
+
 fn execute(ctl: &Ctl, client: &Client, err: &mut dyn Write) -> Result<String, Failure> {
     match &ctl.command {
         Command::Balloon { action } => match action {
@@ -308,6 +376,7 @@ fn execute(ctl: &Ctl, client: &Client, err: &mut dyn Write) -> Result<String, Fa
                     Ok(render_hint(&decode(&r)?))
                 }
             }
+            BalloonAction::Policy(args) => policy(client, args, ctl.json, err),
             BalloonAction::HintStop => {
                 expect_ok(client.request("PATCH", "/balloon/hinting/stop", None)?)?;
                 Ok(if ctl.json {

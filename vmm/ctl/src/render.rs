@@ -171,6 +171,49 @@ pub fn render_vm(v: &VmInfo) -> String {
     t
 }
 
+/// `ebb-ctl balloon policy`.
+pub fn render_policy(p: &ebb_api_model::PolicyInfo) -> String {
+    let last = p.last_decision.as_ref().map_or_else(
+        || "none yet".to_string(),
+        |d| {
+            format!(
+                "{} MiB ({}), {:.1} s ago",
+                d.target_mib,
+                d.reason,
+                d.age_ms as f64 / 1000.0
+            )
+        },
+    );
+    let mut decisions: Vec<String> = p
+        .decisions
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    if decisions.is_empty() {
+        decisions.push("none".into());
+    }
+    format!(
+        "policy:              {}\n\
+         headroom:            {} MiB\n\
+         balloon range:       {}-{} MiB, at most {} MiB more per decision\n\
+         deflate when:        available < headroom, > {} major faults/s, OOM kill or stall\n\
+         cooldown:            {} s after a deflate\n\
+         host pressure:       inflate twice as fast above {} % (PSI some avg10)\n\
+         last decision:       {last}\n\
+         decisions:           {}\n",
+        if p.enabled { "auto (on)" } else { "off" },
+        p.headroom_mib,
+        p.min_mib,
+        p.max_mib,
+        p.step_mib,
+        p.fault_rate_per_s,
+        p.cooldown_s,
+        p.host_pressure_pct,
+        decisions.join(", ")
+    )
+}
+
 /// `ebb-ctl balloon hint-status`.
 pub fn render_hint(s: &ebb_api_model::HintStatus) -> String {
     let guest = s

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 pub use ebb_api_model::VmState;
 use ebb_balloon::counters::BalloonCounters;
+use ebb_balloon::policy::{PolicySettings, PolicyView};
 use ebb_balloon::stats::GuestStats;
 use ebb_balloon::{BalloonOptions, HintControl};
 use ebb_block::counters::BlockCounters;
@@ -87,7 +88,7 @@ impl fmt::Display for ApiError {
 impl std::error::Error for ApiError {}
 
 /// The balloon as the API sees it at one instant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BalloonSnapshot {
     /// How the device was configured at boot.
     pub options: BalloonOptions,
@@ -107,6 +108,8 @@ pub struct BalloonSnapshot {
     pub stats: Option<GuestStats>,
     /// Free page hinting: command ids and the current run.
     pub hint: HintControl,
+    /// The automatic policy (`None` without a statistics queue, which it needs).
+    pub policy: Option<PolicyView>,
 }
 
 impl BalloonSnapshot {
@@ -200,6 +203,16 @@ pub trait VmBackend: Send {
     /// Tells the guest the host is done with its hinted pages.
     fn stop_hinting(&mut self) -> Result<(), ApiError> {
         Err(ApiError::bad_request("free page hinting is not available"))
+    }
+    /// Gives the automatic policy `settings` and turns it on or off. The caller has
+    /// checked that the balloon has a policy and that the settings fit guest memory.
+    fn set_balloon_policy(
+        &mut self,
+        settings: PolicySettings,
+        enabled: bool,
+    ) -> Result<(), ApiError> {
+        let _ = (settings, enabled);
+        Err(ApiError::bad_request("the balloon policy is not available"))
     }
     /// Presses the ACPI power button.
     fn press_power_button(&mut self) -> Result<(), ApiError>;

@@ -391,6 +391,26 @@ pub fn render(
         "Time from noticing a free page report to returning it to the guest.",
         &c.report_latency,
     );
+    if let Some(p) = &b.policy {
+        d.metric(
+            "ebb_balloon_policy_enabled",
+            "gauge",
+            "1 while the automatic policy sets the balloon target.",
+            u8::from(p.enabled),
+        );
+        d.header(
+            "ebb_balloon_policy_decisions_total",
+            "counter",
+            "Decisions of the automatic policy, by reason.",
+        );
+        for (reason, n) in &p.decisions {
+            let _ = writeln!(
+                d.0,
+                "ebb_balloon_policy_decisions_total{{reason=\"{}\"}} {n}",
+                reason.name()
+            );
+        }
+    }
     if let Some(s) = &b.stats {
         let gauges: [(&str, &str, Option<u64>); 8] = [
             (
@@ -487,6 +507,7 @@ mod tests {
             counters: Default::default(),
             stats: None,
             hint: Default::default(),
+            policy: None,
         };
         b.counters.reported_discarded_bytes = 4096;
         b.counters.inflate_discarded_bytes = 8192;

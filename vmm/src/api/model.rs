@@ -5,8 +5,9 @@ use std::time::SystemTime;
 use ebb_api_model::units::{MIB, PAGES_PER_MIB, PAGE_SIZE};
 use ebb_api_model::{
     BalloonConfig, BalloonInfo, BalloonStatistics, DiskInfo, EbbBalloonStats, HintCounters,
-    HintStatus, LatencySummary, Rejects, RssInfo, VmInfo,
+    HintStatus, LatencySummary, PolicyDecision, PolicyInfo, Rejects, RssInfo, VmInfo,
 };
+use ebb_balloon::policy::PolicyView;
 use ebb_balloon::HintControl;
 
 use super::backend::{BalloonSnapshot, DiskSnapshot, MemoryUsage, VmSummary};
@@ -25,8 +26,34 @@ pub fn balloon_info(b: &BalloonSnapshot) -> BalloonInfo {
             free_page_reporting: b.options.free_page_reporting,
             stats_interval_s: b.stats_interval_s,
             free_page_hinting: b.options.free_page_hinting,
+            policy: Default::default(),
         },
         actual_bytes: u64::from(b.actual_pages) * PAGE_SIZE,
+    }
+}
+
+/// `GET /balloon/policy` for the policy `p`.
+pub fn policy_info(p: &PolicyView) -> PolicyInfo {
+    let s = &p.settings;
+    PolicyInfo {
+        enabled: p.enabled,
+        headroom_mib: s.headroom / MIB,
+        min_mib: s.min / MIB,
+        max_mib: s.max / MIB,
+        step_mib: s.step / MIB,
+        fault_rate_per_s: s.fault_rate,
+        cooldown_s: s.cooldown.as_secs(),
+        host_pressure_pct: s.host_pressure,
+        last_decision: p.last_decision.map(|d| PolicyDecision {
+            target_mib: d.target / MIB,
+            reason: d.reason.name().to_string(),
+            age_ms: p.now.saturating_sub(d.at).as_millis() as u64,
+        }),
+        decisions: p
+            .decisions
+            .iter()
+            .map(|(r, n)| (r.name().to_string(), *n))
+            .collect(),
     }
 }
 
@@ -182,6 +209,7 @@ mod tests {
             counters: Default::default(),
             stats: None,
             hint: Default::default(),
+            policy: None,
         }
     }
 

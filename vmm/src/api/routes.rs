@@ -20,9 +20,9 @@ use serde::Serialize;
 use super::backend::{ApiError, VmBackend};
 use super::dispatch::Dispatcher;
 use super::metrics;
-use super::model::{balloon_info, balloon_statistics, hint_status, vm_info};
+use super::model::{balloon_info, balloon_statistics, hint_status, policy_info, vm_info};
 use ebb_api_model::units::{MIB, PAGES_PER_MIB};
-use ebb_api_model::{BalloonStatsUpdate, BalloonUpdate, EmptyBody, Fault, HintStart};
+use ebb_api_model::{BalloonStatsUpdate, BalloonUpdate, EmptyBody, Fault, HintStart, PolicyUpdate};
 
 /// Limits on what a request may send.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +45,8 @@ pub struct AppState {
 pub const ENDPOINTS: &[(&str, &str)] = &[
     ("/balloon", "get"),
     ("/balloon", "patch"),
+    ("/balloon/policy", "get"),
+    ("/balloon/policy", "patch"),
     ("/balloon/statistics", "get"),
     ("/balloon/statistics", "patch"),
     ("/balloon/hinting/start", "patch"),
@@ -66,6 +68,10 @@ pub fn router(dispatcher: Dispatcher, limits: BodyLimits) -> Router {
         .route(
             "/balloon/statistics",
             get(get_balloon_stats).patch(patch_balloon_stats),
+        )
+        .route(
+            "/balloon/policy",
+            get(get_balloon_policy).patch(patch_balloon_policy),
         )
         .route("/balloon/hinting/start", patch(patch_hint_start))
         .route("/balloon/hinting/status", get(get_hint_status))
@@ -222,6 +228,12 @@ async fn patch_balloon(
 
 fn set_target(vm: &mut dyn VmBackend, amount_mib: u32) -> Result<(), ApiError> {
     let b = vm.balloon().ok_or_else(ApiError::no_balloon)?;
+    if b.policy.as_ref().is_some_and(|p| p.enabled) {
+        return Err(ApiError::conflict(
+            "the automatic balloon policy sets the target; turn it off first \
+             (PATCH /balloon/policy {\"enabled\": false})",
+        ));
+    }
     let memory_mib = b.guest_memory_bytes / MIB;
     if u64::from(amount_mib) > memory_mib {
         return Err(ApiError::bad_request(format!(
@@ -271,6 +283,57 @@ async fn patch_balloon_stats(
                 ));
             }
             vm.set_balloon_stats_interval(secs.into())
+        })
+        .await??;
+    Ok(no_content())
+}
+
+fn no_policy() -> ApiError {
+    ApiError::bad_request(
+        "the balloon policy decides from the guest's statistics, which were not enabled \
+         at boot (start ebb with --balloon ...,stats_interval=SECS)",
+    )
+}
+
+async fn get_balloon_policy(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let b = s
+        .dispatcher
+        .call(|vm| vm.balloon())
+        .await?
+        .ok_or_else(ApiError::no_balloon)?;
+    let policy = b.policy.ok_or_else(no_policy)?;
+    Ok(json_response(StatusCode::OK, &policy_info(&policy)))
+}
+
+async fn patch_balloon_policy(
+    State(s): State<AppState>,
+    JsonBody(update): JsonBody<PolicyUpdate>,
+) -> Result<Response, ApiError> {
+    s.dispatcher
+        .call(move |vm| {
+            let b = vm.balloon().ok_or_else(ApiError::no_balloon)?;
+            let policy = b.policy.ok_or_else(no_policy)?;
+            let mut settings = policy.settings;
+            let bytes = |mib: u64| {
+                mib.checked_mul(MIB)
+                    .ok_or_else(|| ApiError::bad_request(format!("{mib} MiB is too large")))
+            };
+            if let Some(v) = update.headroom_mib {
+                settings.headroom = bytes(v)?;
+            }
+            if let Some(v) = update.min_mib {
+                settings.min = bytes(v)?;
+            }
+            if let Some(v) = update.max_mib {
+                settings.max = bytes(v)?;
+            }
+            if let Some(v) = update.step_mib {
+                settings.step = bytes(v)?;
+            }
+            settings
+                .check(b.guest_memory_bytes)
+                .map_err(ApiError::bad_request)?;
+            vm.set_balloon_policy(settings, update.enabled.unwrap_or(policy.enabled))
         })
         .await??;
     Ok(no_content())

@@ -7,6 +7,7 @@ use std::io::{self, BufRead, BufReader};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ebb_balloon::policy::PolicySettings;
 use ebb_balloon::Balloon;
 use ebb_block::Block;
 use ebb_devices::bus::lock;
@@ -138,6 +139,7 @@ impl VmBackend for LiveVm {
             driver_ready: transport.is_activated(),
             counters: b.counters(),
             stats: b.stats().cloned(),
+            policy: b.policy_view(),
             hint: b.hint_status().unwrap_or_default(),
         })
     }
@@ -158,6 +160,21 @@ impl VmBackend for LiveVm {
                 }
             })
             .collect()
+    }
+
+    fn set_balloon_policy(
+        &mut self,
+        settings: PolicySettings,
+        enabled: bool,
+    ) -> Result<(), ApiError> {
+        self.balloon_request(|b| {
+            let policy = b
+                .policy_mut()
+                .ok_or(ebb_balloon::device::BalloonError::StatsDisabled)?;
+            policy.set_settings(settings);
+            policy.set_enabled(enabled);
+            Ok(())
+        })
     }
 
     fn set_balloon_target(&mut self, pages: u64) -> Result<(), ApiError> {

@@ -1,0 +1,560 @@
+//! The automatic balloon policy (`--balloon ...,policy=auto`): after each statistics
+//! report it sets the balloon target that keeps the guest at its working set.
+//!
+//! The rule, in order, first match wins:
+//! 1. The guest is short: an OOM kill or allocation stall since the last report, more
+//!    major faults per second than `fault_rate` (it is re-reading evicted cache or
+//!    swapping), or less available memory than `headroom` by the next report if it keeps
+//!    falling as fast as since the last one. Deflate at once: by that shortfall below
+//!    the headroom, and by at least a `step` when the guest is faulting or stalling.
+//!    Inflating then waits `cooldown`.
+//! 2. In the cooldown, or the guest has not caught up with the last target yet: hold.
+//! 3. The guest has more than `headroom` (plus a quarter of it, the hysteresis)
+//!    available: inflate by the excess, at most `step` per report (twice that while the
+//!    host is under memory pressure). Inflating takes free memory first, then makes the
+//!    guest drop cache it does not use; cache it does use shows up as major faults,
+//!    which rule 1 answers.
+//!
+//! The target always stays within `[min, max]`. Deflate-on-OOM, where negotiated, stays
+//! the safety net for bursts faster than the statistics interval.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Tuning of the policy, in bytes unless said otherwise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicySettings {
+    /// Memory the guest keeps available (MemAvailable) beyond what the balloon holds.
+    pub headroom: u64,
+    /// Smallest balloon the policy sets.
+    pub min: u64,
+    /// Largest balloon the policy sets.
+    pub max: u64,
+    /// Largest inflate per decision.
+    pub step: u64,
+    /// Major faults per second above which the guest counts as short of memory.
+    pub fault_rate: u64,
+    /// How long inflating waits after a deflate.
+    pub cooldown: Duration,
+    /// Host memory pressure (PSI `some avg10`, percent) above which inflating is faster.
+    pub host_pressure: f64,
+}
+
+impl PolicySettings {
+    /// Defaults for a guest of `ram` bytes: headroom an eighth of RAM (128 MiB to 1 GiB),
+    /// steps of a sixteenth, and a balloon that leaves the guest at least 256 MiB.
+    pub fn for_ram(ram: u64) -> Self {
+        const MIB: u64 = 1 << 20;
+        Self {
+            headroom: (ram / 8).clamp(128 * MIB, 1024 * MIB),
+            min: 0,
+            max: ram.saturating_sub(256 * MIB),
+            step: (ram / 16).max(32 * MIB),
+            fault_rate: 200,
+            cooldown: Duration::from_secs(20),
+            host_pressure: 10.0,
+        }
+    }
+
+    /// Checks the settings against a guest of `ram` bytes.
+    pub fn check(&self, ram: u64) -> Result<(), String> {
+        let mib = |b: u64| b >> 20;
+        if self.headroom >= ram {
+            return Err(format!(
+                "policy headroom {} MiB is not below guest memory ({} MiB)",
+                mib(self.headroom),
+                mib(ram)
+            ));
+        }
+        if self.max > ram {
+            return Err(format!(
+                "policy max {} MiB is above guest memory ({} MiB)",
+                mib(self.max),
+                mib(ram)
+            ));
+        }
+        if self.min > self.max {
+            return Err(format!(
+                "policy min {} MiB is above policy max {} MiB",
+                mib(self.min),
+                mib(self.max)
+            ));
+        }
+        if self.step == 0 {
+            return Err("policy step must be above 0".into());
+        }
+        if !(0.0..=100.0).contains(&self.host_pressure) {
+            return Err(format!(
+                "policy host pressure {} is not a percentage",
+                self.host_pressure
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The host's memory pressure, read at each decision.
+pub trait HostPressure: Send {
+    /// PSI `some avg10` of memory, in percent; `None` when it cannot be read.
+    fn memory_some_avg10(&mut self) -> Option<f64>;
+}
+
+/// What the policy sees at one statistics report.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Observation {
+    /// Time since an arbitrary fixed start (monotonic).
+    pub at: Duration,
+    /// The balloon's current target, bytes.
+    pub target: u64,
+    /// What the guest holds in the balloon, bytes.
+    pub actual: u64,
+    /// The guest's available memory, bytes.
+    pub available: Option<u64>,
+    /// The guest's major faults so far.
+    pub major_faults: Option<u64>,
+    /// The guest's OOM kills so far (Linux 6.12+ reports them).
+    pub oom_kills: Option<u64>,
+    /// The guest's allocation stalls so far (Linux 6.12+).
+    pub alloc_stalls: Option<u64>,
+    /// The host's memory pressure, PSI `some avg10` in percent.
+    pub host_pressure: Option<f64>,
+}
+
+/// Why the policy chose a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// The guest reports no available memory: nothing to decide on.
+    NoStats,
+    /// Available memory is within the headroom band.
+    Steady,
+    /// The guest has not caught up with the last target.
+    Catching,
+    /// A deflate was recent.
+    Cooldown,
+    /// Idle memory above the headroom: inflate.
+    Inflate,
+    /// Idle memory above the headroom while the host is under pressure: inflate faster.
+    InflateHostPressure,
+    /// Less available than the headroom: deflate.
+    DeflateLow,
+    /// Major faults above the rate: deflate.
+    DeflateFaults,
+    /// An OOM kill or allocation stall in the guest: deflate.
+    DeflateStall,
+}
+
+impl Reason {
+    /// Every reason, for metrics.
+    pub const ALL: [Reason; 9] = [
+        Reason::NoStats,
+        Reason::Steady,
+        Reason::Catching,
+        Reason::Cooldown,
+        Reason::Inflate,
+        Reason::InflateHostPressure,
+        Reason::DeflateLow,
+        Reason::DeflateFaults,
+        Reason::DeflateStall,
+    ];
+
+    /// The name used in the API, metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::NoStats => "no_stats",
+            Reason::Steady => "steady",
+            Reason::Catching => "catching_up",
+            Reason::Cooldown => "cooldown",
+            Reason::Inflate => "inflate_idle",
+            Reason::InflateHostPressure => "inflate_host_pressure",
+            Reason::DeflateLow => "deflate_low_available",
+            Reason::DeflateFaults => "deflate_major_faults",
+            Reason::DeflateStall => "deflate_oom_or_stall",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    /// The target the policy set, bytes (4 KiB-aligned).
+    pub target: u64,
+    /// Why.
+    pub reason: Reason,
+    /// When (as [`Observation::at`]).
+    pub at: Duration,
+}
+
+/// The policy as the API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyView {
+    /// The settings.
+    pub settings: PolicySettings,
+    /// Whether the policy sets the target.
+    pub enabled: bool,
+    /// The latest decision.
+    pub last_decision: Option<Decision>,
+    /// Decisions so far, per reason.
+    pub decisions: Vec<(Reason, u64)>,
+    /// The policy's clock now (as [`Observation::at`]), to age the last decision.
+    pub now: Duration,
+}
+
+/// The policy's state between reports.
+#[derive(Debug, Clone)]
+pub struct AutoPolicy {
+    settings: PolicySettings,
+    enabled: bool,
+    last: Option<Observation>,
+    last_deflate: Option<Duration>,
+    last_decision: Option<Decision>,
+    decisions: [u64; Reason::ALL.len()],
+}
+
+impl AutoPolicy {
+    /// A policy with `settings` (checked by the caller), on or off.
+    pub fn new(settings: PolicySettings, enabled: bool) -> Self {
+        Self {
+            settings,
+            enabled,
+            last: None,
+            last_deflate: None,
+            last_decision: None,
+            decisions: [0; Reason::ALL.len()],
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> PolicySettings {
+        self.settings
+    }
+
+    /// Replaces the settings (checked by the caller).
+    pub fn set_settings(&mut self, settings: PolicySettings) {
+        self.settings = settings;
+    }
+
+    /// Whether the policy sets the target.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Turns the policy on or off; turning it on starts from fresh observations.
+    pub fn set_enabled(&mut self, enabled: bool) {
+        if enabled && !self.enabled {
+            self.last = None;
+            self.last_deflate = None;
+        }
+        self.enabled = enabled;
+    }
+
+    /// The policy as the API shows it, at `now` on its clock.
+    pub fn view(&self, now: Duration) -> PolicyView {
+        PolicyView {
+            settings: self.settings,
+            enabled: self.enabled,
+            last_decision: self.last_decision,
+            decisions: self.decisions(),
+            now,
+        }
+    }
+
+    /// The latest decision.
+    pub fn last_decision(&self) -> Option<Decision> {
+        self.last_decision
+    }
+
+    /// Decisions so far, per reason.
+    pub fn decisions(&self) -> Vec<(Reason, u64)> {
+        Reason::ALL
+            .iter()
+            .zip(self.decisions)
+            .map(|(r, n)| (*r, n))
+            .collect()
+    }
+
+    /// The target for the guest as `now` shows it.
+    pub fn decide(&mut self, now: Observation) -> Decision {
+        let (target, reason) = self.rule(&now);
+        let target = target.clamp(self.settings.min, self.settings.max) & !4095;
+        if matches!(
+            reason,
+            Reason::DeflateLow | Reason::DeflateFaults | Reason::DeflateStall
+        ) {
+            self.last_deflate = Some(now.at);
+        }
+        self.last = Some(now);
+        self.decisions[Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0)] += 1;
+        let decision = Decision {
+            target,
+            reason,
+            at: now.at,
+        };
+        self.last_decision = Some(decision);
+        decision
+    }
+
+    fn rule(&self, now: &Observation) -> (u64, Reason) {
+        let s = &self.settings;
+        let Some(available) = now.available else {
+            return (now.target, Reason::NoStats);
+        };
+        let grew = |field: fn(&Observation) -> Option<u64>| match (self.last.as_ref(), field(now)) {
+            (Some(last), Some(n)) => field(last).is_some_and(|l| n > l),
+            _ => false,
+        };
+        let fault_rate = match (self.last.as_ref(), now.major_faults) {
+            (Some(last), Some(n)) if now.at > last.at => last
+                .major_faults
+                .map(|l| n.saturating_sub(l) as f64 / (now.at - last.at).as_secs_f64()),
+            _ => None,
+        };
+        // Deflate from what the guest holds, not from a target it has not reached.
+        let holding = now.target.min(now.actual);
+        // A guest whose available memory fell since the last report (not into the
+        // balloon) is likely to fall as much again before the next one: count that fall
+        // as already gone.
+        let falling = self.last.map_or(0, |last| {
+            let fell = last.available.unwrap_or(available).saturating_sub(available);
+            fell.saturating_sub(now.actual.saturating_sub(last.actual))
+        });
+        let shortfall = s.headroom.saturating_sub(available.saturating_sub(falling));
+        if grew(|o| o.oom_kills) || grew(|o| o.alloc_stalls) {
+            return (
+                holding.saturating_sub(shortfall.max(s.step)),
+                Reason::DeflateStall,
+            );
+        }
+        if fault_rate.is_some_and(|r| r > s.fault_rate as f64) {
+            return (
+                holding.saturating_sub(shortfall.max(s.step)),
+                Reason::DeflateFaults,
+            );
+        }
+        if shortfall > 0 {
+            return (holding.saturating_sub(shortfall), Reason::DeflateLow);
+        }
+        if self
+            .last_deflate
+            .is_some_and(|at| now.at.saturating_sub(at) < s.cooldown)
+        {
+            return (now.target, Reason::Cooldown);
+        }
+        if now.actual + s.step / 2 < now.target {
+            return (now.target, Reason::Catching);
+        }
+        let excess = available - s.headroom;
+        if excess <= s.headroom / 4 {
+            return (now.target, Reason::Steady);
+        }
+        let pressed = now.host_pressure.is_some_and(|p| p > s.host_pressure);
+        let step = if pressed { 2 * s.step } else { s.step };
+        let reason = if pressed {
+            Reason::InflateHostPressure
+        } else {
+            Reason::Inflate
+        };
+        (now.target + excess.min(step), reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    fn settings() -> PolicySettings {
+        PolicySettings::for_ram(4 * GIB)
+    }
+
+    fn obs(secs: u64, target: u64, available: u64) -> Observation {
+        Observation {
+            at: Duration::from_secs(secs),
+            target,
+            actual: target,
+            available: Some(available),
+            major_faults: Some(0),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_scale_with_the_guest_and_pass_their_own_check() {
+        let s = PolicySettings::for_ram(5 * GIB);
+        assert_eq!(s.headroom, 640 * MIB);
+        assert_eq!(s.step, 320 * MIB);
+        assert_eq!(s.max, 5 * GIB - 256 * MIB);
+        assert!(s.check(5 * GIB).is_ok());
+        assert_eq!(PolicySettings::for_ram(512 * MIB).headroom, 128 * MIB);
+        assert_eq!(PolicySettings::for_ram(64 * GIB).headroom, GIB);
+    }
+
+    #[test]
+    fn contradictory_settings_are_refused_with_the_figures() {
+        let ram = GIB;
+        let mut s = PolicySettings::for_ram(ram);
+        s.headroom = 2 * GIB;
+        assert!(s.check(ram).unwrap_err().contains("headroom 2048 MiB"));
+        let mut s = PolicySettings::for_ram(ram);
+        s.min = 900 * MIB;
+        s.max = 800 * MIB;
+        assert!(s.check(ram).unwrap_err().contains("min 900 MiB is above"));
+        let mut s = PolicySettings::for_ram(ram);
+        s.max = 2 * GIB;
+        assert!(s.check(ram).is_err());
+        let mut s = PolicySettings::for_ram(ram);
+        s.step = 0;
+        assert!(s.check(ram).is_err());
+    }
+
+    /// Idle memory is taken a step at a time down to the headroom, then the policy holds.
+    #[test]
+    fn idle_memory_is_inflated_in_steps_down_to_the_headroom() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        let mut target = 0;
+        let mut available = 3 * GIB;
+        for secs in 0..20 {
+            let d = p.decide(obs(secs, target, available));
+            // The guest follows: the balloon takes from what was available.
+            available -= d.target - target;
+            target = d.target;
+        }
+        assert!(
+            available >= s.headroom && available <= s.headroom + s.headroom / 4,
+            "available {} MiB, headroom {} MiB",
+            available / MIB,
+            s.headroom / MIB
+        );
+        assert_eq!(p.last_decision().unwrap().reason, Reason::Steady);
+        // Never more than a step per decision.
+        let mut p = AutoPolicy::new(s, true);
+        assert_eq!(p.decide(obs(0, 0, 3 * GIB)).target, s.step);
+    }
+
+    #[test]
+    fn a_guest_short_of_memory_gets_it_back_at_once_and_inflating_waits() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        let d = p.decide(obs(0, 2 * GIB, s.headroom - 300 * MIB));
+        assert_eq!(d.reason, Reason::DeflateLow);
+        assert_eq!(d.target, 2 * GIB - 300 * MIB);
+        // Plenty available again soon after: the cooldown holds the target.
+        let d = p.decide(obs(5, d.target, 3 * GIB));
+        assert_eq!(d.reason, Reason::Cooldown);
+        assert_eq!(d.target, 2 * GIB - 300 * MIB);
+        let d = p.decide(obs(5 + s.cooldown.as_secs(), d.target, 3 * GIB));
+        assert_eq!(d.reason, Reason::Inflate);
+    }
+
+    /// A guest whose available memory is falling gets back what it will be short of by
+    /// the next report, before it is short.
+    #[test]
+    fn a_falling_guest_is_given_memory_ahead_of_its_fall() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        p.decide(obs(0, 2 * GIB, s.headroom + 500 * MIB));
+        // 300 MiB gone in a report: 200 MiB above the headroom now, 100 below predicted.
+        let d = p.decide(obs(1, 2 * GIB, s.headroom + 200 * MIB));
+        assert_eq!(d.reason, Reason::DeflateLow);
+        assert_eq!(d.target, 2 * GIB - 100 * MIB);
+        // What went into the balloon is no fall.
+        let mut p = AutoPolicy::new(s, true);
+        p.decide(obs(0, GIB, s.headroom + 500 * MIB));
+        let d = p.decide(obs(1, GIB + 300 * MIB, s.headroom + 200 * MIB));
+        assert_ne!(d.reason, Reason::DeflateLow);
+    }
+
+    #[test]
+    fn major_faults_above_the_rate_deflate_a_step_even_with_memory_available() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        let mut o = obs(0, GIB, s.headroom + 10 * MIB);
+        p.decide(o);
+        o.at = Duration::from_secs(2);
+        o.major_faults = Some(2 * s.fault_rate + 2 * 1000);
+        let d = p.decide(o);
+        assert_eq!(d.reason, Reason::DeflateFaults);
+        assert_eq!(d.target, GIB - s.step);
+        // A few faults a second are normal.
+        o.at = Duration::from_secs(4);
+        o.major_faults = o.major_faults.map(|f| f + 10);
+        assert_ne!(p.decide(o).reason, Reason::DeflateFaults);
+    }
+
+    #[test]
+    fn an_oom_kill_in_the_guest_deflates() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        let mut o = obs(0, GIB, GIB);
+        o.oom_kills = Some(0);
+        p.decide(o);
+        o.at = Duration::from_secs(1);
+        o.oom_kills = Some(1);
+        let d = p.decide(o);
+        assert_eq!(d.reason, Reason::DeflateStall);
+        assert!(d.target <= GIB - s.step);
+    }
+
+    /// Deflating starts from what the guest holds, so a target it never reached does not
+    /// leave the guest short.
+    #[test]
+    fn deflating_counts_from_what_the_guest_holds() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        let mut o = obs(0, 2 * GIB, s.headroom - 100 * MIB);
+        o.actual = GIB;
+        assert_eq!(p.decide(o).target, GIB - 100 * MIB);
+    }
+
+    #[test]
+    fn a_guest_behind_its_target_is_not_asked_for_more() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        let mut o = obs(0, 2 * GIB, 3 * GIB);
+        o.actual = GIB;
+        let d = p.decide(o);
+        assert_eq!((d.reason, d.target), (Reason::Catching, 2 * GIB));
+    }
+
+    #[test]
+    fn host_pressure_doubles_the_step() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        let mut o = obs(0, 0, 3 * GIB);
+        o.host_pressure = Some(s.host_pressure + 1.0);
+        let d = p.decide(o);
+        assert_eq!(
+            (d.reason, d.target),
+            (Reason::InflateHostPressure, 2 * s.step)
+        );
+    }
+
+    #[test]
+    fn the_target_stays_within_min_and_max() {
+        let mut s = settings();
+        s.min = 100 * MIB;
+        s.max = 200 * MIB;
+        let mut p = AutoPolicy::new(s, true);
+        assert_eq!(p.decide(obs(0, 150 * MIB, 3 * GIB)).target, 200 * MIB);
+        let mut p = AutoPolicy::new(s, true);
+        assert_eq!(p.decide(obs(0, 150 * MIB, 0)).target, 100 * MIB);
+        assert_eq!(p.decisions().iter().map(|(_, n)| n).sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn no_available_figure_means_no_change() {
+        let mut p = AutoPolicy::new(settings(), true);
+        let mut o = obs(0, 300 * MIB, 0);
+        o.available = None;
+        let d = p.decide(o);
+        assert_eq!((d.reason, d.target), (Reason::NoStats, 300 * MIB));
+    }
+}
