@@ -11,7 +11,8 @@
 //! 2. In the cooldown, or the guest has not caught up with the last target yet: hold.
 //! 3. The guest has more than `headroom` (plus a quarter of it, the hysteresis)
 //!    available: inflate by the excess, at most `step` per report (twice that while the
-//!    host is under memory pressure). Inflating takes free memory first, then makes the
+//!    host is under memory pressure), aiming at the middle of that band so that small
+//!    moves of the guest's figures do not bounce the target. Inflating takes free memory first, then makes the
 //!    guest drop cache it does not use; cache it does use shows up as major faults,
 //!    which rule 1 answers.
 //!
@@ -320,7 +321,10 @@ impl AutoPolicy {
         // balloon) is likely to fall as much again before the next one: count that fall
         // as already gone.
         let falling = self.last.map_or(0, |last| {
-            let fell = last.available.unwrap_or(available).saturating_sub(available);
+            let fell = last
+                .available
+                .unwrap_or(available)
+                .saturating_sub(available);
             fell.saturating_sub(now.actual.saturating_sub(last.actual))
         });
         let shortfall = s.headroom.saturating_sub(available.saturating_sub(falling));
@@ -359,7 +363,7 @@ impl AutoPolicy {
         } else {
             Reason::Inflate
         };
-        (now.target + excess.min(step), reason)
+        (now.target + (excess - s.headroom / 8).min(step), reason)
     }
 }
 

@@ -18,5 +18,8 @@ fn the_policy_takes_idle_cache_and_gives_memory_back_on_demand() {
     let data = &out.result("policy-cache").unwrap()["data"];
     eprintln!("POLICY: {data}");
     assert_eq!(data["oom_kills"], 0, "{data}");
-    assert!(data["given_back_mib"].as_f64().unwrap_or(0.0) > 0.0, "{data}");
+    assert!(
+        data["given_back_mib"].as_f64().unwrap_or(0.0) > 0.0,
+        "{data}"
+    );
 }

@@ -112,12 +112,18 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
 
     // Fill the cache; reporting cannot touch it.
     let idle_rss = settled_rss(&vm, Duration::from_secs(4), Duration::from_secs(60), 4096)?;
-    cmd_within(
+    let read = cmd_within(
         &mut vm,
         &format!("sh dd if=/dev/vdb of=/dev/null bs=1M count={cache_mib} 2>&1"),
         Duration::from_secs(300),
     )?;
+    ensure(read["status"] == 0, || {
+        format!("reading the data disk: {read}")
+    })?;
     let cached_mib = meminfo_mib(&mut vm, "Buffers")? + meminfo_mib(&mut vm, "Cached")?;
+    ensure(cached_mib >= cache_mib / 2, || {
+        format!("the guest caches only {cached_mib} MiB after reading {cache_mib} MiB: {read}")
+    })?;
     let reporting_rss = settled_rss(&vm, Duration::from_secs(6), Duration::from_secs(90), 4096)?;
     progress(&format!(
         "cache: guest caches {cached_mib} MiB; guest RAM RSS idle {} MiB, after the read \
