@@ -364,7 +364,7 @@ impl GuestHandle for LiveGuest {
     }
 
     fn read_cache(&mut self, mib: u64, timeout: Duration) -> Result<(), String> {
-        let line = format!("sh dd if=/dev/vdb of=/dev/null bs=1M count={mib} 2>&1");
+        let line = crate::scenarios::policy::read_disk_command(mib);
         match self.vm.command(&line, timeout) {
             Ok(v) if v["ok"] == true && v["status"] == 0 => Ok(()),
             Ok(v) => Err(format!("the guest could not read its data disk: {v}")),
