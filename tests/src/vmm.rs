@@ -187,7 +187,15 @@ impl Vmm for Ebb {
             Some(false) => ",thp=off",
             None => "",
         };
-        argv.extend(["--memory".into(), format!("{}M{thp}", config.memory_mib)]);
+        let backing = config
+            .backing
+            .as_ref()
+            .map(|b| format!(",backing={b}"))
+            .unwrap_or_default();
+        argv.extend([
+            "--memory".into(),
+            format!("{}M{thp}{backing}", config.memory_mib),
+        ]);
         argv.extend(["--cpus".into(), config.cpus.to_string()]);
         argv.extend(["--serial".into(), "stdio".into()]);
         if let Some(b) = &config.balloon {

@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use crate::seccomp::SeccompMode;
+pub use ebb_devices::ram::Backing;
 
 pub use ebb_api_model::options::{parse_switch, split_options, ParseError};
 pub use ebb_api_model::units::{format_size, parse_size, GIB, MIB, PAGE_SIZE};
@@ -24,15 +25,17 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ParseError> {
     Err(ParseError(msg.into()))
 }
 
-/// Guest memory configuration (`--memory SIZE[,thp=on|off]`).
+/// Guest memory configuration (`--memory SIZE[,thp=on|off][,backing=anon|memfd|hugetlb]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryConfig {
-    /// Guest RAM in bytes (a multiple of 4 KiB).
+    /// Guest RAM in bytes (a multiple of 4 KiB; of 2 MiB with the hugetlb backing).
     pub size: u64,
     /// Transparent huge pages for guest RAM: `Some(true)` asks for them
     /// (`MADV_HUGEPAGE`), `Some(false)` refuses them (`MADV_NOHUGEPAGE`), `None` leaves the
-    /// host's policy in charge.
+    /// host's policy in charge. Not with the hugetlb backing.
     pub thp: Option<bool>,
+    /// What holds guest RAM in the host.
+    pub backing: Backing,
 }
 
 impl Default for MemoryConfig {
@@ -40,7 +43,19 @@ impl Default for MemoryConfig {
         Self {
             size: DEFAULT_MEMORY,
             thp: None,
+            backing: Backing::Anon,
         }
+    }
+}
+
+fn parse_backing(value: &str) -> Result<Backing, ParseError> {
+    match value {
+        "anon" => Ok(Backing::Anon),
+        "memfd" => Ok(Backing::Memfd),
+        "hugetlb" => Ok(Backing::Hugetlb),
+        _ => err(format!(
+            "unknown memory backing '{value}' (known: anon, memfd, hugetlb)"
+        )),
     }
 }
 
@@ -62,7 +77,12 @@ impl std::str::FromStr for MemoryConfig {
                     size_given = true;
                 }
                 "thp" => cfg.thp = Some(parse_switch(key, value)?),
-                _ => return err(format!("unknown memory option '{key}' (known: size, thp)")),
+                "backing" => cfg.backing = parse_backing(value)?,
+                _ => {
+                    return err(format!(
+                        "unknown memory option '{key}' (known: size, thp, backing)"
+                    ))
+                }
             }
         }
         if !size_given {
@@ -77,6 +97,23 @@ impl std::str::FromStr for MemoryConfig {
                 cfg.size,
                 (cfg.size / PAGE_SIZE + 1) * PAGE_SIZE
             ));
+        }
+        if cfg.backing == Backing::Hugetlb {
+            let huge = Backing::Hugetlb.page_size();
+            if cfg.thp.is_some() {
+                return err(
+                    "thp= does not apply to backing=hugetlb (guest RAM is made of 2 MiB huge \
+                     pages already)",
+                );
+            }
+            if cfg.size % huge != 0 {
+                return err(format!(
+                    "memory size {} is not a multiple of 2 MiB, the huge page size of \
+                     backing=hugetlb (try {})",
+                    ebb_api_model::units::size_arg(cfg.size),
+                    ebb_api_model::units::size_arg(cfg.size.next_multiple_of(huge))
+                ));
+            }
         }
         Ok(cfg)
     }
@@ -199,9 +236,26 @@ mod tests {
             m,
             MemoryConfig {
                 size: 5 * GIB,
-                thp: None
+                thp: None,
+                backing: Backing::Anon
             }
         );
+        let m: MemoryConfig = "1G,backing=memfd,thp=off".parse().unwrap();
+        assert_eq!((m.backing, m.thp), (Backing::Memfd, Some(false)));
+        let m: MemoryConfig = "backing=hugetlb,size=6M".parse().unwrap();
+        assert_eq!((m.backing, m.size), (Backing::Hugetlb, 6 * MIB));
+        let e = "1G,backing=pmem".parse::<MemoryConfig>().unwrap_err().0;
+        assert!(e.contains("unknown memory backing 'pmem'"), "{e}");
+        let e = "1G,backing=hugetlb,thp=on"
+            .parse::<MemoryConfig>()
+            .unwrap_err()
+            .0;
+        assert!(e.contains("thp= does not apply to backing=hugetlb"), "{e}");
+        let e = "1025M,backing=hugetlb"
+            .parse::<MemoryConfig>()
+            .unwrap_err()
+            .0;
+        assert!(e.contains("not a multiple of 2 MiB"), "{e}");
         let m: MemoryConfig = "1G,thp=on".parse().unwrap();
         assert_eq!(m.thp, Some(true));
         let m: MemoryConfig = "size=2G".parse().unwrap();

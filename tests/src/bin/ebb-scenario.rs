@@ -12,8 +12,8 @@
 use std::process::ExitCode;
 
 use ebb_tests::scenarios::{
-    self, api, balloon, bench, boot, cli, compaction, disk, hinting, host, hostile, reporting,
-    ScenarioDef,
+    self, api, backings, balloon, bench, boot, cli, compaction, disk, hinting, host, hostile,
+    reporting, ScenarioDef,
 };
 
 /// Every family this runner offers.
@@ -29,6 +29,7 @@ const FAMILIES: &[&[ScenarioDef]] = &[
     hinting::SCENARIOS,
     disk::SCENARIOS,
     compaction::SCENARIOS,
+    backings::SCENARIOS,
 ];
 
 fn main() -> ExitCode {

@@ -78,6 +78,8 @@ pub struct GuestConfig {
     pub echo_console: bool,
     /// Ebb only: `--memory SIZE,thp=on|off` (`None`: the host's default).
     pub thp: Option<bool>,
+    /// Ebb only: `--memory SIZE,backing=NAME` (`None`: Ebb's default, anon).
+    pub backing: Option<String>,
     /// virtio-blk disks, in order (the first is /dev/vda in the guest).
     pub disks: Vec<DiskSpec>,
 }
@@ -105,6 +107,7 @@ impl Default for GuestConfig {
             initramfs: None,
             echo_console: std::env::var("EBB_GUEST_ECHO").is_ok_and(|v| !v.is_empty() && v != "0"),
             thp: None,
+            backing: None,
             disks: Vec::new(),
         }
     }

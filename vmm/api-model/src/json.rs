@@ -167,6 +167,10 @@ pub struct EbbBalloonStats {
     pub reported_discarded_bytes: u64,
     /// Reported bytes kept because the guest poisons free pages.
     pub reported_skipped_bytes: u64,
+    /// Reported or hinted bytes kept because they do not cover a whole page of the
+    /// memory backing (parts of a 2 MiB huge page with `backing=hugetlb`).
+    #[serde(default)]
+    pub unaligned_kept_bytes: u64,
     /// All bytes given back to the host (inflate + reporting).
     pub discarded_bytes: u64,
     /// `madvise` calls made.

@@ -70,6 +70,7 @@ pub fn balloon_statistics(b: &BalloonSnapshot, now: SystemTime) -> BalloonStatis
             reported_bytes: c.reported_bytes,
             reported_discarded_bytes: c.reported_discarded_bytes,
             reported_skipped_bytes: c.skipped_bytes,
+            unaligned_kept_bytes: c.unaligned_kept_bytes,
             discarded_bytes: c.discarded_bytes(),
             madvise_calls: c.madvise_calls,
             madvise_failures: c.madvise_failures,

@@ -204,29 +204,46 @@ impl VmBackend for LiveVm {
     }
 }
 
-/// `Rss` of the mapping starting at `start` in an smaps file, in bytes. Reading stops at
-/// that mapping, so the kernel does not walk the ones after it.
+/// Memory the mapping starting at `start` holds in an smaps file, in bytes: its `Rss`
+/// plus its hugetlb pages (`Shared_Hugetlb`, `Private_Hugetlb`), which `Rss` leaves out.
+/// Reading stops at that mapping, so the kernel does not walk the ones after it.
 pub fn mapping_rss(smaps: &str, start: usize) -> io::Result<u64> {
     let reader = BufReader::new(File::open(smaps)?);
-    let mut in_mapping = false;
+    let mut total: Option<u64> = None;
     for line in reader.lines() {
         let line = line?;
-        if let Some(v) = in_mapping.then(|| line.strip_prefix("Rss:")).flatten() {
-            return parse_kib(v);
+        if let Some(sum) = total.as_mut() {
+            let field = ["Rss:", "Shared_Hugetlb:", "Private_Hugetlb:"]
+                .iter()
+                .find_map(|f| line.strip_prefix(f));
+            if let Some(v) = field {
+                *sum += parse_kib(v)?;
+                continue;
+            }
+            if line.starts_with("VmFlags:") {
+                break;
+            }
         }
         // Mapping headers look like "7f0000000000-7f0020000000 rw-p 00000000 00:00 0".
         if let Some((range, _)) = line.split_once(' ') {
             if let Some((s, _)) = range.split_once('-') {
                 if let Ok(s) = usize::from_str_radix(s, 16) {
-                    in_mapping = s == start;
+                    if total.is_some() {
+                        break;
+                    }
+                    if s == start {
+                        total = Some(0);
+                    }
                 }
             }
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("no mapping at {start:#x} in {smaps}"),
-    ))
+    total.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no mapping at {start:#x} in {smaps}"),
+        )
+    })
 }
 
 /// `VmRSS` from a `/proc/PID/status` file, in bytes.
