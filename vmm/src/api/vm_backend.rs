@@ -298,4 +298,29 @@ mod tests {
         // SAFETY: unmapping the mapping made above.
         unsafe { libc::munmap(p, len) };
     }
+
+    /// Hugetlb guest RAM: its pages are not in `Rss`, they are counted beside it.
+    #[test]
+    fn hugetlb_pages_count_with_rss() {
+        let path = std::env::temp_dir().join(format!("ebb-smaps-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "7f0000000000-7f0040000000 rw-s 00000000 00:01 77   /memfd:ebb-guest-ram (deleted)\n\
+             Size:            1048576 kB\n\
+             Rss:                   4 kB\n\
+             Shared_Hugetlb:   262144 kB\n\
+             Private_Hugetlb:    2048 kB\n\
+             VmFlags: rd wr sh mr mw me ms dd ht\n\
+             7f0040000000-7f0040001000 rw-p 00000000 00:00 0\n\
+             Rss:                   4 kB\n",
+        )
+        .unwrap();
+        let smaps = path.to_str().unwrap();
+        assert_eq!(
+            mapping_rss(smaps, 0x7f00_0000_0000).unwrap(),
+            (4 + 262144 + 2048) << 10
+        );
+        assert_eq!(mapping_rss(smaps, 0x7f00_4000_0000).unwrap(), 4 << 10);
+        std::fs::remove_file(&path).unwrap();
+    }
 }
