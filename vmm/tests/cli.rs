@@ -381,8 +381,14 @@ fn memory_unparseable_or_zero() {
         ("1000", "not a multiple of 4 KiB"),
         ("1G,backing=pmem", "unknown memory backing 'pmem'"),
         ("1G,backing=", "unknown memory backing ''"),
-        ("1G,backing=hugetlb,thp=on", "thp= does not apply to backing=hugetlb"),
-        ("1G,thp=off,backing=hugetlb", "thp= does not apply to backing=hugetlb"),
+        (
+            "1G,backing=hugetlb,thp=on",
+            "thp= does not apply to backing=hugetlb",
+        ),
+        (
+            "1G,thp=off,backing=hugetlb",
+            "thp= does not apply to backing=hugetlb",
+        ),
         ("1023M,backing=hugetlb", "not a multiple of 2 MiB"),
     ] {
         ebb(&["--kernel", p(&k), "--memory", value]).expect_error(&[needle]);

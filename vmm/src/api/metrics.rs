@@ -459,6 +459,7 @@ mod tests {
             uptime: Duration::from_millis(1500),
             vcpus: 2,
             memory_bytes: 512 << 20,
+            memory_backing: "anon",
             kernel: "k".into(),
             initramfs: None,
             cmdline: "c".into(),

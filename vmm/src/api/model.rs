@@ -149,6 +149,7 @@ pub fn vm_info(
         uptime_s: (s.uptime.as_secs_f64() * 1000.0).round() / 1000.0,
         vcpus: s.vcpus,
         memory_mib: s.memory_bytes / MIB,
+        memory_backing: s.memory_backing.to_string(),
         kernel: s.kernel.clone(),
         initramfs: s.initramfs.clone(),
         cmdline: s.cmdline.clone(),

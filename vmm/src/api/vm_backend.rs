@@ -104,6 +104,7 @@ impl VmBackend for LiveVm {
             uptime: self.started.elapsed(),
             vcpus: self.config.cpus,
             memory_bytes: self.ram_bytes,
+            memory_backing: self.config.memory.backing.name(),
             kernel: self.config.kernel.display().to_string(),
             initramfs: self
                 .config
