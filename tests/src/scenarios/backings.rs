@@ -10,7 +10,8 @@
 //! Reporting is held off during 1 and 2 (the guest's `page_reporting_order` set above
 //! every order, and put back for 3), so each step's fall is its own. What is measured is
 //! what the host holds for guest RAM: the `Rss` of the mapping (hugetlb pages included)
-//! and, for the memfd backings, the file's allocated blocks. With hugetlb the scenario
+//! and, for the memfd backings, the file's allocated blocks. A checksummed file the guest
+//! keeps must come through unchanged. With hugetlb the scenario
 //! reserves the huge pages in the test host first and puts the pool back afterwards.
 
 use std::thread;
@@ -210,6 +211,13 @@ fn backing_reclaim(_ctx: &Ctx, args: &Args, backing: &str) -> Result<Value, Stri
     let client = Client::new(&socket, Duration::from_secs(30));
     let held = |vm: &GuestVm| Held::read(vm, file);
 
+    // Data the guest keeps must survive every way memory goes back.
+    let canary = "md5sum /dev/shm/canary | cut -d' ' -f1";
+    let sum = sh(
+        &mut vm,
+        &format!("dd if=/dev/urandom of=/dev/shm/canary bs=1M count=16 2>/dev/null && {canary}"),
+    )?;
+
     // Reporting off while inflate and hinting are measured.
     let order = sh(&mut vm, &format!("cat {REPORTING_ORDER}"))?
         .trim()
@@ -268,6 +276,10 @@ fn backing_reclaim(_ctx: &Ctx, args: &Args, backing: &str) -> Result<Value, Stri
         }),
     );
     progress(&format!("{backing}: reporting: {reporting}"));
+    let now = sh(&mut vm, canary)?;
+    ensure(now == sum, || {
+        format!("the guest's data changed: md5 {sum} before, {now} after")
+    })?;
     let pool = procfs::meminfo_kib("HugePages_Free").ok();
     poweroff_ebb(&mut vm)?;
     thread::sleep(Duration::from_millis(100));
