@@ -288,7 +288,7 @@ fn backing_reclaim(_ctx: &Ctx, args: &Args, backing: &str) -> Result<Value, Stri
     // Each way gives back a good share of what it could: inflate its balloon (hugetlb:
     // only the huge pages the balloon filled whole), hinting and reporting the freed
     // memory.
-    let fell = |v: &Value| v["fell_mib"].as_u64().unwrap_or(0);
+    let fell = |v: &Value| v["fell_mib"].as_f64().unwrap_or(0.0);
     let inflate_min = if backing == "hugetlb" {
         balloon_mib / 4
     } else {
@@ -305,13 +305,13 @@ fn backing_reclaim(_ctx: &Ctx, args: &Args, backing: &str) -> Result<Value, Stri
         "host_huge_pages_free_kib": pool,
         "statistics": stats,
     });
-    ensure(fell(&data["inflate"]) >= inflate_min, || {
+    ensure(fell(&data["inflate"]) >= inflate_min as f64, || {
         format!("inflating {balloon_mib} MiB gave back less than {inflate_min} MiB: {data}")
     })?;
-    ensure(fell(&data["hinting"]) >= touch_mib / 2, || {
+    ensure(fell(&data["hinting"]) >= (touch_mib / 2) as f64, || {
         format!("a hinting run gave back less than half of {touch_mib} MiB: {data}")
     })?;
-    ensure(fell(&data["reporting"]) >= touch_mib / 2, || {
+    ensure(fell(&data["reporting"]) >= (touch_mib / 2) as f64, || {
         format!("reporting gave back less than half of {touch_mib} MiB: {data}")
     })?;
     Ok(data)
