@@ -59,8 +59,9 @@ pub struct BalloonCounters {
     pub unknown_deflates: u64,
     /// Bytes discarded for inflated pages.
     pub inflate_discarded_bytes: u64,
-    /// Discards asked of guest RAM (inflate and reporting; each one `madvise` call with
-    /// anonymous memory, whose name the API keeps).
+    /// Discards asked of guest RAM (inflate, reporting and hinting; each one `madvise`
+    /// call with anonymous memory, whose name the API keeps, or one hole punched in the
+    /// file of a memfd or hugetlb backing).
     pub madvise_calls: u64,
     /// Discards that failed.
     pub madvise_failures: u64,
@@ -103,6 +104,9 @@ pub struct BalloonCounters {
     pub hint_stale: u64,
     /// Time the host spent checking and discarding hinted blocks, microseconds.
     pub hint_host_us: u64,
+    /// Reported or hinted bytes kept because they do not cover a whole page of the
+    /// backing (parts of a 2 MiB huge page with the hugetlb backing).
+    pub unaligned_kept_bytes: u64,
 }
 
 /// Why a range is discarded (for the counters).

@@ -147,6 +147,34 @@ impl PageSet {
         }
     }
 
+    /// Whether `pfn` is in the set.
+    pub fn contains(&self, pfn: u32) -> bool {
+        self.bits
+            .get(pfn as usize / 64)
+            .is_some_and(|w| w & (1 << (pfn % 64)) != 0)
+    }
+
+    /// Whether every page `first..first + count` is in the set (whole words at a time
+    /// where the run covers them).
+    pub fn contains_all(&self, first: u32, count: u32) -> bool {
+        let (mut pfn, end) = (u64::from(first), u64::from(first) + u64::from(count));
+        while pfn < end {
+            let (w, b) = ((pfn / 64) as usize, pfn % 64);
+            if b == 0 && end - pfn >= 64 {
+                if self.bits.get(w) != Some(&u64::MAX) {
+                    return false;
+                }
+                pfn += 64;
+            } else {
+                if !self.contains(pfn as u32) {
+                    return false;
+                }
+                pfn += 1;
+            }
+        }
+        true
+    }
+
     /// Pages in the set.
     pub fn len(&self) -> u64 {
         self.count
@@ -292,5 +320,22 @@ mod tests {
         assert_eq!(s.len(), 1);
         s.clear();
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn contains_all_sees_every_page_of_a_run() {
+        let mut s = PageSet::new(24 * MIB);
+        for pfn in 512..1024 {
+            s.insert(pfn);
+        }
+        assert!(s.contains_all(512, 512));
+        assert!(s.contains_all(600, 30));
+        assert!(!s.contains_all(511, 512));
+        assert!(!s.contains_all(1000, 100));
+        s.remove(700);
+        assert!(!s.contains_all(512, 512));
+        assert!(s.contains_all(701, 323));
+        assert!(!s.contains_all(6100, 100), "beyond the set");
+        assert!(s.contains_all(5, 0));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ebb_balloon::protocol::*;
 use ebb_balloon::{Balloon, BalloonOptions, HintDiscard, HintState};
-use ebb_devices::ram::{GuestRam, RamOptions};
+use ebb_devices::ram::{Backing, GuestRam, HugePageLease, RamOptions};
 use ebb_devices::virtio::{
     Activation, ActiveQueue, InterruptKind, QueueWork, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
@@ -1021,7 +1021,7 @@ fn fenced_ram() -> GuestRam {
         ],
         RamOptions {
             write_fence: true,
-            ..Default::default()
+            ..RamOptions::default()
         },
     )
     .expect("userfaultfd write protection (run as root or with vm.unprivileged_userfaultfd=1)")
@@ -1182,4 +1182,106 @@ fn hostile_hint_buffers_are_counted_and_the_queue_keeps_working() {
         ..options(true, 0)
     };
     assert!(Balloon::new(opts, &unfenced).is_err());
+}
+
+fn backed_ram(backing: Backing) -> GuestRam {
+    GuestRam::new(
+        &[
+            (GuestAddress(0), HOLE_START),
+            (GuestAddress(B_START), RAM_END - B_START),
+        ],
+        RamOptions {
+            backing,
+            ..RamOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Shared memory: inflated pages leave the memfd (a hole punched, not MADV_DONTNEED, which
+/// frees nothing there).
+#[test]
+fn memfd_inflate_punches_holes() {
+    let ram = backed_ram(Backing::Memfd);
+    let mem = ram.memory();
+    let (mut b, mut q, _irq) = basic(&ram);
+    let start = B_START + 4 * MIB;
+    touch(mem, start, 256);
+    let before = ram.allocated_bytes().unwrap();
+    let pfns: Vec<u32> = (0..256).map(|i| pfn(start) + i).collect();
+    let len = write_pfns(mem, DATA, &pfns);
+    q.inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    // The used ring's first write takes a page or two of its own.
+    let after = ram.allocated_bytes().unwrap();
+    assert!(after + MIB <= before + 8192, "{before} -> {after}");
+    assert_eq!(resident(&ram, (start, MIB)), 0);
+    assert_eq!(b.counters().inflate_discarded_bytes, MIB);
+}
+
+/// Hugetlb: a 2 MiB host page goes back once all 512 of its balloon pages are in the
+/// balloon (and again after a deflate of one of them and its inflate); reports give back
+/// whole huge pages and count the rest as kept. One RAM for the whole test (guest RAM is
+/// never unmapped, and its huge pages stay taken until the process ends).
+#[test]
+fn hugetlb_inflate_waits_for_whole_huge_pages() {
+    let Some(_lease) = HugePageLease::take(RAM_BYTES / (2 * MIB)) else {
+        eprintln!("SKIPPED: 16 free 2 MiB huge pages are needed (run as root)");
+        return;
+    };
+    let ram = backed_ram(Backing::Hugetlb);
+    let mem = ram.memory();
+    let (mut b, mut q, _irq) = basic(&ram);
+    let huge = B_START + 4 * MIB;
+    touch(mem, huge, 512);
+    touch(mem, huge + 2 * MIB, 512);
+    let held = || ram.allocated_bytes().unwrap();
+    let before = held();
+    let inflate = |pfns: Vec<u32>, q: &mut Setup<'_>, b: &mut Balloon| {
+        for chunk in pfns.chunks(256) {
+            let len = write_pfns(mem, DATA, chunk);
+            q.inflate.add(&[(DATA, len, false)]);
+            b.process_queue(0);
+        }
+    };
+    // 511 pages of the huge page, and half of the next: nothing whole yet.
+    inflate((1..512).map(|i| pfn(huge) + i).collect(), &mut q, &mut b);
+    inflate((512..768).map(|i| pfn(huge) + i).collect(), &mut q, &mut b);
+    assert_eq!(held(), before);
+    assert_eq!(b.counters().inflate_discarded_bytes, 0);
+    assert_eq!(b.held_pages(), 511 + 256);
+    // The last one completes it.
+    inflate(vec![pfn(huge)], &mut q, &mut b);
+    assert_eq!(held(), before - 2 * MIB);
+    assert_eq!(b.counters().inflate_discarded_bytes, 2 * MIB);
+    // A deflated page: the guest uses it (the whole huge page comes back); inflated
+    // again, the huge page is whole in the balloon and goes once more.
+    let len = write_pfns(mem, DATA, &[pfn(huge) + 7]);
+    q.deflate.add(&[(DATA, len, false)]);
+    b.process_queue(1);
+    touch(mem, huge + 7 * 4096, 1);
+    assert_eq!(held(), before);
+    inflate(vec![pfn(huge) + 7], &mut q, &mut b);
+    assert_eq!(held(), before - 2 * MIB);
+    assert_eq!(b.counters().inflate_discarded_bytes, 4 * MIB);
+    // Repeats complete nothing new.
+    inflate(vec![pfn(huge) + 7, pfn(huge) + 600], &mut q, &mut b);
+    assert_eq!(b.counters().inflate_discarded_bytes, 4 * MIB);
+
+    // Reporting on the same RAM: a whole 4 MiB range goes; of a range 4 KiB into a huge
+    // page, only the whole huge page inside it does.
+    drop(b);
+    let (mut b, mut report, _irq) = reporting_setup(&ram);
+    let at = B_START + 8 * MIB;
+    touch(mem, at, 2048);
+    let before = held();
+    report.add(&[
+        (at, 4 * MIB as u32, true),
+        (at + 4 * MIB + 4096, (4 * MIB - 4096) as u32, true),
+    ]);
+    b.process_queue(2);
+    let c = b.counters();
+    assert_eq!(c.reported_discarded_bytes, 6 * MIB);
+    assert_eq!(c.unaligned_kept_bytes, 2 * MIB - 4096);
+    assert_eq!(held(), before - 6 * MIB);
 }

@@ -1,18 +1,30 @@
 //! Guest RAM: how it is backed in the host, and how parts of it go back to the host.
 //!
-//! All of guest RAM lives in one anonymous private mapping whose size equals the guest's
-//! memory, fenced by inaccessible guard pages so the host kernel never merges it with a
-//! neighbour: "the RSS of guest RAM" is one entry in `/proc/PID/smaps`. The guest's
-//! regions (below and above the 32-bit MMIO hole) are consecutive slices of it, populated
-//! lazily by the host kernel.
+//! All of guest RAM lives in one mapping whose size equals the guest's memory, fenced by
+//! inaccessible guard pages so the host kernel never merges it with a neighbour: "the RSS
+//! of guest RAM" is one entry in `/proc/PID/smaps`. The guest's regions (below and above
+//! the 32-bit MMIO hole) are consecutive slices of it, populated lazily by the host kernel.
+//! What the mapping is depends on the [`Backing`]:
+//!
+//! - [`Backing::Anon`]: private anonymous memory; `madvise(MADV_DONTNEED)` frees a page.
+//! - [`Backing::Memfd`]: a shared mapping of a memfd (shmem), as vhost-user back ends and
+//!   snapshots need. `MADV_DONTNEED` only unmaps shared pages, the file keeps them, so a
+//!   discard punches a hole in the file (`fallocate(PUNCH_HOLE)`).
+//! - [`Backing::Hugetlb`]: a memfd of 2 MiB huge pages. Only whole huge pages can be
+//!   given back (a hole punched in a huge page frees nothing); a discard frees the whole
+//!   huge pages inside its range and keeps the rest.
 //!
 //! Devices never compute host addresses themselves: they ask [`GuestRam::range`] (or
 //! [`GuestRam::split`]) for a [`RamRange`], which only exists inside one region, and give
-//! it back with [`GuestRam::discard`], which knows what frees memory of this backing.
-//! Devices that move data in place between a host file and a guest buffer (block I/O)
-//! ask [`GuestRam::buffer`] for a [`RamBuffer`], byte-granular and inside one region too.
+//! it back with [`GuestRam::discard`], which knows what frees memory of this backing and
+//! at what granularity ([`GuestRam::discard_granule`]). Devices that move data in place
+//! between a host file and a guest buffer (block I/O) ask [`GuestRam::buffer`] for a
+//! [`RamBuffer`], byte-granular and inside one region too.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Arc;
 
 use vm_memory::{
@@ -20,24 +32,63 @@ use vm_memory::{
     MmapRegion,
 };
 
-use crate::write_fence::WriteFence;
+use crate::write_fence::{FencedMemory, WriteFence};
 
 /// Smallest unit guest RAM is mapped and discarded in.
 pub const HOST_PAGE_SIZE: u64 = 4096;
-/// Transparent huge page size on x86_64.
-const HUGE_PAGE: usize = 2 << 20;
+/// Huge page size on x86_64 (transparent huge pages and the hugetlb backing).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+const HUGE_PAGE: usize = HUGE_PAGE_SIZE as usize;
+
+/// What holds guest RAM in the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory.
+    #[default]
+    Anon,
+    /// A shared mapping of a memfd (shmem).
+    Memfd,
+    /// A shared mapping of a memfd of 2 MiB huge pages (hugetlbfs).
+    Hugetlb,
+}
+
+impl Backing {
+    /// The name the command line uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::Anon => "anon",
+            Backing::Memfd => "memfd",
+            Backing::Hugetlb => "hugetlb",
+        }
+    }
+
+    /// The smallest unit of this backing that can be given back to the host.
+    pub fn page_size(self) -> u64 {
+        match self {
+            Backing::Anon | Backing::Memfd => HOST_PAGE_SIZE,
+            Backing::Hugetlb => HUGE_PAGE_SIZE,
+        }
+    }
+
+    /// Whether guest RAM is a file (a memfd) mapped shared.
+    pub fn is_file(self) -> bool {
+        self != Backing::Anon
+    }
+}
 
 /// How guest RAM is set up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RamOptions {
     /// `Some(true)` asks for transparent huge pages (`MADV_HUGEPAGE`), `Some(false)`
-    /// refuses them, `None` leaves the host's policy.
+    /// refuses them, `None` leaves the host's policy. Not for [`Backing::Hugetlb`].
     pub thp: Option<bool>,
     /// Register guest RAM for userfaultfd write protection, which
     /// [`GuestRam::discard_unwritten`] needs (free page hinting).
     pub write_fence: bool,
     /// Offer guest RAM to the host's same-page merging (KSM, `MADV_MERGEABLE`).
     pub merge: bool,
+    /// What holds guest RAM.
+    pub backing: Backing,
 }
 
 /// Errors creating guest RAM.
@@ -62,15 +113,68 @@ pub enum RamError {
         "cannot offer guest RAM to same-page merging (is the host kernel built with KSM?): {0}"
     )]
     Merge(io::Error),
+    /// The memfd behind guest RAM could not be made.
+    #[error("cannot create the {backing} backing of guest RAM: {what}: {source}")]
+    Backing {
+        /// The backing's name.
+        backing: &'static str,
+        /// The step that failed.
+        what: &'static str,
+        /// Its error.
+        source: io::Error,
+    },
 }
 
 /// What [`GuestRam::discard_unwritten`] did with a range.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FencedDiscard {
-    /// Bytes of pages that held only zeros, discarded.
+    /// Bytes of pages that held only zeros (or that the host did not hold), discarded.
     pub discarded: u64,
-    /// Bytes of pages with data, kept.
+    /// Bytes kept: pages with data, and the parts of the range that do not cover a whole
+    /// page of the backing.
     pub kept: u64,
+    /// Of `kept`, the bytes kept because they do not cover a whole page of the backing.
+    pub unaligned: u64,
+}
+
+/// The free and reserved 2 MiB huge pages of the host's pool, from
+/// `/sys/kernel/mm/hugepages/hugepages-2048kB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HugePagePool {
+    /// Pages in the pool (`nr_hugepages`).
+    pub total: u64,
+    /// Pages not in use (`free_hugepages`), reserved ones included.
+    pub free: u64,
+    /// Free pages already promised to mappings (`resv_hugepages`).
+    pub reserved: u64,
+}
+
+impl HugePagePool {
+    /// The host's pool of 2 MiB huge pages.
+    pub fn read() -> io::Result<Self> {
+        let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+        let read = |name: &str| -> io::Result<u64> {
+            let path = format!("{dir}/{name}");
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
+            text.trim().parse().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{path}: '{}'", text.trim()),
+                )
+            })
+        };
+        Ok(Self {
+            total: read("nr_hugepages")?,
+            free: read("free_hugepages")?,
+            reserved: read("resv_hugepages")?,
+        })
+    }
+
+    /// Pages a new mapping can still reserve.
+    pub fn available(&self) -> u64 {
+        self.free.saturating_sub(self.reserved)
+    }
 }
 
 /// A slice of guest RAM inside one region, page aligned: the only thing
@@ -172,24 +276,70 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     host_start: usize,
     size: u64,
+    backing: Backing,
+    /// The memfd behind guest RAM (file backings).
+    file: Option<Arc<File>>,
+    /// This process's page map (hugetlb with a write fence: which huge pages are
+    /// present, so a check never faults one in).
+    pagemap: Option<Arc<File>>,
     write_fence: Option<Arc<WriteFence>>,
+}
+
+/// A new memfd of `size` bytes for `backing`, its size sealed.
+fn create_memfd(backing: Backing, size: u64) -> Result<File, RamError> {
+    let fail = |what, source| RamError::Backing {
+        backing: backing.name(),
+        what,
+        source,
+    };
+    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    if backing == Backing::Hugetlb {
+        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    }
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor or
+    // -1; nothing of ours is touched.
+    let fd = unsafe { libc::memfd_create(c"ebb-guest-ram".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(fail("memfd_create", io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(size)
+        .map_err(|e| fail("setting its size", e))?;
+    // Guest RAM never changes size: a file that could shrink would turn guest accesses
+    // into SIGBUS.
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS takes an integer and changes only what the file allows.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(fail("sealing its size", io::Error::last_os_error()));
+    }
+    Ok(file)
 }
 
 impl GuestRam {
     /// Reserves and maps guest RAM for `regions` (guest physical start, length), in
-    /// ascending order and page aligned. Nothing is touched: pages appear on first access
-    /// by the guest (or by the loader).
+    /// ascending order and aligned to the backing's page size. Nothing is touched: pages
+    /// appear on first access by the guest (or by the loader).
     pub fn new(regions: &[(GuestAddress, u64)], options: RamOptions) -> Result<Self, RamError> {
+        let backing = options.backing;
+        let granule = backing.page_size();
         let size = regions
             .iter()
             .try_fold(0u64, |sum, &(_, len)| sum.checked_add(len))
             .ok_or_else(|| RamError::Layout("regions overflow".into()))?;
         if regions
             .iter()
-            .any(|&(gpa, len)| len == 0 || gpa.0 % HOST_PAGE_SIZE != 0 || len % HOST_PAGE_SIZE != 0)
+            .any(|&(gpa, len)| len == 0 || gpa.0 % granule != 0 || len % granule != 0)
         {
+            return Err(RamError::Layout(format!(
+                "every region must be non-empty and aligned to {} KiB pages ({} backing)",
+                granule >> 10,
+                backing.name()
+            )));
+        }
+        if backing == Backing::Hugetlb && options.thp.is_some() {
             return Err(RamError::Layout(
-                "every region must be non-empty and page aligned".into(),
+                "transparent huge page advice does not apply to hugetlb memory".into(),
             ));
         }
         let reserve_err = |source| RamError::Reserve {
@@ -200,10 +350,15 @@ impl GuestRam {
         let size_usize = usize::try_from(size).map_err(|_| reserve_err(enomem()))?;
         let guard = HOST_PAGE_SIZE as usize;
         // Room to start RAM on a 2 MiB boundary, so guest huge pages line up with host
-        // transparent huge pages and a 2 MiB report frees a whole host huge page.
+        // huge pages and a 2 MiB report frees a whole host huge page.
         let total = size_usize
             .checked_add(2 * guard + HUGE_PAGE)
             .ok_or_else(|| reserve_err(enomem()))?;
+        let file = if backing.is_file() {
+            Some(create_memfd(backing, size)?)
+        } else {
+            None
+        };
 
         // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; no
         // existing memory is affected. The result is checked below.
@@ -221,32 +376,60 @@ impl GuestRam {
             return Err(reserve_err(io::Error::last_os_error()));
         }
         let ram = (base as usize + guard).next_multiple_of(HUGE_PAGE) as *mut libc::c_void;
-        // SAFETY: `ram..ram+size` lies inside the reservation just made, which nothing else
-        // uses. MAP_NORESERVE keeps the host from committing swap for untouched memory.
-        let ret = unsafe { libc::mprotect(ram, size_usize, libc::PROT_READ | libc::PROT_WRITE) };
-        if ret != 0 {
-            let e = io::Error::last_os_error();
-            // SAFETY: unmapping exactly the reservation made above.
+        let undo = |e| {
+            // SAFETY: unmapping exactly the reservation made above (and whatever was
+            // mapped over part of it), which nothing else uses yet.
             unsafe { libc::munmap(base, total) };
-            return Err(reserve_err(e));
-        }
+            e
+        };
+        let flags = match &file {
+            None => {
+                // SAFETY: `ram..ram+size` lies inside the reservation just made, which
+                // nothing else uses. MAP_NORESERVE keeps the host from committing swap for
+                // untouched memory.
+                let ret =
+                    unsafe { libc::mprotect(ram, size_usize, libc::PROT_READ | libc::PROT_WRITE) };
+                if ret != 0 {
+                    return Err(undo(reserve_err(io::Error::last_os_error())));
+                }
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+            }
+            Some(file) => {
+                // Hugetlb pages are reserved for the whole mapping now (a short pool
+                // fails here, not with a SIGBUS when the guest touches its memory).
+                // SAFETY: MAP_FIXED over `ram..ram+size`, inside the reservation just
+                // made, which nothing else uses; the file is `size` bytes, sealed.
+                let mapped = unsafe {
+                    libc::mmap(
+                        ram,
+                        size_usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED | libc::MAP_FIXED,
+                        file.as_raw_fd(),
+                        0,
+                    )
+                };
+                if mapped == libc::MAP_FAILED {
+                    return Err(undo(RamError::Backing {
+                        backing: backing.name(),
+                        what: "mapping it",
+                        source: io::Error::last_os_error(),
+                    }));
+                }
+                libc::MAP_SHARED
+            }
+        };
         // A core dump of Ebb must not contain the guest's memory (its secrets, and
         // gigabytes of it).
         // SAFETY: advising on our own RAM mapping; it changes no contents.
         if unsafe { libc::madvise(ram, size_usize, libc::MADV_DONTDUMP) } != 0 {
-            let e = io::Error::last_os_error();
-            // SAFETY: unmapping exactly the reservation made above.
-            unsafe { libc::munmap(base, total) };
-            return Err(reserve_err(e));
+            return Err(undo(reserve_err(io::Error::last_os_error())));
         }
         if options.merge {
             // SAFETY: advising on our own RAM mapping; KSM may share identical pages
             // copy-on-write, which changes no contents the guest sees.
             if unsafe { libc::madvise(ram, size_usize, libc::MADV_MERGEABLE) } != 0 {
-                let e = io::Error::last_os_error();
-                // SAFETY: unmapping exactly the reservation made above.
-                unsafe { libc::munmap(base, total) };
-                return Err(RamError::Merge(e));
+                return Err(undo(RamError::Merge(io::Error::last_os_error())));
             }
         }
         if let Some(huge) = options.thp {
@@ -276,7 +459,7 @@ impl GuestRam {
                     (ram as usize + offset) as *mut u8,
                     len,
                     libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    flags,
                 )
             }
             .map_err(|e| RamError::Layout(e.to_string()))?;
@@ -287,18 +470,53 @@ impl GuestRam {
         }
         let memory =
             GuestMemoryMmap::from_regions(mapped).map_err(|e| RamError::Layout(e.to_string()))?;
-        let write_fence = if options.write_fence {
-            let fence = WriteFence::new(ram as usize, size_usize).map_err(RamError::WriteFence)?;
-            Some(Arc::new(fence))
+        let (write_fence, pagemap) = if options.write_fence {
+            let kind = if backing.is_file() {
+                FencedMemory::Shared
+            } else {
+                FencedMemory::Anonymous
+            };
+            let fence =
+                WriteFence::new(ram as usize, size_usize, kind).map_err(RamError::WriteFence)?;
+            let pagemap = if backing == Backing::Hugetlb {
+                Some(Arc::new(
+                    File::open("/proc/self/pagemap").map_err(RamError::WriteFence)?,
+                ))
+            } else {
+                None
+            };
+            (Some(Arc::new(fence)), pagemap)
         } else {
-            None
+            (None, None)
         };
         Ok(Self {
             memory,
             host_start: ram as usize,
             size,
+            backing,
+            file: file.map(Arc::new),
+            pagemap,
             write_fence,
         })
+    }
+
+    /// What holds guest RAM.
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// The smallest unit [`GuestRam::discard`] gives back: 4 KiB, or 2 MiB for hugetlb.
+    /// Parts of a range that do not cover a whole unit are kept.
+    pub fn discard_granule(&self) -> u64 {
+        self.backing.page_size()
+    }
+
+    /// Bytes the file behind guest RAM holds (its allocated blocks), for file backings:
+    /// what the host really holds for the guest, hugetlb pages included (which the RSS of
+    /// a process leaves out).
+    pub fn allocated_bytes(&self) -> Option<u64> {
+        let meta = self.file.as_ref()?.metadata().ok()?;
+        Some(meta.blocks() * 512)
     }
 
     /// The vm-memory view of guest RAM (for queues and loaders).
@@ -395,22 +613,61 @@ impl GuestRam {
         split
     }
 
-    /// Gives the memory behind `range` back to the host; the guest reads zeros there
-    /// afterwards. Guest RAM is private anonymous memory, so `MADV_DONTNEED` frees the
-    /// pages at once.
-    pub fn discard(&self, range: RamRange) -> io::Result<()> {
-        // SAFETY: a `RamRange` is only built by this type, inside one region of this
-        // mapping (which is never unmapped); the caller gave these pages up, so zeroing
-        // them is the intent.
-        let rc = unsafe {
-            libc::madvise(
-                range.host as *mut libc::c_void,
-                range.len as usize,
-                libc::MADV_DONTNEED,
-            )
+    /// The whole units of [`GuestRam::discard_granule`] inside `range`, if any.
+    fn whole_granules(&self, range: RamRange) -> Option<RamRange> {
+        let g = self.discard_granule();
+        // Host addresses and guest physical addresses share their alignment to 2 MiB:
+        // guest RAM starts 2 MiB aligned and its regions are multiples of the granule.
+        let start = (range.host as u64).next_multiple_of(g);
+        let end = (range.host as u64 + range.len) / g * g;
+        (start < end).then(|| RamRange {
+            gpa: range.gpa + (start - range.host as u64),
+            len: end - start,
+            host: start as usize,
+        })
+    }
+
+    /// Gives the memory behind `range` back to the host, in whole units of
+    /// [`GuestRam::discard_granule`]; returns the bytes given back (the rest of the range,
+    /// a partial huge page, is kept as it is). The guest reads zeros where memory was
+    /// given back.
+    ///
+    /// Anonymous memory: `MADV_DONTNEED` frees the pages at once. A memfd: a hole punched
+    /// in the file (`MADV_DONTNEED` would only unmap pages the file keeps); every mapping
+    /// of the file, KVM's included, loses them too.
+    pub fn discard(&self, range: RamRange) -> io::Result<u64> {
+        let Some(whole) = self.whole_granules(range) else {
+            return Ok(0);
+        };
+        let rc = match &self.file {
+            None => {
+                // SAFETY: a `RamRange` is only built by this type, inside one region of
+                // this mapping (which is never unmapped); the caller gave these pages up,
+                // so zeroing them is the intent.
+                unsafe {
+                    libc::madvise(
+                        whole.host as *mut libc::c_void,
+                        whole.len as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                }
+            }
+            Some(file) => {
+                let offset = (whole.host - self.host_start) as libc::off_t;
+                // SAFETY: fallocate on our own memfd, inside its (sealed) size: the range
+                // maps guest RAM the caller gave up, so zeroing it is the intent.
+                unsafe {
+                    libc::fallocate(
+                        file.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        whole.len as libc::off_t,
+                    )
+                }
+            }
         };
         if rc == 0 {
-            Ok(())
+            Ok(whole.len)
         } else {
             Err(io::Error::last_os_error())
         }
@@ -421,13 +678,16 @@ impl GuestRam {
         self.write_fence.is_some()
     }
 
-    /// Discards the pages of `range` that hold only zeros, and keeps the others, with
-    /// every writer held off while it looks and discards: a page discarded reads back as
-    /// the zeros it held, so no write, however it races with this, is ever lost.
+    /// Discards the units of `range` (pages of the backing) that hold only zeros, and
+    /// keeps the others, with every writer held off while it looks and discards: a page
+    /// discarded reads back as the zeros it held, so no write, however it races with
+    /// this, is ever lost. Parts of the range that do not cover a whole unit are kept.
     ///
-    /// Order matters: every page is mapped first (a read maps the zero page where there
-    /// is none: an unmapped page cannot be write-protected and its first write would slip
-    /// past the fence), then the range is protected, checked, discarded and unprotected,
+    /// Order matters: every page must be write-protected before it is looked at. An
+    /// anonymous page that is not mapped cannot be protected (its first write would slip
+    /// past the fence), so anonymous memory is mapped first (a read maps the zero page).
+    /// Shared and hugetlb memory needs no such step: protecting an empty entry leaves a
+    /// marker in it. The range is then protected, checked, discarded and unprotected,
     /// which wakes the writers that waited.
     pub fn discard_unwritten(&self, range: RamRange) -> io::Result<FencedDiscard> {
         let fence = self.write_fence.as_ref().ok_or_else(|| {
@@ -436,18 +696,40 @@ impl GuestRam {
                 "guest RAM has no write fence (RamOptions::write_fence)",
             )
         })?;
-        map_every_page(range);
-        let page = HOST_PAGE_SIZE as usize;
-        let len = range.len as usize;
-        fence.protect(range.host, len)?;
         let mut done = FencedDiscard::default();
+        let Some(whole) = self.whole_granules(range) else {
+            done.kept = range.len;
+            done.unaligned = range.len;
+            return Ok(done);
+        };
+        done.unaligned = range.len - whole.len;
+        done.kept = done.unaligned;
+        if self.backing == Backing::Anon {
+            map_every_page(whole);
+        }
+        let unit = self.discard_granule() as usize;
+        let len = whole.len as usize;
+        fence.protect(whole.host, len)?;
+        // Hugetlb: a huge page that is not there holds nothing to look at, and reading it
+        // would take a page from the pool (or SIGBUS when the pool is empty).
+        let present = match self.present_units(whole) {
+            Ok(p) => p,
+            Err(e) => {
+                let unprotected = fence.unprotect(whole.host, len);
+                unprotected?;
+                return Err(e);
+            }
+        };
         let mut result = Ok(());
-        // Discards the zero pages [start, end) of the range: no one can write them while
+        // Discards the zero units [start, end) of the range: no one can write them while
         // the fence is up, so discarding changes nothing anyone can observe.
         let mut discard_zeros = |start: usize, end: usize, done: &mut FencedDiscard| {
-            let zeros = range.slice(start as u64, (end - start) as u64);
+            let zeros = whole.slice(start as u64, (end - start) as u64);
             match zeros.map(|z| self.discard(z)) {
-                Some(Ok(())) => done.discarded += (end - start) as u64,
+                Some(Ok(bytes)) => {
+                    done.discarded += bytes;
+                    done.kept += (end - start) as u64 - bytes;
+                }
                 Some(Err(e)) => {
                     done.kept += (end - start) as u64;
                     result = Err(e);
@@ -456,13 +738,13 @@ impl GuestRam {
             }
         };
         let mut zero_run: Option<usize> = None;
-        for offset in (0..len).step_by(page) {
-            // SAFETY: one page inside the range, mapped and write-protected: no one
-            // writes it while this slice lives. u64 alignment holds (page aligned).
-            let words = unsafe {
-                std::slice::from_raw_parts((range.host + offset) as *const u64, page / 8)
+        for (i, offset) in (0..len).step_by(unit).enumerate() {
+            let zero = match present.as_ref().map(|p| p[i]) {
+                Some(false) => true,
+                // SAFETY: one unit inside the range, mapped and write-protected: no one
+                // writes it while this slice lives. u64 alignment holds (page aligned).
+                _ => unsafe { is_zero((whole.host + offset) as *const u64, unit / 8) },
             };
-            let zero = words.iter().fold(0, |acc, w| acc | w) == 0;
             match (zero, zero_run) {
                 (true, None) => zero_run = Some(offset),
                 (false, Some(start)) => {
@@ -472,18 +754,53 @@ impl GuestRam {
                 _ => {}
             }
             if !zero {
-                done.kept += HOST_PAGE_SIZE;
+                done.kept += unit as u64;
             }
         }
         if let Some(start) = zero_run {
             discard_zeros(start, len, &mut done);
         }
         // Unprotect whatever happened above: a writer must never wait for good.
-        let unprotected = fence.unprotect(range.host, len);
+        let unprotected = fence.unprotect(whole.host, len);
         result?;
         unprotected?;
         Ok(done)
     }
+
+    /// For hugetlb memory: whether each huge page of `range` is mapped (from
+    /// `/proc/self/pagemap`, bit 63 of the entry of its first 4 KiB page). `None` for the
+    /// other backings, whose every page is looked at.
+    ///
+    /// A hugetlb page can only be in the file while it is mapped here: Ebb is the only
+    /// process that maps it, never unmaps it without punching it out of the file, and
+    /// hugetlb pages are never swapped.
+    fn present_units(&self, range: RamRange) -> io::Result<Option<Vec<bool>>> {
+        let Some(pagemap) = &self.pagemap else {
+            return Ok(None);
+        };
+        let pages = (range.len / HOST_PAGE_SIZE) as usize;
+        let mut raw = vec![0u8; pages * 8];
+        pagemap.read_exact_at(&mut raw, range.host as u64 / HOST_PAGE_SIZE * 8)?;
+        let per_unit = (self.discard_granule() / HOST_PAGE_SIZE) as usize;
+        Ok(Some(
+            raw.chunks_exact(8 * per_unit)
+                .map(|unit| {
+                    let entry = u64::from_le_bytes(unit[..8].try_into().unwrap_or([0; 8]));
+                    entry & (1 << 63) != 0
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// Whether the `words` 64-bit words at `p` are all zero.
+///
+/// # Safety
+/// `p..p + words` must be readable memory no one writes while this runs.
+unsafe fn is_zero(p: *const u64, words: usize) -> bool {
+    // SAFETY: the caller's promise.
+    let words = unsafe { std::slice::from_raw_parts(p, words) };
+    words.iter().fold(0, |acc, w| acc | w) == 0
 }
 
 /// Maps every page of `range` (the zero page where there is none) without writing: one
@@ -503,6 +820,44 @@ fn map_every_page(range: RamRange) {
             // SAFETY: inside the range (see above); a volatile read of one byte changes
             // nothing.
             unsafe { std::ptr::read_volatile((range.host + offset) as *const u8) };
+        }
+    }
+}
+
+/// For tests: holds the host's pool of 2 MiB huge pages at `pages` available or more
+/// while it lives, raising `nr_hugepages` if it must (root only) and putting it back when
+/// dropped. One lease at a time in a process.
+#[doc(hidden)]
+pub struct HugePageLease {
+    restore: Option<u64>,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+impl HugePageLease {
+    /// A lease, or `None` when the pool cannot be raised to `pages` available.
+    pub fn take(pages: u64) -> Option<Self> {
+        static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let guard = ONE.lock().unwrap_or_else(|e| e.into_inner());
+        let pool = HugePagePool::read().ok()?;
+        let mut lease = Self {
+            restore: None,
+            _one_at_a_time: guard,
+        };
+        if pool.available() >= pages {
+            return Some(lease);
+        }
+        let want = pool.total + (pages - pool.available());
+        std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string()).ok()?;
+        lease.restore = Some(pool.total);
+        let after = HugePagePool::read().ok()?;
+        (after.available() >= pages).then_some(lease)
+    }
+}
+
+impl Drop for HugePageLease {
+    fn drop(&mut self) {
+        if let Some(total) = self.restore {
+            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", total.to_string());
         }
     }
 }
@@ -616,7 +971,7 @@ mod tests {
                 &[(GuestAddress(0), 64 * MIB)],
                 RamOptions {
                     thp,
-                    ..Default::default()
+                    ..RamOptions::default()
                 },
             )
             .unwrap();
@@ -629,7 +984,22 @@ mod tests {
         let err = GuestRam::new(&[(GuestAddress(0), 1 << 62)], RamOptions::default()).unwrap_err();
         assert!(err.to_string().contains("cannot reserve"), "{err}");
         let err = GuestRam::new(&[(GuestAddress(0), 4097)], RamOptions::default()).unwrap_err();
-        assert!(err.to_string().contains("page aligned"), "{err}");
+        assert!(err.to_string().contains("aligned to 4 KiB pages"), "{err}");
+        let hugetlb = RamOptions {
+            backing: Backing::Hugetlb,
+            ..RamOptions::default()
+        };
+        let err = GuestRam::new(&[(GuestAddress(0), MIB)], hugetlb).unwrap_err();
+        assert!(
+            err.to_string().contains("aligned to 2048 KiB pages"),
+            "{err}"
+        );
+        let thp = RamOptions {
+            thp: Some(true),
+            ..hugetlb
+        };
+        let err = GuestRam::new(&[(GuestAddress(0), 2 * MIB)], thp).unwrap_err();
+        assert!(err.to_string().contains("does not apply"), "{err}");
     }
 
     #[test]
@@ -734,7 +1104,7 @@ mod tests {
             &[(GuestAddress(0), 8 * MIB)],
             RamOptions {
                 write_fence: true,
-                ..Default::default()
+                ..RamOptions::default()
             },
         )
         .expect("userfaultfd write protection (run the tests as root or with vm.unprivileged_userfaultfd=1)")
@@ -779,8 +1149,15 @@ mod tests {
     /// over and over never reads back anything but its last write.
     #[test]
     fn fenced_discard_never_loses_a_racing_write() {
+        racing_writes_survive(&fenced_ram());
+    }
+
+    /// One racing test at a time: each keeps both sides busy, and a writer that shares
+    /// the machine's cores with other racing tests gets too few writes in.
+    fn racing_writes_survive(m: &GuestRam) {
         use std::sync::atomic::{AtomicBool, Ordering};
-        let m = fenced_ram();
+        static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
         let range = m.range(0, 2 * MIB).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let writer = {
@@ -810,9 +1187,175 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         let (lost, writes) = writer.join().unwrap();
         assert!(
-            passes > 10 && writes > 1000,
+            passes > 10 && writes > 100,
             "{passes} passes, {writes} writes"
         );
         assert_eq!(lost, 0, "{lost} of {writes} writes lost in {passes} passes");
+    }
+
+    fn backed(backing: Backing, write_fence: bool) -> GuestRam {
+        GuestRam::new(
+            &[
+                (GuestAddress(0), 8 * MIB),
+                (GuestAddress(16 * MIB), 8 * MIB),
+            ],
+            RamOptions {
+                backing,
+                write_fence,
+                ..RamOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{} guest RAM: {e}", backing.name()))
+    }
+
+    fn fill(m: &GuestRam, gpa: u64, len: u64, byte: u8) {
+        m.memory()
+            .write_slice(&vec![byte; len as usize], GuestAddress(gpa))
+            .unwrap();
+    }
+
+    #[test]
+    fn memfd_ram_is_one_shared_sealed_mapping() {
+        let m = backed(Backing::Memfd, false);
+        assert_eq!(smaps_entry_size_kib(m.host_start()), Some(16 * 1024));
+        let flags = smaps_field(m.host_start(), "VmFlags:").unwrap();
+        assert!(flags.split_whitespace().any(|f| f == "sh"), "{flags}");
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+        let file = m.file.as_ref().unwrap();
+        // SAFETY: F_GET_SEALS only reads the file's seals.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & want, want);
+        assert!(file.set_len(4096).is_err(), "its size is sealed");
+        assert_eq!(m.allocated_bytes(), Some(0));
+        assert_eq!(m.discard_granule(), 4096);
+    }
+
+    /// MADV_DONTNEED frees nothing on shared memory (the file keeps the pages): the
+    /// memfd backing punches holes, and both RSS and the file's blocks fall.
+    #[test]
+    fn memfd_discard_punches_holes() {
+        let m = backed(Backing::Memfd, false);
+        fill(&m, 16 * MIB, 4 * MIB, 0xa5);
+        let all = m.range(16 * MIB, 4 * MIB).unwrap();
+        assert_eq!(resident_pages(&m, all), 1024);
+        assert_eq!(m.allocated_bytes(), Some(4 * MIB));
+        assert_eq!(
+            m.discard(m.range(16 * MIB, 2 * MIB).unwrap()).unwrap(),
+            2 * MIB
+        );
+        assert_eq!(m.discard(m.range(19 * MIB, 4096).unwrap()).unwrap(), 4096);
+        assert_eq!(resident_pages(&m, all), 511);
+        assert_eq!(m.allocated_bytes(), Some(2 * MIB - 4096));
+        let read = |gpa| m.memory().read_obj::<u8>(GuestAddress(gpa)).unwrap();
+        assert_eq!((read(16 * MIB + 4096), read(19 * MIB)), (0, 0));
+        assert_eq!(read(19 * MIB + 4096), 0xa5);
+        // What MADV_DONTNEED would have done: the pages come straight back.
+        let host = m.range(19 * MIB + 4096, 4096).unwrap().host;
+        // SAFETY: zapping one page of our shared guest RAM mapping; the file keeps it.
+        unsafe { libc::madvise(host as *mut libc::c_void, 4096, libc::MADV_DONTNEED) };
+        assert_eq!(read(19 * MIB + 4096), 0xa5, "the file kept it");
+        // Reading a hole of shared memory allocates a page (the two reads of zeros).
+        assert_eq!(m.allocated_bytes(), Some(2 * MIB + 4096));
+    }
+
+    #[test]
+    fn memfd_fenced_discard_drops_zero_pages_and_keeps_written_ones() {
+        let m = backed(Backing::Memfd, true);
+        fill(&m, 0, 2 * MIB, 0);
+        for page in [3u64, 100, 511] {
+            m.memory()
+                .write_obj(0x5au8, GuestAddress(page * 4096 + 17))
+                .unwrap();
+        }
+        assert_eq!(m.allocated_bytes(), Some(2 * MIB));
+        // 2 MiB written (zeros and three pages of data), 2 MiB never touched.
+        let done = m.discard_unwritten(m.range(0, 4 * MIB).unwrap()).unwrap();
+        assert_eq!((done.kept, done.unaligned), (3 * 4096, 0));
+        assert_eq!(done.discarded, 4 * MIB - 3 * 4096);
+        assert_eq!(m.allocated_bytes(), Some(3 * 4096));
+        for page in [3u64, 100, 511] {
+            let v: u8 = m.memory().read_obj(GuestAddress(page * 4096 + 17)).unwrap();
+            assert_eq!(v, 0x5a);
+        }
+        m.memory().write_obj(7u8, GuestAddress(8192)).unwrap();
+        assert_eq!(m.allocated_bytes(), Some(4 * 4096), "writable again");
+    }
+
+    #[test]
+    fn memfd_fenced_discard_never_loses_a_racing_write() {
+        racing_writes_survive(&backed(Backing::Memfd, true));
+    }
+
+    fn hugetlb_or_skip(pages: u64) -> Option<HugePageLease> {
+        let lease = HugePageLease::take(pages);
+        if lease.is_none() {
+            eprintln!("SKIPPED: {pages} free 2 MiB huge pages are needed (run as root)");
+        }
+        lease
+    }
+
+    /// Hugetlb: guest RAM is never unmapped, so its huge pages stay taken until the
+    /// process ends; one test, one mapping, one lease of the pool (put back as it was).
+    #[test]
+    fn hugetlb_gives_back_whole_huge_pages_only() {
+        let Some(_lease) = hugetlb_or_skip(8) else {
+            return;
+        };
+        let m = backed(Backing::Hugetlb, true);
+        assert_eq!(m.discard_granule(), 2 * MIB);
+        assert_eq!(m.allocated_bytes(), Some(0));
+        hugetlb_discards_whole_huge_pages(&m);
+        hugetlb_fenced_discard_checks_huge_pages_without_faulting_holes_in(&m);
+        racing_writes_survive(&m);
+    }
+
+    fn hugetlb_discards_whole_huge_pages(m: &GuestRam) {
+        fill(m, 16 * MIB, 8 * MIB, 0xa5);
+        assert_eq!(m.allocated_bytes(), Some(8 * MIB));
+        let free_before = HugePagePool::read().unwrap().free;
+        // A 4 KiB page, or 2 MiB across two huge pages: nothing whole, nothing freed.
+        assert_eq!(m.discard(m.range(16 * MIB, 4096).unwrap()).unwrap(), 0);
+        assert_eq!(m.discard(m.range(17 * MIB, 2 * MIB).unwrap()).unwrap(), 0);
+        assert_eq!(m.allocated_bytes(), Some(8 * MIB));
+        // 1..6 MiB: the two whole huge pages inside (2..6 MiB) go.
+        assert_eq!(
+            m.discard(m.range(17 * MIB, 5 * MIB).unwrap()).unwrap(),
+            4 * MIB
+        );
+        assert_eq!(m.allocated_bytes(), Some(4 * MIB));
+        assert_eq!(HugePagePool::read().unwrap().free, free_before + 2);
+        let read = |gpa| m.memory().read_obj::<u8>(GuestAddress(gpa)).unwrap();
+        assert_eq!(read(17 * MIB), 0xa5);
+        assert_eq!(read(22 * MIB), 0xa5);
+        // Reading a hole takes a huge page from the pool again.
+        assert_eq!((read(18 * MIB), read(21 * MIB)), (0, 0));
+        assert_eq!(m.allocated_bytes(), Some(8 * MIB));
+    }
+
+    fn hugetlb_fenced_discard_checks_huge_pages_without_faulting_holes_in(m: &GuestRam) {
+        // Huge page 0 zeroed, 1 with one byte of data, 2 and 3 never touched.
+        fill(m, 0, 4 * MIB, 0);
+        m.memory()
+            .write_obj(1u8, GuestAddress(2 * MIB + 12345))
+            .unwrap();
+        assert_eq!(m.allocated_bytes(), Some(12 * MIB));
+        let free_before = HugePagePool::read().unwrap().free;
+        // From 1 MiB to 4 KiB short of 8 MiB: huge pages 0 and 3 are not whole.
+        let done = m
+            .discard_unwritten(m.range(MIB, 7 * MIB - 4096).unwrap())
+            .unwrap();
+        assert_eq!(done.unaligned, MIB + 2 * MIB - 4096);
+        assert_eq!(done.kept, done.unaligned + 2 * MIB, "huge page 1 has data");
+        assert_eq!(done.discarded, 2 * MIB, "huge page 2 was never there");
+        assert_eq!(m.allocated_bytes(), Some(12 * MIB), "nothing faulted in");
+        assert_eq!(HugePagePool::read().unwrap().free, free_before);
+        let done = m.discard_unwritten(m.range(0, 8 * MIB).unwrap()).unwrap();
+        assert_eq!((done.discarded, done.kept), (6 * MIB, 2 * MIB));
+        assert_eq!(m.allocated_bytes(), Some(10 * MIB));
+        assert_eq!(HugePagePool::read().unwrap().free, free_before + 1);
+        let v: u8 = m.memory().read_obj(GuestAddress(2 * MIB + 12345)).unwrap();
+        assert_eq!(v, 1);
+        m.memory().write_obj(0u8, GuestAddress(0)).unwrap();
     }
 }

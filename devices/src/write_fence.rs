@@ -32,6 +32,10 @@ const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 /// Bit of `_UFFDIO_WRITEPROTECT` in the ioctls a registration allows.
 const UFFDIO_WRITEPROTECT_BIT: u64 = 1 << 0x06;
+/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (Linux 5.19+): write protection of shared memory
+/// (memfd, tmpfs) and hugetlbfs, including pages not mapped yet (the kernel leaves a
+/// marker in the empty entry, so their first write waits too).
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 
 #[repr(C)]
 struct UffdioApi {
@@ -103,19 +107,54 @@ fn open_userfaultfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// What kind of memory a fence covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FencedMemory {
+    /// A private anonymous mapping: only pages already mapped can be protected.
+    Anonymous,
+    /// A shared mapping of a memfd (shmem) or of hugetlbfs: needs
+    /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`; empty entries are protected too.
+    Shared,
+}
+
+fn shared_wp_missing(why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "this host kernel cannot write-protect shared or hugetlb memory with userfaultfd \
+             ({why}; UFFD_FEATURE_WP_HUGETLBFS_SHMEM needs Linux 5.19 or later): use \
+             backing=anon, or turn free page hinting off"
+        ),
+    )
+}
+
 impl WriteFence {
-    /// A fence over `[start, start + len)`, a page-aligned private anonymous mapping of
-    /// this process that lives as long as the fence.
-    pub fn new(start: usize, len: usize) -> io::Result<Self> {
+    /// A fence over `[start, start + len)`, a page-aligned mapping of this process (of
+    /// the kind `memory` says; huge-page aligned for hugetlbfs) that lives as long as the
+    /// fence.
+    pub fn new(start: usize, len: usize, memory: FencedMemory) -> io::Result<Self> {
         let fd = open_userfaultfd()?;
+        let features = match memory {
+            FencedMemory::Anonymous => 0,
+            FencedMemory::Shared => UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: 0,
+            features,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes the struct passed, which lives on our stack.
         if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) } != 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            if memory == FencedMemory::Shared && e.raw_os_error() == Some(libc::EINVAL) {
+                return Err(shared_wp_missing("the feature is unknown to it"));
+            }
+            return Err(e);
+        }
+        // The kernel answers with what it can do: a kernel built without PTE markers
+        // accepts the request but cannot honour it.
+        if api.features & features != features {
+            return Err(shared_wp_missing("the kernel does not offer it"));
         }
         let mut reg = UffdioRegister {
             range: UffdioRange {
@@ -129,6 +168,9 @@ impl WriteFence {
         // faults in our own mapping are handled, not its contents.
         if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) } != 0 {
             let e = io::Error::last_os_error();
+            if memory == FencedMemory::Shared && e.raw_os_error() == Some(libc::EINVAL) {
+                return Err(shared_wp_missing("registering guest RAM was refused"));
+            }
             return Err(io::Error::new(
                 e.kind(),
                 format!("registering guest RAM for write protection: {e}"),
@@ -137,7 +179,14 @@ impl WriteFence {
         if reg.ioctls & UFFDIO_WRITEPROTECT_BIT == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "the host kernel cannot write-protect anonymous memory with userfaultfd",
+                match memory {
+                    FencedMemory::Anonymous => {
+                        "the host kernel cannot write-protect anonymous memory with userfaultfd"
+                    }
+                    FencedMemory::Shared => {
+                        "the host kernel cannot write-protect shared memory with userfaultfd"
+                    }
+                },
             ));
         }
         Ok(Self { fd, start, len })

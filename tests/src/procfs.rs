@@ -76,16 +76,22 @@ fn parse_header(line: &str) -> Option<Mapping> {
     })
 }
 
-/// Parses the text of /proc/PID/smaps.
+/// Parses the text of /proc/PID/smaps. A mapping's `rss_kib` is its `Rss` plus its
+/// hugetlb pages (`Shared_Hugetlb`, `Private_Hugetlb`), which `Rss` leaves out.
 pub fn parse_smaps(text: &str) -> Vec<Mapping> {
     let mut maps: Vec<Mapping> = Vec::new();
     for line in text.lines() {
-        if let Some(rss) = line.strip_prefix("Rss:") {
+        let held = ["Rss:", "Shared_Hugetlb:", "Private_Hugetlb:"]
+            .iter()
+            .find_map(|f| line.strip_prefix(f));
+        if let Some(rss) = held {
             if let (Some(last), Some(kib)) = (
                 maps.last_mut(),
-                rss.split_whitespace().next().and_then(|v| v.parse().ok()),
+                rss.split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok()),
             ) {
-                last.rss_kib = kib;
+                last.rss_kib += kib;
             }
         } else if line.as_bytes().first().is_some_and(u8::is_ascii_hexdigit) && line.contains('-') {
             // Field lines ("Size:", "Rss:", "VmFlags:") start with a letter that may be a
@@ -103,10 +109,11 @@ pub fn smaps(pid: u32) -> io::Result<Vec<Mapping>> {
     Ok(parse_smaps(&read(&format!("/proc/{pid}/smaps"))?))
 }
 
-/// RSS of a VMM's guest RAM, in KiB: the `Rss` of the writable private mapping whose
-/// size equals `memory_bytes` exactly.
+/// RSS of a VMM's guest RAM, in KiB: the `Rss` (hugetlb pages included) of the writable
+/// mapping whose size equals `memory_bytes` exactly.
 ///
-/// Ebb maps guest RAM as ONE anonymous mapping of exactly `--memory` bytes. QEMU 7.2
+/// Ebb maps guest RAM as ONE mapping of exactly `--memory` bytes (private anonymous, or
+/// shared for `backing=memfd|hugetlb`). QEMU 7.2
 /// (`-M microvm`, `-m N`) was checked the same way: its RAM block is one anonymous
 /// `rw-p` mapping of exactly N MiB (for 512 MiB, 3.5 GiB and 5 GiB; `qemu_ram_mmap` puts
 /// a separate PROT_NONE guard page after it, so the block is not merged with neighbours);
@@ -131,9 +138,26 @@ pub fn guest_ram_rss_kib(pid: u32, memory_bytes: u64) -> io::Result<u64> {
 pub fn find_guest_ram(maps: &[Mapping], memory_bytes: u64) -> Option<&Mapping> {
     maps.iter()
         .filter(|m| {
-            m.size_bytes() == memory_bytes && m.perms.starts_with("rw") && m.perms.ends_with('p')
+            m.size_bytes() == memory_bytes && m.perms.starts_with("rw") && !m.perms.contains('x')
         })
         .max_by_key(|m| m.rss_kib)
+}
+
+/// Bytes the file behind a process's descriptor whose target contains `name` holds (its
+/// allocated blocks), in KiB: for Ebb's memfd backings, `memfd:ebb-guest-ram`.
+pub fn fd_allocated_kib(pid: u32, name: &str) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = format!("/proc/{pid}/fd");
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if std::fs::read_link(&path).is_ok_and(|t| t.to_string_lossy().contains(name)) {
+            return Ok(std::fs::metadata(&path)?.blocks() / 2);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no descriptor of {name} in {dir}"),
+    ))
 }
 
 #[cfg(test)]
@@ -167,6 +191,23 @@ Rss:                   4 kB
         let ram = find_guest_ram(&maps, 512 << 20).unwrap();
         assert_eq!(ram.rss_kib, 201234);
         assert!(find_guest_ram(&maps, 1 << 30).is_none());
+    }
+
+    /// Ebb's memfd backings: a shared mapping; hugetlb pages counted outside `Rss`.
+    #[test]
+    fn finds_shared_and_hugetlb_guest_ram() {
+        let text = "\
+7f0000000000-7f0040000000 rw-s 00000000 00:01 77     /memfd:ebb-guest-ram (deleted)
+Size:            1048576 kB
+Rss:                   0 kB
+Shared_Hugetlb:   262144 kB
+Private_Hugetlb:    2048 kB
+VmFlags: rd wr sh mr mw me ms dd ht
+";
+        let maps = parse_smaps(text);
+        let ram = find_guest_ram(&maps, 1 << 30).unwrap();
+        assert_eq!(ram.rss_kib, 264192);
+        assert!(ram.name.starts_with("/memfd:ebb-guest-ram"));
     }
 
     #[test]

@@ -187,10 +187,15 @@ impl Vmm for Ebb {
             Some(false) => ",thp=off",
             None => "",
         };
+        let backing = config
+            .backing
+            .as_ref()
+            .map(|b| format!(",backing={b}"))
+            .unwrap_or_default();
         let merge = if config.merge { ",merge=on" } else { "" };
         argv.extend([
             "--memory".into(),
-            format!("{}M{thp}{merge}", config.memory_mib),
+            format!("{}M{thp}{backing}{merge}", config.memory_mib),
         ]);
         argv.extend(["--cpus".into(), config.cpus.to_string()]);
         argv.extend(["--serial".into(), "stdio".into()]);

@@ -27,11 +27,15 @@ pub struct Cli {
     pub cmdline: String,
 
     /// Guest memory: SIZE (512M, 5G, 1024K or bytes), optionally `,thp=on|off` to ask for
-    /// or refuse transparent huge pages and `,merge=on` to offer it to the host's
+    /// or refuse transparent huge pages, and `,backing=` what holds it: anon (private
+    /// anonymous memory, the default), memfd (shared memory, as vhost-user and snapshots
+    /// need) or hugetlb (2 MiB huge pages from the host's pool: SIZE a multiple of 2 MiB,
+    /// no thp=). Every backing gives memory back to the host (balloon, reporting,
+    /// hinting); hugetlb in whole 2 MiB pages only. `,merge=on` offers it to the host's
     /// same-page merging (KSM).
     #[arg(
         long,
-        value_name = "SIZE[,thp=on|off][,merge=on|off]",
+        value_name = "SIZE[,thp=on|off][,backing=anon|memfd|hugetlb][,merge=on|off]",
         default_value = "512M"
     )]
     pub memory: MemoryConfig,
@@ -140,7 +144,7 @@ mod tests {
             "--cmdline",
             "console=ttyS0 quiet",
             "--memory",
-            "5G",
+            "5G,backing=memfd",
             "--cpus",
             "2",
             "--balloon",
@@ -159,6 +163,7 @@ mod tests {
         .unwrap();
         let c = cli.vm_config();
         assert_eq!(c.memory.size, 5 * GIB);
+        assert_eq!(c.memory.backing, crate::config::Backing::Memfd);
         assert_eq!(c.cpus, 2);
         assert_eq!(c.balloon.unwrap().size, GIB);
         assert_eq!(
@@ -186,5 +191,11 @@ mod tests {
         assert!(Cli::try_parse_from(["ebb", "--kernel", "k", "--serial", "tty"]).is_err());
         let e = Cli::try_parse_from(["ebb", "--kernel", "k", "--disk", "readonly=on"]).unwrap_err();
         assert!(e.to_string().contains("gives no disk image"), "{e}");
+        let e = Cli::try_parse_from(["ebb", "--kernel", "k", "--memory", "1G,backing=shm"])
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("unknown memory backing 'shm'"),
+            "{e}"
+        );
     }
 }

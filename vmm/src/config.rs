@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use crate::seccomp::SeccompMode;
+pub use ebb_devices::ram::Backing;
 
 pub use ebb_api_model::options::{parse_switch, split_options, ParseError};
 pub use ebb_api_model::units::{format_size, parse_size, GIB, MIB, PAGE_SIZE};
@@ -24,18 +25,21 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ParseError> {
     Err(ParseError(msg.into()))
 }
 
-/// Guest memory configuration (`--memory SIZE[,thp=on|off][,merge=on|off]`).
+/// Guest memory configuration
+/// (`--memory SIZE[,thp=on|off][,backing=anon|memfd|hugetlb][,merge=on|off]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryConfig {
-    /// Guest RAM in bytes (a multiple of 4 KiB).
+    /// Guest RAM in bytes (a multiple of 4 KiB; of 2 MiB with the hugetlb backing).
     pub size: u64,
     /// Transparent huge pages for guest RAM: `Some(true)` asks for them
     /// (`MADV_HUGEPAGE`), `Some(false)` refuses them (`MADV_NOHUGEPAGE`), `None` leaves the
-    /// host's policy in charge.
+    /// host's policy in charge. Not with the hugetlb backing.
     pub thp: Option<bool>,
     /// Offer guest RAM to the host's same-page merging (KSM): identical pages across
     /// guests are stored once, at the cost of ksmd's scanning.
     pub merge: bool,
+    /// What holds guest RAM in the host.
+    pub backing: Backing,
 }
 
 impl Default for MemoryConfig {
@@ -44,7 +48,19 @@ impl Default for MemoryConfig {
             size: DEFAULT_MEMORY,
             thp: None,
             merge: false,
+            backing: Backing::Anon,
         }
+    }
+}
+
+fn parse_backing(value: &str) -> Result<Backing, ParseError> {
+    match value {
+        "anon" => Ok(Backing::Anon),
+        "memfd" => Ok(Backing::Memfd),
+        "hugetlb" => Ok(Backing::Hugetlb),
+        _ => err(format!(
+            "unknown memory backing '{value}' (known: anon, memfd, hugetlb)"
+        )),
     }
 }
 
@@ -66,10 +82,11 @@ impl std::str::FromStr for MemoryConfig {
                     size_given = true;
                 }
                 "thp" => cfg.thp = Some(parse_switch(key, value)?),
+                "backing" => cfg.backing = parse_backing(value)?,
                 "merge" => cfg.merge = parse_switch(key, value)?,
                 _ => {
                     return err(format!(
-                        "unknown memory option '{key}' (known: size, thp, merge)"
+                        "unknown memory option '{key}' (known: size, thp, backing, merge)"
                     ))
                 }
             }
@@ -86,6 +103,27 @@ impl std::str::FromStr for MemoryConfig {
                 cfg.size,
                 (cfg.size / PAGE_SIZE + 1) * PAGE_SIZE
             ));
+        }
+        if cfg.merge && cfg.backing != Backing::Anon {
+            // KSM merges private anonymous memory only: the advice would be ignored.
+            return err("merge=on works with backing=anon only (KSM merges private memory)");
+        }
+        if cfg.backing == Backing::Hugetlb {
+            let huge = Backing::Hugetlb.page_size();
+            if cfg.thp.is_some() {
+                return err(
+                    "thp= does not apply to backing=hugetlb (guest RAM is made of 2 MiB huge \
+                     pages already)",
+                );
+            }
+            if cfg.size % huge != 0 {
+                return err(format!(
+                    "memory size {} is not a multiple of 2 MiB, the huge page size of \
+                     backing=hugetlb (try {})",
+                    ebb_api_model::units::size_arg(cfg.size),
+                    ebb_api_model::units::size_arg(cfg.size.next_multiple_of(huge))
+                ));
+            }
         }
         Ok(cfg)
     }
@@ -210,13 +248,35 @@ mod tests {
                 size: 5 * GIB,
                 thp: None,
                 merge: false,
+                backing: Backing::Anon,
             }
         );
+        let m: MemoryConfig = "1G,backing=memfd,thp=off".parse().unwrap();
+        assert_eq!((m.backing, m.thp), (Backing::Memfd, Some(false)));
+        let m: MemoryConfig = "backing=hugetlb,size=6M".parse().unwrap();
+        assert_eq!((m.backing, m.size), (Backing::Hugetlb, 6 * MIB));
+        let e = "1G,backing=pmem".parse::<MemoryConfig>().unwrap_err().0;
+        assert!(e.contains("unknown memory backing 'pmem'"), "{e}");
+        let e = "1G,backing=hugetlb,thp=on"
+            .parse::<MemoryConfig>()
+            .unwrap_err()
+            .0;
+        assert!(e.contains("thp= does not apply to backing=hugetlb"), "{e}");
+        let e = "1025M,backing=hugetlb"
+            .parse::<MemoryConfig>()
+            .unwrap_err()
+            .0;
+        assert!(e.contains("not a multiple of 2 MiB"), "{e}");
         let m: MemoryConfig = "1G,thp=on".parse().unwrap();
         assert_eq!(m.thp, Some(true));
         let m: MemoryConfig = "1G,merge=on".parse().unwrap();
         assert!(m.merge);
         assert!("1G,merge=maybe".parse::<MemoryConfig>().is_err());
+        let e = "1G,merge=on,backing=memfd"
+            .parse::<MemoryConfig>()
+            .unwrap_err()
+            .0;
+        assert!(e.contains("merge=on works with backing=anon only"), "{e}");
         let m: MemoryConfig = "size=2G".parse().unwrap();
         assert_eq!(m.size, 2 * GIB);
         assert!("0"

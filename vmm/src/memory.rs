@@ -2,7 +2,7 @@
 //! 32-bit MMIO hole, [`layout::ram_regions`]) over [`GuestRam`], which owns how the memory
 //! is backed and given back.
 
-use ebb_devices::ram::{RamError, RamOptions};
+use ebb_devices::ram::{Backing, HugePagePool, RamError, RamOptions, HUGE_PAGE_SIZE};
 
 pub use ebb_devices::ram::GuestRam;
 
@@ -32,6 +32,36 @@ pub enum MemoryError {
          its kernel needs CONFIG_KSM"
     )]
     Merge(std::io::Error),
+    /// The backing could not be made (memfd, huge pages).
+    #[error("{0}")]
+    Backing(String),
+}
+
+/// Checks, before anything is set up, that the host can give guest RAM its backing: for
+/// hugetlb, enough free 2 MiB huge pages in the host's pool for all of guest RAM.
+pub fn check_backing(config: &MemoryConfig) -> Result<(), MemoryError> {
+    if config.backing != Backing::Hugetlb {
+        return Ok(());
+    }
+    let needed = config.size.div_ceil(HUGE_PAGE_SIZE);
+    let pool = HugePagePool::read().map_err(|e| {
+        MemoryError::Backing(format!(
+            "backing=hugetlb: cannot read the host's pool of 2 MiB huge pages ({e})"
+        ))
+    })?;
+    if pool.available() < needed {
+        return Err(MemoryError::Backing(format!(
+            "backing=hugetlb: {} of guest memory needs {needed} free 2 MiB huge pages, the \
+             host has {} (pool {}, free {}, reserved {}); reserve more with `echo N > \
+             /proc/sys/vm/nr_hugepages`",
+            format_size(config.size),
+            pool.available(),
+            pool.total,
+            pool.free,
+            pool.reserved
+        )));
+    }
+    Ok(())
 }
 
 /// Reserves and maps guest RAM for `config`. Nothing is touched: pages appear on first
@@ -42,6 +72,7 @@ pub fn guest_ram(config: &MemoryConfig, write_fence: bool) -> Result<GuestRam, M
         thp: config.thp,
         write_fence,
         merge: config.merge,
+        backing: config.backing,
     };
     GuestRam::new(&layout::ram_regions(config.size), options).map_err(|e| match e {
         RamError::Reserve { source, .. } => MemoryError::Reserve {
@@ -51,6 +82,7 @@ pub fn guest_ram(config: &MemoryConfig, write_fence: bool) -> Result<GuestRam, M
         RamError::Layout(what) => MemoryError::Layout(what),
         RamError::WriteFence(e) => MemoryError::WriteFence(e),
         RamError::Merge(e) => MemoryError::Merge(e),
+        e @ RamError::Backing { .. } => MemoryError::Backing(e.to_string()),
     })
 }
 
@@ -64,8 +96,7 @@ mod tests {
     fn ram_above_3_gib_moves_above_the_mmio_hole() {
         let cfg = MemoryConfig {
             size: 5 * GIB,
-            thp: None,
-            merge: false,
+            ..MemoryConfig::default()
         };
         let ram = guest_ram(&cfg, false).unwrap();
         assert_eq!(ram.size(), 5 * GIB);
@@ -100,12 +131,42 @@ mod tests {
         let err = guest_ram(
             &MemoryConfig {
                 size: 1 << 62,
-                thp: None,
-                merge: false,
+                ..MemoryConfig::default()
             },
             false,
         )
         .unwrap_err();
         assert!(err.to_string().contains("cannot reserve"), "{err}");
+    }
+
+    #[test]
+    fn a_memfd_backing_maps_shared_memory_and_reports_its_blocks() {
+        let cfg = MemoryConfig {
+            size: 64 << 20,
+            backing: Backing::Memfd,
+            ..MemoryConfig::default()
+        };
+        check_backing(&cfg).unwrap();
+        let ram = guest_ram(&cfg, false).unwrap();
+        assert_eq!(ram.allocated_bytes(), Some(0));
+        ram.memory()
+            .write_slice(&[1u8; 1 << 20], GuestAddress(0))
+            .unwrap();
+        assert_eq!(ram.allocated_bytes(), Some(1 << 20));
+    }
+
+    #[test]
+    fn hugetlb_needs_enough_free_huge_pages() {
+        let Ok(pool) = HugePagePool::read() else {
+            return;
+        };
+        let cfg = MemoryConfig {
+            size: (pool.available() + 1) * HUGE_PAGE_SIZE,
+            backing: Backing::Hugetlb,
+            ..MemoryConfig::default()
+        };
+        let e = check_backing(&cfg).unwrap_err().to_string();
+        assert!(e.contains("free 2 MiB huge pages"), "{e}");
+        assert!(e.contains("nr_hugepages"), "{e}");
     }
 }

@@ -119,9 +119,11 @@ fn extra_calls(kind: ThreadKind) -> &'static [i64] {
     match kind {
         // Polling the devices' eventfds, timers (balloon statistics), signals; reading
         // /proc for memory figures; disk requests (reads and writes straight into guest
-        // RAM, flushes, discards and write-zeroes); removing the API socket and joining
-        // threads at exit.
+        // RAM, flushes, discards and write-zeroes); guest RAM given back (holes punched
+        // in a memfd, which huge pages are present: a pread of /proc/self/pagemap);
+        // removing the API socket and joining threads at exit.
         ThreadKind::EventLoop => &[
+            libc::SYS_pread64,
             libc::SYS_preadv,
             libc::SYS_pwritev,
             libc::SYS_fdatasync,

@@ -127,6 +127,7 @@ pub fn validate(config: &VmConfig) -> Result<Validated, VmError> {
     if config.cpus == 0 {
         return Err(VmError::Config("--cpus must be at least 1".into()));
     }
+    crate::memory::check_backing(&config.memory)?;
     check_disks(config)?;
     let kernel = boot::inspect_kernel(&config.kernel)?;
     let initramfs = match &config.initramfs {

@@ -176,6 +176,7 @@ impl VmBackend for Fake {
             uptime: Duration::from_millis(12_345),
             vcpus: 2,
             memory_bytes: GUEST_MIB * MIB,
+            memory_backing: "anon",
             kernel: "/boot/vmlinuz".into(),
             initramfs: None,
             cmdline: "console=ttyS0".into(),
@@ -590,6 +591,7 @@ fn get_vm() {
     assert_eq!(v["state"], "running");
     assert_eq!(v["vcpus"], 2);
     assert_eq!(v["memory_mib"], GUEST_MIB);
+    assert_eq!(v["memory_backing"], "anon");
     assert_eq!(v["kernel"], "/boot/vmlinuz");
     assert_eq!(v["initramfs"], Value::Null);
     assert_eq!(v["uptime_s"], 12.345);

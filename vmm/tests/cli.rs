@@ -379,9 +379,48 @@ fn memory_unparseable_or_zero() {
         ("0", "memory size must be greater than zero"),
         ("0G", "memory size must be greater than zero"),
         ("1000", "not a multiple of 4 KiB"),
+        ("1G,backing=pmem", "unknown memory backing 'pmem'"),
+        ("1G,backing=", "unknown memory backing ''"),
+        (
+            "1G,backing=hugetlb,thp=on",
+            "thp= does not apply to backing=hugetlb",
+        ),
+        (
+            "1G,thp=off,backing=hugetlb",
+            "thp= does not apply to backing=hugetlb",
+        ),
+        ("1023M,backing=hugetlb", "not a multiple of 2 MiB"),
     ] {
         ebb(&["--kernel", p(&k), "--memory", value]).expect_error(&[needle]);
     }
+}
+
+/// A hugetlb backing larger than the host's pool of free 2 MiB huge pages is refused
+/// before anything is set up, with what the pool holds and how to grow it.
+#[test]
+fn hugetlb_beyond_the_hosts_pool() {
+    let s = Scratch::new("hugetlb");
+    let k = good_kernel(&s);
+    let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+    let read = |name: &str| -> Option<u64> {
+        fs::read_to_string(format!("{dir}/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let (Some(free), Some(resv)) = (read("free_hugepages"), read("resv_hugepages")) else {
+        eprintln!("SKIPPED: no 2 MiB huge page pool on this host");
+        return;
+    };
+    let pages = free.saturating_sub(resv) + 1;
+    let memory = format!("{}M,backing=hugetlb", pages * 2);
+    let msg = ebb(&["--kernel", p(&k), "--memory", &memory]).expect_error(&[
+        "backing=hugetlb",
+        &format!("needs {pages} free 2 MiB huge pages"),
+        "nr_hugepages",
+    ]);
+    assert!(!msg.contains("KVM"), "checked before KVM: {msg}");
 }
 
 #[test]

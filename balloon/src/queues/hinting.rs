@@ -293,6 +293,7 @@ fn take_block(
         HintDiscard::Checked => match ram.discard_unwritten(range) {
             Ok(done) => {
                 counters.count_discard(DiscardReason::Hint, done.discarded, true);
+                counters.unaligned_kept_bytes += done.unaligned;
                 (done.discarded, done.kept)
             }
             Err(e) => {

@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use super::{discard, drain, Budget, Chain, Pass};
 use crate::counters::{BalloonCounters, DiscardReason};
 use crate::pages::{check_pfns, CheckedPfns, PageSet};
-use crate::protocol::PFN_SHIFT;
+use crate::protocol::{BALLOON_PAGE_SIZE, PFN_SHIFT};
 
 /// Descriptors Ebb reads from one inflate or deflate chain (Linux sends one).
 pub const MAX_PFN_CHAIN_DESCRIPTORS: usize = 16;
@@ -24,6 +24,11 @@ pub const PFN_BUDGET: u64 = (MAX_PFN_CHAIN_DESCRIPTORS as u64) * (MAX_PFN_BYTES 
 /// Takes inflate buffers: their valid pages join the balloon, and pages new to it are
 /// discarded before the buffer goes back. A page already in the balloon is not discarded
 /// again (a guest naming the same pages over and over costs one discard).
+///
+/// When guest RAM gives memory back in units larger than a balloon page (2 MiB huge
+/// pages), a new page only completes what the balloon holds: a unit is discarded once
+/// every balloon page of it is in the balloon, which the balloon's page set records
+/// (deflating one of them undoes that, and the unit waits again).
 pub fn inflate(
     ram: &GuestRam,
     queue: &mut Queue,
@@ -34,12 +39,44 @@ pub fn inflate(
     drain_pfn_buffers(ram, queue, counters, time_limit, |checked, counters| {
         counters.inflated_pages += checked.valid_entries;
         counters.repeated_inflates += checked.repeats;
+        let unit = ram.discard_granule();
         for range in &checked.ranges {
-            for new in new_runs(range, balloon, counters) {
-                discard(ram, new, DiscardReason::Inflate, counters);
+            let new = new_runs(range, balloon, counters);
+            if unit <= BALLOON_PAGE_SIZE {
+                for run in new {
+                    discard(ram, run, DiscardReason::Inflate, counters);
+                }
+            } else {
+                for whole in completed_units(ram, &new, balloon, unit) {
+                    discard(ram, whole, DiscardReason::Inflate, counters);
+                }
             }
         }
     })
+}
+
+/// The units of `unit` bytes (huge pages) that `new` pages touch and the balloon now
+/// holds entirely, in address order, each once.
+fn completed_units(
+    ram: &GuestRam,
+    new: &[RamRange],
+    balloon: &PageSet,
+    unit: u64,
+) -> Vec<RamRange> {
+    let pages = (unit / BALLOON_PAGE_SIZE) as u32;
+    let mut done: Vec<RamRange> = Vec::new();
+    for run in new {
+        let mut gpa = run.gpa() / unit * unit;
+        while gpa < run.end() {
+            let first = (gpa >> PFN_SHIFT) as u32;
+            let seen = done.last().is_some_and(|d| d.gpa() == gpa);
+            if !seen && balloon.contains_all(first, pages) {
+                done.extend(ram.range(gpa, unit));
+            }
+            gpa += unit;
+        }
+    }
+    done
 }
 
 /// The parts of `range` whose pages were not in the balloon, now added to it.

@@ -160,23 +160,32 @@ pub fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &dyn VirtioIn
     }
 }
 
-/// Gives `range` back to the host and counts it. A failure is logged, not returned: the
-/// guest's buffer goes back either way (the memory just stays with the host).
+/// Gives `range` back to the host and counts it: what guest RAM gave back, and what it
+/// kept because it does not cover a whole page of the backing (a partial huge page). A
+/// failure is logged, not returned: the guest's buffer goes back either way (the memory
+/// just stays with the host).
 pub fn discard(
     ram: &GuestRam,
     range: RamRange,
     reason: DiscardReason,
     counters: &mut BalloonCounters,
 ) {
-    let result = ram.discard(range);
-    if let Err(e) = &result {
-        tracing::warn!(
-            "balloon: discarding {reason:?} range {:#x}+{:#x}: {e}",
-            range.gpa(),
-            range.len()
-        );
+    match ram.discard(range) {
+        Ok(bytes) => {
+            if bytes > 0 {
+                counters.count_discard(reason, bytes, true);
+            }
+            counters.unaligned_kept_bytes += range.len() - bytes;
+        }
+        Err(e) => {
+            tracing::warn!(
+                "balloon: discarding {reason:?} range {:#x}+{:#x}: {e}",
+                range.gpa(),
+                range.len()
+            );
+            counters.count_discard(reason, range.len(), false);
+        }
     }
-    counters.count_discard(reason, range.len(), result.is_ok());
 }
 
 #[cfg(test)]

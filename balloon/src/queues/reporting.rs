@@ -96,9 +96,7 @@ impl ReportingQueue {
                         work: QueueWork::Yielded,
                     };
                 }
-                // At least a page, at most what the budget has left.
-                let piece_len =
-                    budget.left().min(range.len()).max(HOST_PAGE_SIZE) & !(HOST_PAGE_SIZE - 1);
+                let piece_len = piece_len(&range, budget.left(), ram.discard_granule());
                 let Some(piece) = range.slice(0, piece_len) else {
                     continue;
                 };
@@ -119,6 +117,21 @@ impl ReportingQueue {
             }
         }
     }
+}
+
+/// How much of `range` to discard now with `left` bytes of budget: at least one unit of
+/// the backing (`unit`: a page, or a huge page) and the budget's worth otherwise, cut on a
+/// unit boundary so that no unit is split between two discards (each piece alone would
+/// not cover it, and it would be kept).
+fn piece_len(range: &RamRange, left: u64, unit: u64) -> u64 {
+    let (start, end) = (range.gpa(), range.end());
+    let want = start.saturating_add(left.max(unit)) / unit * unit;
+    let cut = if want > start {
+        want
+    } else {
+        (start / unit + 1) * unit
+    };
+    (cut.min(end) - start).max(HOST_PAGE_SIZE.min(range.len()))
 }
 
 /// The ranges of one report Ebb will discard, with every entry counted: valid or
@@ -152,4 +165,31 @@ fn check_chain(
         }
     }
     ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ebb_devices::ram::RamOptions;
+    use vm_memory::GuestAddress;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn pieces_end_on_unit_boundaries() {
+        let ram = GuestRam::new(&[(GuestAddress(0), 64 * MIB)], RamOptions::default()).unwrap();
+        let r = ram.range(4 * MIB, 8 * MIB).unwrap();
+        // Pages: whatever the budget says, page aligned.
+        assert_eq!(piece_len(&r, 3 * MIB + 5, 4096), 3 * MIB);
+        assert_eq!(piece_len(&r, 1, 4096), 4096);
+        assert_eq!(piece_len(&r, 100 * MIB, 4096), 8 * MIB);
+        // Huge pages: never a split one.
+        assert_eq!(piece_len(&r, 3 * MIB + 5, 2 * MIB), 2 * MIB);
+        assert_eq!(piece_len(&r, 1, 2 * MIB), 2 * MIB);
+        let odd = ram.range(MIB, 4 * MIB).unwrap();
+        assert_eq!(piece_len(&odd, 1, 2 * MIB), MIB, "up to the first boundary");
+        assert_eq!(piece_len(&odd, 4 * MIB, 2 * MIB), 3 * MIB);
+        let small = ram.range(0, 8192).unwrap();
+        assert_eq!(piece_len(&small, 1, 2 * MIB), 8192);
+    }
 }

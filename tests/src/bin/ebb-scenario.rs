@@ -12,8 +12,8 @@
 use std::process::ExitCode;
 
 use ebb_tests::scenarios::{
-    self, api, balloon, bench, boot, cli, compaction, disk, hinting, host, hostile, policy,
-    reporting, ScenarioDef,
+    self, api, backings, balloon, bench, boot, cli, compaction, disk, hinting, host, hostile,
+    policy, reporting, ScenarioDef,
 };
 
 /// Every family this runner offers.
@@ -30,6 +30,7 @@ const FAMILIES: &[&[ScenarioDef]] = &[
     disk::SCENARIOS,
     compaction::SCENARIOS,
     policy::SCENARIOS,
+    backings::SCENARIOS,
 ];
 
 fn main() -> ExitCode {

@@ -81,6 +81,8 @@ pub struct GuestConfig {
     /// Same-page merging: Ebb's `--memory SIZE,merge=on|off`, QEMU's `-machine
     /// mem-merge=on|off` (QEMU defaults to on; the harness says it either way).
     pub merge: bool,
+    /// Ebb only: `--memory SIZE,backing=NAME` (`None`: Ebb's default, anon).
+    pub backing: Option<String>,
     /// virtio-blk disks, in order (the first is /dev/vda in the guest).
     pub disks: Vec<DiskSpec>,
 }
@@ -109,6 +111,7 @@ impl Default for GuestConfig {
             echo_console: std::env::var("EBB_GUEST_ECHO").is_ok_and(|v| !v.is_empty() && v != "0"),
             thp: None,
             merge: false,
+            backing: None,
             disks: Vec::new(),
         }
     }

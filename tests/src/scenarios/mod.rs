@@ -26,6 +26,7 @@
 //! that is how a batch resumed in a fresh test host keeps what its first part measured.
 
 pub mod api;
+pub mod backings;
 pub mod balloon;
 pub mod batch;
 pub mod bench;

@@ -225,6 +225,10 @@ pub struct EbbBalloonStats {
     pub reported_discarded_bytes: u64,
     /// Reported bytes kept because the guest poisons free pages.
     pub reported_skipped_bytes: u64,
+    /// Reported or hinted bytes kept because they do not cover a whole page of the
+    /// memory backing (parts of a 2 MiB huge page with `backing=hugetlb`).
+    #[serde(default)]
+    pub unaligned_kept_bytes: u64,
     /// All bytes given back to the host (inflate + reporting).
     pub discarded_bytes: u64,
     /// `madvise` calls made.
@@ -406,7 +410,8 @@ impl fmt::Display for VmState {
 /// Host memory figures of `GET /vm`, bytes (`null` when procfs could not be read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RssInfo {
-    /// Resident guest RAM: the guest RAM mapping's `Rss` in `/proc/PID/smaps`.
+    /// Resident guest RAM: the guest RAM mapping's `Rss` in `/proc/PID/smaps`, plus its
+    /// hugetlb pages (`Shared_Hugetlb`, `Private_Hugetlb`), which `Rss` leaves out.
     pub guest_ram_bytes: Option<u64>,
     /// Resident memory of the VMM itself: process RSS minus guest RAM RSS.
     pub vmm_bytes: Option<u64>,
@@ -429,6 +434,10 @@ pub struct DiskInfo {
     pub driver_ready: bool,
 }
 
+fn default_backing() -> String {
+    "anon".into()
+}
+
 /// `GET /vm`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
@@ -444,6 +453,9 @@ pub struct VmInfo {
     pub vcpus: u32,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
+    /// What holds guest RAM: `anon`, `memfd` or `hugetlb` (`--memory ...,backing=`).
+    #[serde(default = "default_backing")]
+    pub memory_backing: String,
     /// Kernel image path.
     pub kernel: String,
     /// Initramfs path.

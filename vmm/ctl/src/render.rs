@@ -120,7 +120,11 @@ pub fn render_vm(v: &VmInfo) -> String {
     let _ = writeln!(t, "ebb:            {} (pid {})", v.version, v.pid);
     let _ = writeln!(t, "uptime:         {:.1} s", v.uptime_s);
     let _ = writeln!(t, "vcpus:          {}", v.vcpus);
-    let _ = writeln!(t, "memory:         {} MiB", v.memory_mib);
+    let _ = writeln!(
+        t,
+        "memory:         {} MiB ({})",
+        v.memory_mib, v.memory_backing
+    );
     let _ = writeln!(t, "kernel:         {}", v.kernel);
     if let Some(i) = &v.initramfs {
         let _ = writeln!(t, "initramfs:      {i}");

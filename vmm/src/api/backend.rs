@@ -152,6 +152,8 @@ pub struct VmSummary {
     pub vcpus: u32,
     /// Guest RAM in bytes.
     pub memory_bytes: u64,
+    /// What holds guest RAM (`anon`, `memfd`, `hugetlb`).
+    pub memory_backing: &'static str,
     /// Kernel image path.
     pub kernel: String,
     /// Initramfs path.

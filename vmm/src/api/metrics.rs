@@ -260,7 +260,7 @@ pub fn render(
         "Seconds between guest statistics updates (0: disabled).",
         b.stats_interval_s,
     );
-    let counters: [(&str, &str, u64); 23] = [
+    let counters: [(&str, &str, u64); 24] = [
         (
             "ebb_balloon_inflated_pages_total",
             "Pages received on the inflate queue.",
@@ -310,6 +310,11 @@ pub fn render(
             "ebb_balloon_reported_skipped_bytes_total",
             "Reported bytes kept because the guest poisons free pages.",
             c.skipped_bytes,
+        ),
+        (
+            "ebb_balloon_unaligned_kept_bytes_total",
+            "Reported or hinted bytes kept because they do not cover a whole page of the memory backing.",
+            c.unaligned_kept_bytes,
         ),
         (
             "ebb_balloon_discarded_bytes_total",
@@ -474,6 +479,7 @@ mod tests {
             uptime: Duration::from_millis(1500),
             vcpus: 2,
             memory_bytes: 512 << 20,
+            memory_backing: "anon",
             kernel: "k".into(),
             initramfs: None,
             cmdline: "c".into(),

@@ -105,6 +105,7 @@ impl VmBackend for LiveVm {
             uptime: self.started.elapsed(),
             vcpus: self.config.cpus,
             memory_bytes: self.ram_bytes,
+            memory_backing: self.config.memory.backing.name(),
             kernel: self.config.kernel.display().to_string(),
             initramfs: self
                 .config
@@ -221,29 +222,46 @@ impl VmBackend for LiveVm {
     }
 }
 
-/// `Rss` of the mapping starting at `start` in an smaps file, in bytes. Reading stops at
-/// that mapping, so the kernel does not walk the ones after it.
+/// Memory the mapping starting at `start` holds in an smaps file, in bytes: its `Rss`
+/// plus its hugetlb pages (`Shared_Hugetlb`, `Private_Hugetlb`), which `Rss` leaves out.
+/// Reading stops at that mapping, so the kernel does not walk the ones after it.
 pub fn mapping_rss(smaps: &str, start: usize) -> io::Result<u64> {
     let reader = BufReader::new(File::open(smaps)?);
-    let mut in_mapping = false;
+    let mut total: Option<u64> = None;
     for line in reader.lines() {
         let line = line?;
-        if let Some(v) = in_mapping.then(|| line.strip_prefix("Rss:")).flatten() {
-            return parse_kib(v);
+        if let Some(sum) = total.as_mut() {
+            let field = ["Rss:", "Shared_Hugetlb:", "Private_Hugetlb:"]
+                .iter()
+                .find_map(|f| line.strip_prefix(f));
+            if let Some(v) = field {
+                *sum += parse_kib(v)?;
+                continue;
+            }
+            if line.starts_with("VmFlags:") {
+                break;
+            }
         }
         // Mapping headers look like "7f0000000000-7f0020000000 rw-p 00000000 00:00 0".
         if let Some((range, _)) = line.split_once(' ') {
             if let Some((s, _)) = range.split_once('-') {
                 if let Ok(s) = usize::from_str_radix(s, 16) {
-                    in_mapping = s == start;
+                    if total.is_some() {
+                        break;
+                    }
+                    if s == start {
+                        total = Some(0);
+                    }
                 }
             }
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("no mapping at {start:#x} in {smaps}"),
-    ))
+    total.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no mapping at {start:#x} in {smaps}"),
+        )
+    })
 }
 
 /// `VmRSS` from a `/proc/PID/status` file, in bytes.
@@ -297,5 +315,30 @@ mod tests {
         assert!(mapping_rss("/proc/self/smaps", 4096).is_err());
         // SAFETY: unmapping the mapping made above.
         unsafe { libc::munmap(p, len) };
+    }
+
+    /// Hugetlb guest RAM: its pages are not in `Rss`, they are counted beside it.
+    #[test]
+    fn hugetlb_pages_count_with_rss() {
+        let path = std::env::temp_dir().join(format!("ebb-smaps-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "7f0000000000-7f0040000000 rw-s 00000000 00:01 77   /memfd:ebb-guest-ram (deleted)\n\
+             Size:            1048576 kB\n\
+             Rss:                   4 kB\n\
+             Shared_Hugetlb:   262144 kB\n\
+             Private_Hugetlb:    2048 kB\n\
+             VmFlags: rd wr sh mr mw me ms dd ht\n\
+             7f0040000000-7f0040001000 rw-p 00000000 00:00 0\n\
+             Rss:                   4 kB\n",
+        )
+        .unwrap();
+        let smaps = path.to_str().unwrap();
+        assert_eq!(
+            mapping_rss(smaps, 0x7f00_0000_0000).unwrap(),
+            (4 + 262144 + 2048) << 10
+        );
+        assert_eq!(mapping_rss(smaps, 0x7f00_4000_0000).unwrap(), 4 << 10);
+        std::fs::remove_file(&path).unwrap();
     }
 }
