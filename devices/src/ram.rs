@@ -1155,13 +1155,14 @@ mod tests {
     /// One racing test at a time: each keeps both sides busy, and a writer that shares
     /// the machine's cores with other racing tests gets too few writes in.
     fn racing_writes_survive(m: &GuestRam) {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
         let range = m.range(0, 2 * MIB).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
         let writer = {
-            let (m, stop) = (m.clone(), stop.clone());
+            let (m, stop, writes) = (m.clone(), stop.clone(), writes.clone());
             std::thread::spawn(move || {
                 let mut lost = 0u64;
                 let mut i = 1u64;
@@ -1173,14 +1174,20 @@ mod tests {
                         lost += 1;
                     }
                     m.memory().write_obj(0u64, gpa).unwrap();
+                    writes.store(i, Ordering::Relaxed);
                     i += 1;
                 }
                 (lost, i)
             })
         };
+        // At least 2 s and 1,000 writes: on a loaded machine the writer may get few turns,
+        // so the race runs longer (up to 60 s) rather than proving nothing.
         let start = std::time::Instant::now();
         let mut passes = 0;
-        while start.elapsed() < std::time::Duration::from_secs(2) {
+        while start.elapsed() < std::time::Duration::from_secs(2)
+            || (writes.load(Ordering::Relaxed) < 1000
+                && start.elapsed() < std::time::Duration::from_secs(60))
+        {
             m.discard_unwritten(range).unwrap();
             passes += 1;
         }
