@@ -16,6 +16,8 @@ use crate::bus::lock;
 
 /// Event data values at or above this mark a device event rather than a queue.
 const DEVICE_EVENT_BASE: u32 = 1 << 16;
+/// Event data values at or above this mark a queue worker's event.
+const WORKER_EVENT_BASE: u32 = 1 << 17;
 
 /// The event-loop side of one virtio-mmio device.
 pub struct VirtioHandler<D: VirtioDevice> {
@@ -23,6 +25,7 @@ pub struct VirtioHandler<D: VirtioDevice> {
     notifiers: Vec<EventFd>,
     device_fds: Vec<(RawFd, u32)>,
     worker: Option<Arc<dyn QueueWorker>>,
+    worker_fds: Vec<(RawFd, u32)>,
 }
 
 impl<D: VirtioDevice> VirtioHandler<D> {
@@ -37,11 +40,13 @@ impl<D: VirtioDevice> VirtioHandler<D> {
                 .collect::<std::io::Result<Vec<_>>>()?;
             (notifiers, t.device().event_fds(), t.device().queue_worker())
         };
+        let worker_fds = worker.as_ref().map_or_else(Vec::new, |w| w.event_fds());
         Ok(Self {
             transport,
             notifiers,
             device_fds,
             worker,
+            worker_fds,
         })
     }
 }
@@ -62,10 +67,26 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioHandler<D> {
                 tracing::error!("virtio: cannot poll device event {id}: {e:?}");
             }
         }
+        for &(fd, id) in &self.worker_fds {
+            if let Err(e) = ops.add(Events::with_data_raw(
+                fd,
+                WORKER_EVENT_BASE + id,
+                EventSet::IN,
+            )) {
+                tracing::error!("virtio: cannot poll worker event {id}: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let data = events.data();
+        if data >= WORKER_EVENT_BASE {
+            // Without the transport's lock, as the worker's queue work.
+            if let Some(worker) = &self.worker {
+                worker.process_event(data - WORKER_EVENT_BASE);
+            }
+            return;
+        }
         if data >= DEVICE_EVENT_BASE {
             lock(&self.transport)
                 .device_mut()
