@@ -191,14 +191,34 @@ mod tests {
     struct SlowWorker {
         transport: Mutex<Option<Arc<Mutex<MmioTransport<Slow>>>>>,
         lock_was_free: Mutex<Vec<bool>>,
+        /// Its own event (I/O completions, say), and the ids it was called with.
+        evt: EventFd,
+        events: Mutex<Vec<(u32, bool)>>,
+    }
+
+    impl SlowWorker {
+        fn lock_is_free(&self) -> bool {
+            let t = self.transport.lock().unwrap().clone().unwrap();
+            let free = t.try_lock().is_ok();
+            free
+        }
     }
 
     impl QueueWorker for SlowWorker {
         fn process_queue(&self, _: u16) -> QueueWork {
-            let t = self.transport.lock().unwrap().clone().unwrap();
-            let free = t.try_lock().is_ok();
+            let free = self.lock_is_free();
             self.lock_was_free.lock().unwrap().push(free);
             QueueWork::Done
+        }
+
+        fn event_fds(&self) -> Vec<(RawFd, u32)> {
+            vec![(self.evt.as_raw_fd(), 7)]
+        }
+
+        fn process_event(&self, id: u32) {
+            let _ = self.evt.read();
+            let free = self.lock_is_free();
+            self.events.lock().unwrap().push((id, free));
         }
     }
 
@@ -226,12 +246,15 @@ mod tests {
         }
     }
 
-    /// A worker runs without the transport's lock, so vCPUs can reach the registers.
+    /// A worker runs without the transport's lock, so vCPUs can reach the registers; so
+    /// do its own events.
     #[test]
     fn a_queue_worker_runs_outside_the_transport_lock() {
         let worker = Arc::new(SlowWorker {
             transport: Mutex::new(None),
             lock_was_free: Mutex::new(Vec::new()),
+            evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+            events: Mutex::new(Vec::new()),
         });
         let ram = GuestRam::new(&[(GuestAddress(0), 1 << 20)], Default::default()).unwrap();
         let irq = Arc::new(MmioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
@@ -262,6 +285,10 @@ mod tests {
         }
         em.run_with_timeout(0).unwrap();
         assert_eq!(*worker.lock_was_free.lock().unwrap(), [true]);
+        // The worker's own events reach it with its id, outside the lock too.
+        worker.evt.write(1).unwrap();
+        em.run_with_timeout(0).unwrap();
+        assert_eq!(*worker.events.lock().unwrap(), [(7, true)]);
     }
 
     /// Another subscriber, standing for the API or the signal handler.
