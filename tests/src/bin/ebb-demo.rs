@@ -265,7 +265,7 @@ fn main() -> ExitCode {
     if mode == HostMode::Nested {
         eprintln!(
             "ebb-demo: this host's KVM cannot boot stock Linux guests; running the demo in the \
-             nested test host (QEMU TCG + kvm-amd). Its output appears when it finishes (~3 min)."
+             nested test host (QEMU TCG + kvm-amd). Its output appears when it finishes (~2 min)."
         );
     }
     let mut scenario = Job::new([me.to_string_lossy().into_owned(), "--inside".into()]);
