@@ -57,6 +57,9 @@
 //! | 8 I/O threads, second pass            |   155 |  472 |   1,108 |
 //! | QEMU microvm, second                  |   353 |  530 |   1,218 |
 //!
+//! Two later `ebb-bench disk` runs (8 threads): Ebb 269, 543, 1,096 against QEMU 96, 510,
+//! 1,166; Ebb 104, 327, 1,461 against QEMU 31, 510, 1,179.
+//!
 //! Sequential reads scale with threads up to 4 (1 MiB requests are copies the threads do
 //! side by side); 4 KiB random reads sit at 1,000-1,300 IOPS whatever the setup, QEMU's
 //! included: there the guest's exits (kick, interrupt) cost more than the copy. Writes go
