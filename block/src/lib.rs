@@ -35,12 +35,13 @@
 //! RAM after it returns. The threads run under their own seccomp filter (the VMM's
 //! `DiskIo`: `preadv`, `pwritev`, `fdatasync`, `fallocate`, and the common calls).
 //!
-//! Why threads and not io_uring on the loop: with images in the host's page cache (the
-//! common case, and the benchmark's), an io_uring read that hits the cache completes inline
-//! in the submitting thread, so the loop would still copy every request itself, one after
-//! another; only misses go to the kernel's io-wq workers. io_uring's operations also pass
-//! under seccomp (a ring can open files unless restricted) and need a new dependency.
-//! Threads give parallel copies on any file system for plain system calls.
+//! Why threads and not io_uring on the loop (reasoned, not measured: io_uring was not
+//! built): with images in the host's page cache (the common case, and the benchmark's), a
+//! buffered io_uring read that hits the cache completes inline in the submitting thread,
+//! so the loop would still copy every request itself, one after another, as before; only
+//! misses go to the kernel's io-wq workers. io_uring's operations also pass under seccomp
+//! (a ring can open files unless restricted) and need a new dependency. Threads give
+//! parallel copies on any file system with plain system calls.
 //!
 //! What decided it, `ebb-bench disk` in the nested test host (fio in the guest, O_DIRECT:
 //! 1 MiB sequential write and read at depth 16, 4 KiB random read at depth 8; MiB/s,
@@ -48,7 +49,6 @@
 //!
 //! | setup                                 | write | read | 4K IOPS |
 //! |---------------------------------------|------:|-----:|--------:|
-//! | before: inline on the loop (earlier run; QEMU then 34, 351, 1,696) | 204 | 333 | 1,250 |
 //! | 1 I/O thread                          |   299 |  143 |   1,143 |
 //! | 2 I/O threads                         |   142 |  261 |   1,312 |
 //! | 4 I/O threads                         |   147 |  495 |   1,029 |
@@ -57,13 +57,14 @@
 //! | 8 I/O threads, second pass            |   155 |  472 |   1,108 |
 //! | QEMU microvm, second                  |   353 |  530 |   1,218 |
 //!
-//! Two later `ebb-bench disk` runs (8 threads): Ebb 269, 543, 1,096 against QEMU 96, 510,
+//! Before the threads (requests one at a time on the loop, an earlier run): 204, 333,
+//! 1,250 against QEMU's 34, 351, 1,696. Two later `ebb-bench disk` runs (8 threads): Ebb 269, 543, 1,096 against QEMU 96, 510,
 //! 1,166; Ebb 104, 327, 1,461 against QEMU 31, 510, 1,179.
 //!
 //! Sequential reads scale with threads up to 4 (1 MiB requests are copies the threads do
 //! side by side); 4 KiB random reads sit at 1,000-1,300 IOPS whatever the setup, QEMU's
 //! included: there the guest's exits (kick, interrupt) cost more than the copy. Writes go
-//! from 100 to 350 MiB/s between passes for both VMMs (the test host's page cache
+//! from 30 to 350 MiB/s between passes for both VMMs (the test host's page cache
 //! writeback). 8 threads, as many as the requests a guest keeps in flight here, keep the
 //! read figure and leave room on hosts with more cores.
 //!
