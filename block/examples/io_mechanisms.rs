@@ -1,9 +1,11 @@
 //! A microbenchmark of the two ways Ebb could run disk requests, on a warm image (in the
 //! host's page cache), reading into guest RAM with the device's own `io::read_into`:
 //!
-//! - **inline**: the event loop does each `preadv` itself (what `ebb-block` does);
+//! - **inline**: the event loop does each `preadv` itself (what `ebb-block` did before its
+//!   I/O threads);
 //! - **worker**: the event loop hands each request to a worker thread over a bounded
-//!   channel and waits for completions on another (the alternative).
+//!   channel and waits for completions on another (one thread: the hand-off's cost; the
+//!   device's own pool is measured with `ebb-bench disk`).
 //!
 //! For each request size it prints requests per second (the worker kept `DEPTH` requests
 //! queued, as a busy ring would) and the median time from submission to completion with

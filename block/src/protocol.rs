@@ -31,6 +31,10 @@ pub mod features {
     pub const DISCARD: u64 = 1 << vb::VIRTIO_BLK_F_DISCARD;
     /// The WRITE_ZEROES request and its `max_write_zeroes_*` fields.
     pub const WRITE_ZEROES: u64 = 1 << vb::VIRTIO_BLK_F_WRITE_ZEROES;
+    /// `used_event`/`avail_event` in the rings: the driver and the device each say when
+    /// they next want to hear from the other, so a busy queue takes few kicks and
+    /// interrupts (each one an exit).
+    pub const EVENT_IDX: u64 = 1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 }
 
 /// Request types (the header's `type` field).

@@ -1,11 +1,21 @@
 //! The request queue: take chains off the available ring, check each ([`crate::request`]),
-//! execute it against the image ([`crate::io`]), write its status, give it back; within a
-//! budget per wake-up, then yield so the event loop serves everything else first.
+//! hand the ones that touch the image to the disk's I/O threads ([`crate::pool`]) as
+//! [`Slot`]s, and give each back to the guest when its slot comes back.
 //!
-//! Each request is finished (data moved, status written) before its used entry is
-//! written. Requests run in ring order, one at a time: a later write never overtakes an
-//! earlier one, and a flush covers every write completed before it.
+//! One owner (the event loop, under the device's lock) takes chains off the ring and
+//! writes every status byte and used entry; the I/O threads only move data between the
+//! image and the request's buffers. Requests complete in any order, as virtio allows.
+//!
+//! Bounds, whatever the guest does: at most [`MAX_IN_FLIGHT`] requests are off the ring
+//! and unanswered (their slots, allocated once at activation, are all there is; with none
+//! free the ring waits, and a completion resumes it), and a pass takes at most
+//! [`PASS_CHAINS`] chains before it yields to the rest of the event loop.
+//!
+//! A flush completes only after every write (or discard, or write-zeroes) taken off the
+//! ring before it has completed: it waits, out of the I/O threads, until the last of those
+//! comes back, then runs `fdatasync`. Later requests do not wait for it.
 
+use std::collections::VecDeque;
 use std::fs::File;
 
 use ebb_devices::faults::{self, GuestFault};
@@ -17,31 +27,82 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::counters::{BlockCounters, Op, Reject};
 use crate::io::{self, Discarded};
-use crate::protocol::{features, status, ID_BYTES};
+use crate::protocol::{features, status, ID_BYTES, QUEUE_SIZE};
 use crate::request::{parse, DiskShape, Parsed, Request, Scratch};
 
-/// Bytes of work one wake-up does before it yields. Reads and writes cost their length;
-/// see [`MIN_REQUEST_COST`], [`FLUSH_COST`] and [`RANGE_COST`] for the rest. A request is never split: the pass that starts one
-/// finishes it (at most 8 MiB of data), then checks the budget.
-pub const PASS_BUDGET_BYTES: u64 = 8 << 20;
-/// What any request costs at least, so a ring refilled with tiny or refused requests
-/// yields too (at most 2,048 requests a pass).
-pub const MIN_REQUEST_COST: u64 = 4 << 10;
-/// What a flush costs: `fdatasync` may wait for the host's disk (at most 8 a pass).
-pub const FLUSH_COST: u64 = 1 << 20;
-/// What one discard or write-zeroes range costs when the file system does it
-/// (`fallocate` changes metadata, it moves no data).
-pub const RANGE_COST: u64 = 64 << 10;
+/// Most requests off the ring and not yet answered, per disk.
+pub const MAX_IN_FLIGHT: usize = 32;
+/// Most chains one pass takes off the ring (answered at once or handed out) before it
+/// yields.
+pub const PASS_CHAINS: usize = QUEUE_SIZE as usize;
 
-/// The disk a queue works on.
-#[derive(Debug)]
-pub struct Disk<'a> {
-    /// The image.
-    pub file: &'a File,
+/// What the event loop checks requests against and answers GET_ID with.
+#[derive(Debug, Clone, Copy)]
+pub struct Disk {
     /// Size, read-only, negotiated features.
     pub shape: DiskShape,
     /// What GET_ID returns (NUL-padded).
     pub id: [u8; ID_BYTES],
+}
+
+/// One request between the ring and the used ring: checked, its buffers in guest RAM,
+/// where its status goes. Allocated at activation with buffers of fixed capacity; moved
+/// (never copied, never reallocated) to an I/O thread and back.
+#[derive(Debug)]
+pub struct Slot {
+    head: u16,
+    status_at: GuestAddress,
+    request: Request,
+    shape: DiskShape,
+    scratch: Scratch,
+    /// Order in which requests were taken off the ring.
+    seq: u64,
+    /// The activation the slot belongs to.
+    generation: u64,
+    /// Bytes written into guest buffers, or the host's error; `None` until executed.
+    result: Option<std::io::Result<u32>>,
+    /// Keeps guest RAM mapped for as long as a request may point into it.
+    _ram: GuestRam,
+}
+
+impl Slot {
+    fn new(ram: &GuestRam, generation: u64) -> Self {
+        Self {
+            head: 0,
+            status_at: GuestAddress(0),
+            request: Request {
+                op: Op::Flush,
+                offset: 0,
+                len: 0,
+            },
+            shape: DiskShape {
+                size: 0,
+                readonly: true,
+                negotiated: 0,
+            },
+            scratch: Scratch::default(),
+            seq: 0,
+            generation,
+            result: None,
+            _ram: ram.clone(),
+        }
+    }
+
+    /// The activation this slot belongs to.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The request.
+    pub fn request(&self) -> Request {
+        self.request
+    }
+
+    /// Runs the request against `file` (on an I/O thread): moves its data between the
+    /// image and guest RAM, or flushes, discards, zeroes.
+    pub fn execute(&mut self, file: &File) {
+        self.result = Some(execute(&self.request, &self.scratch, &self.shape, file));
+    }
 }
 
 /// What one pass over the queue did.
@@ -49,72 +110,136 @@ pub struct Disk<'a> {
 pub struct Pass {
     /// At least one request went back to the guest (it wants an interrupt).
     pub gave_back: bool,
-    /// Whether requests may be left.
+    /// Whether requests may be left that only another pass takes (not those that wait
+    /// for a free slot: a completion resumes those).
     pub work: QueueWork,
 }
 
-/// The request queue as the driver set it up, and the reusable request buffers.
+/// The request queue as the driver set it up, the slots, and what is in flight.
 #[derive(Debug)]
 pub struct RequestQueue {
     queue: Queue,
-    scratch: Scratch,
+    generation: u64,
+    free: Vec<Slot>,
+    /// Flushes waiting for earlier writes to complete, in ring order.
+    flushes: VecDeque<Slot>,
+    /// Sequence numbers of the writes out on the I/O threads.
+    writes: Vec<u64>,
+    next_seq: u64,
 }
 
 type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
 
 impl RequestQueue {
-    /// The queue the driver made ready.
-    pub fn new(queue: Queue) -> Self {
+    /// The queue the driver made ready, with [`MAX_IN_FLIGHT`] slots tagged `generation`.
+    pub fn new(queue: Queue, ram: &GuestRam, generation: u64) -> Self {
         Self {
             queue,
-            scratch: Scratch::default(),
+            generation,
+            free: (0..MAX_IN_FLIGHT)
+                .map(|_| Slot::new(ram, generation))
+                .collect(),
+            flushes: VecDeque::with_capacity(MAX_IN_FLIGHT),
+            writes: Vec::with_capacity(MAX_IN_FLIGHT),
+            next_seq: 0,
         }
     }
 
-    /// Works through requests within [`PASS_BUDGET_BYTES`], then interrupts the guest
-    /// once if any went back.
+    /// Requests off the ring and not yet given back.
+    pub fn in_flight(&self) -> usize {
+        MAX_IN_FLIGHT - self.free.len()
+    }
+
+    /// Takes chains off the ring while slots are free, within [`PASS_CHAINS`]: answers
+    /// refused requests and GET_ID at once, hands the rest to `submit`. Interrupts the
+    /// guest once if any went back.
     pub fn process(
         &mut self,
         ram: &GuestRam,
-        disk: &Disk<'_>,
+        disk: &Disk,
         interrupt: &dyn VirtioInterrupt,
         counters: &mut BlockCounters,
+        submit: &mut dyn FnMut(Slot),
     ) -> Pass {
-        let mem = ram.memory();
-        let mut left = PASS_BUDGET_BYTES;
-        let mut gave_back = false;
-        let work = loop {
-            if left == 0 {
-                break QueueWork::Yielded;
-            }
-            let Some(chain) = next_chain(&mut self.queue, mem, counters) else {
-                break QueueWork::Done;
-            };
-            let head = chain.head_index();
-            let (used, spent) = self.handle(chain, ram, disk, counters);
-            left = left.saturating_sub(spent.max(MIN_REQUEST_COST));
-            gave_back |= give_back(&mut self.queue, mem, head, used, counters);
-        };
-        if gave_back && self.queue.needs_notification(mem).unwrap_or(true) {
-            interrupt.trigger(InterruptKind::Queue);
-        }
-        Pass { gave_back, work }
+        let pass = self.take(ram, disk, counters, submit);
+        self.notify(ram, pass.gave_back, interrupt);
+        pass
     }
 
-    /// Checks, executes and answers one request; returns the used length (bytes written
-    /// into the guest's buffers, the status byte included) and the request's cost.
-    fn handle(
+    fn take(
+        &mut self,
+        ram: &GuestRam,
+        disk: &Disk,
+        counters: &mut BlockCounters,
+        submit: &mut dyn FnMut(Slot),
+    ) -> Pass {
+        let mem = ram.memory();
+        let mut gave_back = false;
+        for _ in 0..PASS_CHAINS {
+            let Some(mut slot) = self.free.pop() else {
+                return Pass {
+                    gave_back,
+                    work: QueueWork::Done,
+                };
+            };
+            let chain = match next_chain(&mut self.queue, mem, counters) {
+                Next::Chain(chain) => chain,
+                Next::Refused { gave_back: g } => {
+                    self.free.push(slot);
+                    gave_back |= g;
+                    continue;
+                }
+                Next::Empty => {
+                    self.free.push(slot);
+                    // Drained: ask for a kick at the next request (with EVENT_IDX, the
+                    // driver does not kick while the device is behind); look again if
+                    // one came in meanwhile.
+                    if self.queue.enable_notification(mem).unwrap_or(false) {
+                        continue;
+                    }
+                    return Pass {
+                        gave_back,
+                        work: QueueWork::Done,
+                    };
+                }
+                Next::Broken => {
+                    self.free.push(slot);
+                    return Pass {
+                        gave_back,
+                        work: QueueWork::Done,
+                    };
+                }
+            };
+            let head = chain.head_index();
+            match self.check(chain, ram, disk, counters, &mut slot) {
+                Some(used) => {
+                    self.free.push(slot);
+                    gave_back |= give_back(&mut self.queue, mem, head, used, counters);
+                }
+                None => self.dispatch(slot, submit),
+            }
+        }
+        Pass {
+            gave_back,
+            work: QueueWork::Yielded,
+        }
+    }
+
+    /// Checks one chain into `slot`. Returns the used length if it was answered at once
+    /// (refused, or GET_ID), `None` if the slot now holds a request to run.
+    fn check(
         &mut self,
         chain: Chain<'_>,
         ram: &GuestRam,
-        disk: &Disk<'_>,
+        disk: &Disk,
         counters: &mut BlockCounters,
-    ) -> (u32, u64) {
+        slot: &mut Slot,
+    ) -> Option<u32> {
         let head = chain.head_index();
-        match parse(chain, ram, &disk.shape, &mut self.scratch) {
+        match parse(chain, ram, &disk.shape, &mut slot.scratch) {
             Parsed::NoStatus => {
                 refused(counters, Reject::NoStatus, head);
-                (0, 0)
+                Some(0)
             }
             Parsed::Refused {
                 status_at,
@@ -122,35 +247,123 @@ impl RequestQueue {
                 reason,
             } => {
                 refused(counters, reason, head);
-                (answer(ram, status_at, status), 0)
+                Some(answer(ram, status_at, status))
+            }
+            Parsed::Ready { status_at, request } if request.op == Op::GetId => {
+                // A copy of 20 bytes: not worth a hand-off.
+                let written = write_id(ram, &slot.scratch, &disk.id);
+                counters.count_completed(Op::GetId);
+                Some(answer(ram, status_at, status::OK) + written)
             }
             Parsed::Ready { status_at, request } => {
-                let (result, cost) = execute(&request, &self.scratch, ram, disk);
-                let (code, written) = match result {
-                    Ok(written) => {
-                        counters.count_completed(request.op);
-                        count_bytes(counters, &request);
-                        (status::OK, written)
-                    }
-                    Err(e) => {
-                        counters.io_errors += 1;
-                        // Host failures are not the guest's doing: log them, a few.
-                        if counters.io_errors.is_power_of_two() {
-                            tracing::warn!(
-                                "disk: {} of {} bytes at {} failed: {e} ({} I/O errors so far)",
-                                request.op.name(),
-                                request.len,
-                                request.offset,
-                                counters.io_errors
-                            );
-                        }
-                        (status::IOERR, 0)
-                    }
-                };
-                (answer(ram, status_at, code) + written, cost)
+                slot.head = head;
+                slot.status_at = status_at;
+                slot.request = request;
+                slot.shape = disk.shape;
+                slot.seq = self.next_seq;
+                slot.result = None;
+                self.next_seq += 1;
+                None
             }
         }
     }
+
+    /// Hands a checked request out, or holds a flush until the writes before it are done.
+    fn dispatch(&mut self, slot: Slot, submit: &mut dyn FnMut(Slot)) {
+        let op = slot.request.op;
+        if op == Op::Flush && self.writes.iter().any(|&w| w < slot.seq) {
+            self.flushes.push_back(slot);
+            return;
+        }
+        if op.writes() {
+            // At most MAX_IN_FLIGHT slots exist: within the capacity.
+            self.writes.push(slot.seq);
+        }
+        submit(slot);
+    }
+
+    /// Gives back requests the I/O threads finished (slots of another activation are
+    /// dropped unanswered), releases the flushes they held, and takes more chains off
+    /// the ring now that slots are free. Interrupts the guest once if any went back.
+    pub fn complete(
+        &mut self,
+        done: &mut dyn FnMut() -> Option<Slot>,
+        ram: &GuestRam,
+        disk: &Disk,
+        interrupt: &dyn VirtioInterrupt,
+        counters: &mut BlockCounters,
+        submit: &mut dyn FnMut(Slot),
+    ) -> Pass {
+        let mem = ram.memory();
+        let mut gave_back = false;
+        while let Some(mut slot) = done() {
+            if slot.generation != self.generation {
+                continue;
+            }
+            if slot.request.op.writes() {
+                if let Some(i) = self.writes.iter().position(|&w| w == slot.seq) {
+                    self.writes.swap_remove(i);
+                }
+            }
+            let used = finish(&mut slot, ram, counters);
+            gave_back |= give_back(&mut self.queue, mem, slot.head, used, counters);
+            self.free.push(slot);
+        }
+        // Flushes whose earlier writes are all done, in order.
+        while let Some(flush) = self.flushes.front() {
+            let seq = flush.seq;
+            if self.writes.iter().any(|&w| w < seq) {
+                break;
+            }
+            if let Some(flush) = self.flushes.pop_front() {
+                submit(flush);
+            }
+        }
+        let pass = self.take(ram, disk, counters, submit);
+        let gave_back = gave_back || pass.gave_back;
+        self.notify(ram, gave_back, interrupt);
+        Pass {
+            gave_back,
+            work: pass.work,
+        }
+    }
+
+    fn notify(&mut self, ram: &GuestRam, gave_back: bool, interrupt: &dyn VirtioInterrupt) {
+        if gave_back && self.queue.needs_notification(ram.memory()).unwrap_or(true) {
+            interrupt.trigger(InterruptKind::Queue);
+        }
+    }
+}
+
+/// Counts an executed request and writes its status; returns the used length.
+fn finish(slot: &mut Slot, ram: &GuestRam, counters: &mut BlockCounters) -> u32 {
+    let request = slot.request;
+    let result = slot
+        .result
+        .take()
+        .unwrap_or_else(|| Err(std::io::Error::other("the request was not run")));
+    let (code, written) = match result {
+        Ok(written) => {
+            counters.count_completed(request.op);
+            count_bytes(counters, &request);
+            (status::OK, written)
+        }
+        Err(e) => {
+            counters.io_errors += 1;
+            // Host failures are not the guest's doing: log them, a few.
+            if counters.io_errors.is_power_of_two() {
+                tracing::warn!(
+                    "disk: {} of {} bytes at {} failed: {e} ({} I/O errors so far)",
+                    request.op.name(),
+                    request.len,
+                    request.offset,
+                    counters.io_errors
+                );
+            }
+            (status::IOERR, 0)
+        }
+    };
+    answer(ram, slot.status_at, code) + written
 }
 
 /// Writes the status byte; returns the bytes written (1, or 0 if it could not be).
@@ -183,59 +396,47 @@ fn count_bytes(counters: &mut BlockCounters, request: &Request) {
     }
 }
 
-/// Runs a checked request. Returns the bytes written into guest buffers (reads and
-/// GET_ID) or the error, and what the request cost.
+/// Runs a checked request. Returns the bytes written into guest buffers (reads) or the
+/// error.
 fn execute(
     request: &Request,
     scratch: &Scratch,
-    ram: &GuestRam,
-    disk: &Disk<'_>,
-) -> (std::io::Result<u32>, u64) {
-    let file = disk.file;
+    shape: &DiskShape,
+    file: &File,
+) -> std::io::Result<u32> {
     match request.op {
         Op::Read => {
-            let r = io::read_into(file, &scratch.buffers, request.offset);
+            io::read_into(file, &scratch.buffers, request.offset)?;
             // At most SEG_MAX * SIZE_MAX bytes: fits.
-            (r.map(|()| request.len as u32), request.len)
+            Ok(request.len as u32)
         }
         Op::Write => {
-            let mut r = io::write_from(file, &scratch.buffers, request.offset);
+            io::write_from(file, &scratch.buffers, request.offset)?;
             // Without FLUSH negotiated the driver expects every write to be stable when
             // it completes (write-through).
-            if r.is_ok() && disk.shape.negotiated & features::FLUSH == 0 {
-                r = io::flush(file);
+            if shape.negotiated & features::FLUSH == 0 {
+                io::flush(file)?;
             }
-            (r.map(|()| 0), request.len)
+            Ok(0)
         }
         Op::Flush => {
-            let r = if disk.shape.readonly {
-                Ok(())
-            } else {
-                io::flush(file)
-            };
-            (r.map(|()| 0), FLUSH_COST)
+            if !shape.readonly {
+                io::flush(file)?;
+            }
+            Ok(0)
         }
-        Op::GetId => (Ok(write_id(ram, scratch, &disk.id)), 0),
+        // Answered on the event loop; never handed out.
+        Op::GetId => Ok(0),
         Op::Discard | Op::WriteZeroes => {
-            let mut cost = 0;
             for range in scratch.ranges.iter().filter(|r| r.len > 0) {
-                let result = if request.op == Op::Discard {
+                if request.op == Op::Discard {
                     // A file system that cannot punch holes ignores the hint.
-                    io::discard(file, range.offset, range.len).map(|_: Discarded| RANGE_COST)
+                    let _: Discarded = io::discard(file, range.offset, range.len)?;
                 } else {
-                    io::write_zeroes(file, range.offset, range.len, range.unmap).map(
-                        |how| match how {
-                            io::Zeroed::Written => range.len,
-                            _ => RANGE_COST,
-                        },
-                    )
-                };
-                match result {
-                    Ok(c) => cost += c,
-                    Err(e) => return (Err(e), cost),
+                    io::write_zeroes(file, range.offset, range.len, range.unmap)?;
                 }
             }
-            (Ok(0), cost)
+            Ok(0)
         }
     }
 }
@@ -262,33 +463,46 @@ fn write_id(ram: &GuestRam, scratch: &Scratch, id: &[u8; ID_BYTES]) -> u32 {
     written
 }
 
-/// The next available chain; `None` when the ring is empty or unusable (counted).
-/// Chains through an indirect table (never offered) are refused and given back unread;
-/// after a ring's worth of them this returns `None` too, so they cannot hold the pass.
+/// What the available ring holds next.
+enum Next<'m> {
+    Chain(Chain<'m>),
+    /// A chain through an indirect table (never offered): refused, given back unread.
+    Refused {
+        gave_back: bool,
+    },
+    /// Nothing (for now).
+    Empty,
+    /// The ring is unusable (counted) until the driver resets the device.
+    Broken,
+}
+
+/// The next available chain.
 fn next_chain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
     counters: &mut BlockCounters,
-) -> Option<Chain<'m>> {
-    for _ in 0..queue.size() {
-        let chain = match queue.iter(mem) {
-            Ok(mut available) => available.next()?,
-            Err(e) => {
-                counters.count_rejected(Reject::Chain);
-                faults::record(GuestFault::AvailRing, || {
-                    format!("disk: queue unusable: {e}")
-                });
-                return None;
-            }
-        };
-        let head = chain.head_index();
-        if !uses_indirect_table(mem, queue, head) {
-            return Some(chain);
+) -> Next<'m> {
+    let chain = match queue.iter(mem) {
+        Ok(mut available) => match available.next() {
+            Some(chain) => chain,
+            None => return Next::Empty,
+        },
+        Err(e) => {
+            counters.count_rejected(Reject::Chain);
+            faults::record(GuestFault::AvailRing, || {
+                format!("disk: queue unusable: {e}")
+            });
+            return Next::Broken;
         }
-        refused(counters, Reject::Chain, head);
-        give_back(queue, mem, head, 0, counters);
+    };
+    let head = chain.head_index();
+    if !uses_indirect_table(mem, queue, head) {
+        return Next::Chain(chain);
     }
-    None
+    refused(counters, Reject::Chain, head);
+    Next::Refused {
+        gave_back: give_back(queue, mem, head, 0, counters),
+    }
 }
 
 /// Returns the chain at `head` with `used` bytes written. False, counted, when the used

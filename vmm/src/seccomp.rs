@@ -2,16 +2,16 @@
 //! needs, so that a guest that gained control of a device model (or an API client that
 //! gained control of the server) can do little with the process.
 //!
-//! Four kinds of thread, four allow-lists ([`ThreadKind`]). Each thread installs its own
-//! filter once its setup is done ([`install`]): the API and console threads when they
-//! start, each vCPU thread before its first KVM_RUN, the main thread (the event loop) once
-//! it has built the VM and started the others. A forbidden call raises SIGSYS, whose handler names the
-//! call on stderr and ends the process with [`EXIT_SECCOMP`]; `--seccomp off` runs without
-//! filters, for debugging.
+//! Five kinds of thread, five allow-lists ([`ThreadKind`]). Each thread installs its own
+//! filter once its setup is done ([`install`]): the API, console and disk I/O threads when
+//! they start, each vCPU thread before its first KVM_RUN, the main thread (the event loop)
+//! once it has built the VM and started the others. A forbidden call raises SIGSYS, whose
+//! handler names the call on stderr and ends the process with [`EXIT_SECCOMP`];
+//! `--seccomp off` runs without filters, for debugging.
 //!
-//! The lists come from tracing full runs (boot, balloon, reporting, API, power off) in the
-//! test host, plus the calls of error and exit paths, plus the disk I/O path (which runs on
-//! the event loop: `preadv`/`pwritev` between images and guest RAM, `fdatasync`,
+//! The lists come from tracing full runs (boot, balloon, reporting, disks, API, power off)
+//! in the test host, plus the calls of error and exit paths. Only the disk I/O threads
+//! may move disk data (`preadv`/`pwritev` between images and guest RAM, `fdatasync`,
 //! `fallocate`; images are opened and locked before any filter is installed).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +58,8 @@ pub enum ThreadKind {
     Api,
     /// Writes the guest's console output to stdout or a file.
     Console,
+    /// A disk's I/O thread: moves data between an image (opened before) and guest RAM.
+    DiskIo,
 }
 
 /// A failure to build or install a filter.
@@ -118,15 +120,11 @@ const COMMON: &[i64] = &[
 fn extra_calls(kind: ThreadKind) -> &'static [i64] {
     match kind {
         // Polling the devices' eventfds, timers (balloon statistics), signals; reading
-        // /proc for memory figures; disk requests (reads and writes straight into guest
-        // RAM, flushes, discards and write-zeroes); guest RAM given back (holes punched
-        // in a memfd, which huge pages are present: a pread of /proc/self/pagemap);
-        // removing the API socket and joining threads at exit.
+        // /proc for memory figures; guest RAM given back (holes punched in a memfd, which
+        // huge pages are present: a pread of /proc/self/pagemap); removing the API socket
+        // and joining threads at exit. Disk requests are the I/O threads' (DiskIo).
         ThreadKind::EventLoop => &[
             libc::SYS_pread64,
-            libc::SYS_preadv,
-            libc::SYS_pwritev,
-            libc::SYS_fdatasync,
             libc::SYS_fallocate,
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
@@ -146,6 +144,15 @@ fn extra_calls(kind: ThreadKind) -> &'static [i64] {
         ThreadKind::Vcpu => &[libc::SYS_timerfd_settime, libc::SYS_fsync],
         // Writing (COMMON) is all it does.
         ThreadKind::Console => &[libc::SYS_fsync],
+        // Disk requests: reads and writes straight between the image and guest RAM,
+        // flushes, discards and write-zeroes; waking the event loop (an eventfd write,
+        // COMMON).
+        ThreadKind::DiskIo => &[
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_fdatasync,
+            libc::SYS_fallocate,
+        ],
         ThreadKind::Api => &[
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
@@ -174,7 +181,7 @@ fn ioctl_requests(kind: ThreadKind) -> &'static [u64] {
         ThreadKind::EventLoop => &[TCGETS, TCSETS, TCSETSW, UFFDIO_WRITEPROTECT],
         ThreadKind::Vcpu => &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS],
         ThreadKind::Api => &[FIONBIO],
-        ThreadKind::Console => &[],
+        ThreadKind::Console | ThreadKind::DiskIo => &[],
     }
 }
 
@@ -311,6 +318,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Api,
             ThreadKind::Console,
+            ThreadKind::DiskIo,
         ] {
             assert!(!filter(kind).unwrap().is_empty());
         }
@@ -392,10 +400,11 @@ mod tests {
         assert!(text.contains(&expected), "{text}");
     }
 
-    /// The event loop serves disks: vectored reads and writes at an offset, fdatasync and
-    /// fallocate on an image opened before the filter; a vCPU thread may do none of them.
+    /// A disk I/O thread serves disks: vectored reads and writes at an offset, fdatasync
+    /// and fallocate on an image opened before the filter; the event loop and a vCPU
+    /// thread may do none of them.
     #[test]
-    fn the_event_loop_may_do_disk_io_and_a_vcpu_may_not() {
+    fn only_disk_io_threads_may_do_disk_io() {
         const FD: libc::c_int = 200;
         let path = std::env::temp_dir().join(format!("ebb-seccomp-disk-{}", std::process::id()));
         let file = std::fs::OpenOptions::new()
@@ -434,10 +443,12 @@ mod tests {
                 say(b"disk io worked\n");
             }
         }
-        let (status, text) = run_filtered(ThreadKind::EventLoop, disk_io);
+        let (status, text) = run_filtered(ThreadKind::DiskIo, disk_io);
         assert_eq!((status, text.as_str()), (0, "disk io worked\n"));
-        let (status, text) = run_filtered(ThreadKind::Vcpu, disk_io);
-        assert_eq!(status, EXIT_SECCOMP, "{text}");
+        for kind in [ThreadKind::EventLoop, ThreadKind::Vcpu] {
+            let (status, text) = run_filtered(kind, disk_io);
+            assert_eq!(status, EXIT_SECCOMP, "{kind:?}: {text}");
+        }
         // SAFETY: closing the duplicate made above.
         unsafe { libc::close(FD) };
         let _ = std::fs::remove_file(path);

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use ebb_balloon::policy::{AutoPolicy, PolicySettings};
 use ebb_balloon::{Balloon, BalloonOptions, HintDiscard};
-use ebb_block::{Block, DiskImage, ImageError};
+use ebb_block::{Block, DiskImage, ImageError, IoOptions};
 use ebb_devices::acpi_pm::{self, AcpiPm};
 use ebb_devices::bus::{lock, Bus, BusError};
 use ebb_devices::cmos::{self, Cmos};
@@ -435,6 +435,16 @@ fn add_virtio<D: VirtioDevice + 'static>(
     Ok(transport)
 }
 
+/// I/O threads per disk: [`ebb_block::pool::IO_THREADS`], or `EBB_DISK_IO_THREADS` (1 to
+/// 64), a knob for measuring (`ebb-bench disk` compares settings with it).
+fn io_threads() -> usize {
+    std::env::var("EBB_DISK_IO_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=64).contains(n))
+        .unwrap_or(ebb_block::pool::IO_THREADS)
+}
+
 fn mmio_devices(
     vm: &VmFd,
     ram: &GuestRam,
@@ -478,8 +488,19 @@ fn mmio_devices(
     // Disks after the balloon, in command-line order: the guest names them vda, vdb, ...
     // in the order it finds them.
     let mut disks = Vec::with_capacity(images.len());
+    // Each disk's I/O threads run under their own filter from their first instruction.
+    let seccomp = config.seccomp;
+    let io = IoOptions {
+        on_start: Some(Arc::new(move || {
+            seccomp::install(ThreadKind::DiskIo, seccomp).map_err(|e| e.to_string())
+        })),
+        threads: io_threads(),
+    };
     for (image, cfg) in images.into_iter().zip(&config.disks) {
-        let device = Block::new(image, &cfg.id);
+        let device = Block::new(image, &cfg.id, &io).map_err(io_err(format!(
+            "starting the I/O threads of disk '{}'",
+            cfg.id
+        )))?;
         let slots = (&mut mmio_bus, &mut virtio);
         disks.push(add_virtio(vm, ram, slots, &mut handlers, device, "disk")?);
     }

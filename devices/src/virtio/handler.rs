@@ -16,6 +16,8 @@ use crate::bus::lock;
 
 /// Event data values at or above this mark a device event rather than a queue.
 const DEVICE_EVENT_BASE: u32 = 1 << 16;
+/// Event data values at or above this mark a queue worker's event.
+const WORKER_EVENT_BASE: u32 = 1 << 17;
 
 /// The event-loop side of one virtio-mmio device.
 pub struct VirtioHandler<D: VirtioDevice> {
@@ -23,6 +25,7 @@ pub struct VirtioHandler<D: VirtioDevice> {
     notifiers: Vec<EventFd>,
     device_fds: Vec<(RawFd, u32)>,
     worker: Option<Arc<dyn QueueWorker>>,
+    worker_fds: Vec<(RawFd, u32)>,
 }
 
 impl<D: VirtioDevice> VirtioHandler<D> {
@@ -37,11 +40,13 @@ impl<D: VirtioDevice> VirtioHandler<D> {
                 .collect::<std::io::Result<Vec<_>>>()?;
             (notifiers, t.device().event_fds(), t.device().queue_worker())
         };
+        let worker_fds = worker.as_ref().map_or_else(Vec::new, |w| w.event_fds());
         Ok(Self {
             transport,
             notifiers,
             device_fds,
             worker,
+            worker_fds,
         })
     }
 }
@@ -62,10 +67,26 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioHandler<D> {
                 tracing::error!("virtio: cannot poll device event {id}: {e:?}");
             }
         }
+        for &(fd, id) in &self.worker_fds {
+            if let Err(e) = ops.add(Events::with_data_raw(
+                fd,
+                WORKER_EVENT_BASE + id,
+                EventSet::IN,
+            )) {
+                tracing::error!("virtio: cannot poll worker event {id}: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let data = events.data();
+        if data >= WORKER_EVENT_BASE {
+            // Without the transport's lock, as the worker's queue work.
+            if let Some(worker) = &self.worker {
+                worker.process_event(data - WORKER_EVENT_BASE);
+            }
+            return;
+        }
         if data >= DEVICE_EVENT_BASE {
             lock(&self.transport)
                 .device_mut()
@@ -170,14 +191,34 @@ mod tests {
     struct SlowWorker {
         transport: Mutex<Option<Arc<Mutex<MmioTransport<Slow>>>>>,
         lock_was_free: Mutex<Vec<bool>>,
+        /// Its own event (I/O completions, say), and the ids it was called with.
+        evt: EventFd,
+        events: Mutex<Vec<(u32, bool)>>,
+    }
+
+    impl SlowWorker {
+        fn lock_is_free(&self) -> bool {
+            let t = self.transport.lock().unwrap().clone().unwrap();
+            let free = t.try_lock().is_ok();
+            free
+        }
     }
 
     impl QueueWorker for SlowWorker {
         fn process_queue(&self, _: u16) -> QueueWork {
-            let t = self.transport.lock().unwrap().clone().unwrap();
-            let free = t.try_lock().is_ok();
+            let free = self.lock_is_free();
             self.lock_was_free.lock().unwrap().push(free);
             QueueWork::Done
+        }
+
+        fn event_fds(&self) -> Vec<(RawFd, u32)> {
+            vec![(self.evt.as_raw_fd(), 7)]
+        }
+
+        fn process_event(&self, id: u32) {
+            let _ = self.evt.read();
+            let free = self.lock_is_free();
+            self.events.lock().unwrap().push((id, free));
         }
     }
 
@@ -205,12 +246,15 @@ mod tests {
         }
     }
 
-    /// A worker runs without the transport's lock, so vCPUs can reach the registers.
+    /// A worker runs without the transport's lock, so vCPUs can reach the registers; so
+    /// do its own events.
     #[test]
     fn a_queue_worker_runs_outside_the_transport_lock() {
         let worker = Arc::new(SlowWorker {
             transport: Mutex::new(None),
             lock_was_free: Mutex::new(Vec::new()),
+            evt: EventFd::new(EFD_NONBLOCK).unwrap(),
+            events: Mutex::new(Vec::new()),
         });
         let ram = GuestRam::new(&[(GuestAddress(0), 1 << 20)], Default::default()).unwrap();
         let irq = Arc::new(MmioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
@@ -241,6 +285,10 @@ mod tests {
         }
         em.run_with_timeout(0).unwrap();
         assert_eq!(*worker.lock_was_free.lock().unwrap(), [true]);
+        // The worker's own events reach it with its id, outside the lock too.
+        worker.evt.write(1).unwrap();
+        em.run_with_timeout(0).unwrap();
+        assert_eq!(*worker.events.lock().unwrap(), [(7, true)]);
     }
 
     /// Another subscriber, standing for the API or the signal handler.

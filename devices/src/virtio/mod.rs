@@ -156,6 +156,14 @@ pub trait QueueWorker: Send + Sync {
     /// As [`VirtioDevice::process_queue`]: a bounded amount of work on queue `index`.
     /// Does nothing (and says [`QueueWork::Done`]) when the device is not active.
     fn process_queue(&self, index: u16) -> QueueWork;
+    /// File descriptors of the worker's own (I/O completions and the like), with ids
+    /// passed back to [`QueueWorker::process_event`], which also runs without the
+    /// transport's lock.
+    fn event_fds(&self) -> Vec<(std::os::fd::RawFd, u32)> {
+        Vec::new()
+    }
+    /// Handles an event on one of [`QueueWorker::event_fds`]; a bounded amount of work.
+    fn process_event(&self, _id: u32) {}
 }
 
 /// A virtio device, independent of its transport. The transport negotiates features,

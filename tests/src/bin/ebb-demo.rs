@@ -1,5 +1,7 @@
 //! The main job: boot the default guest (stock Debian kernel) with Ebb, a virtio-balloon
-//! and free page reporting, and show guest memory going back to the host.
+//! and free page reporting, and show guest memory going back to the host; then boot the
+//! Debian root file system guest from a virtio-blk disk and show a file written, synced
+//! and read back from the disk.
 //!
 //! ```text
 //! ebb-demo            run the demo (directly on a KVM host, else in the nested test host)
@@ -11,7 +13,7 @@ use std::process::ExitCode;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use ebb_tests::guest::{BalloonConfig, GuestConfig, GuestVm, VmmKind};
+use ebb_tests::guest::{BalloonConfig, DiskSpec, GuestConfig, GuestVm, VmmKind};
 use ebb_tests::results;
 use ebb_tests::testhost::{self, HostMode, Job};
 use ebb_tests::util::{mib, poll};
@@ -21,6 +23,8 @@ const MEMORY_MIB: u64 = 1024;
 const BALLOON_MIB: u64 = 256;
 const TOUCH_MIB: u64 = 512;
 const TIMEOUT: Duration = Duration::from_secs(300);
+const DISK_GUEST_MIB: u64 = 512;
+const FILE_MIB: u64 = 32;
 
 fn step(text: &str) {
     println!("\n== {text}");
@@ -134,7 +138,95 @@ fn inside() -> Result<(), String> {
     if !exit.status.success() {
         return Err("ebb did not exit cleanly".into());
     }
+    disk_guest()?;
     println!("\nDemo complete.");
+    Ok(())
+}
+
+/// Runs `command` in the guest's shell; its output, or why it failed.
+fn sh(vm: &mut GuestVm, command: &str) -> Result<String, String> {
+    let r = vm
+        .command_ok(&format!("sh {command}"), TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    if r["status"] != 0 {
+        return Err(format!("guest `{command}` failed: {r}"));
+    }
+    Ok(r["output"].as_str().unwrap_or_default().trim().to_string())
+}
+
+/// The Debian root file system guest: root on /dev/vda, a file written, synced, dropped
+/// from the page cache and read back from the disk.
+fn disk_guest() -> Result<(), String> {
+    use ebb_tests::scenarios::{disk, support};
+    let ebb = VmmKind::Ebb.vmm().map_err(|e| e.to_string())?;
+    let dir = support::scratch_dir("demo-disk")?;
+    let image = dir.join("root.ext4");
+    disk::copy_image(&image)?;
+    let config = GuestConfig {
+        memory_mib: DISK_GUEST_MIB,
+        cpus: 2,
+        initramfs: Some(disk::rootfs_dir().join("initramfs.cpio.gz")),
+        cmdline_extra: "root=/dev/vda".into(),
+        disks: vec![DiskSpec {
+            path: image.clone(),
+            readonly: false,
+            id: "root".into(),
+        }],
+        ..GuestConfig::default()
+    };
+    step(&format!(
+        "Booting the Debian root file system guest from a virtio-blk disk: \
+         {DISK_GUEST_MIB} MiB, root=/dev/vda"
+    ));
+    let mut vm = GuestVm::spawn(ebb, &config).map_err(|e| e.to_string())?;
+    println!("   {}", vm.argv().join(" "));
+    let ready = vm.wait_ready(TIMEOUT).map_err(|e| e.to_string())?;
+    let os = sh(&mut vm, ". /etc/os-release && echo $PRETTY_NAME")?;
+    let root = sh(&mut vm, "grep ' / ' /proc/mounts")?;
+    let serial = sh(&mut vm, "cat /sys/block/vda/serial")?;
+    println!(
+        "   guest ready after {:.1} s: {os}, Linux {}",
+        ready.elapsed.as_secs_f64(),
+        ready.kernel
+    );
+    println!("   root file system: {root} (disk serial '{serial}')");
+    if !root.starts_with("/dev/vda ") {
+        return Err(format!("the guest's root is not /dev/vda: {root}"));
+    }
+
+    step(&format!(
+        "The guest writes a {FILE_MIB} MiB file, syncs it, and reads it back from the disk"
+    ));
+    let t = Instant::now();
+    let written = sh(
+        &mut vm,
+        &format!(
+            "dd if=/dev/urandom of=/root/demo.bin bs=1M count={FILE_MIB} 2>/dev/null && sync \
+             && md5sum /root/demo.bin"
+        ),
+    )?;
+    println!(
+        "   written and synced in {:.1} s: {written}",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let read = sh(
+        &mut vm,
+        "echo 3 > /proc/sys/vm/drop_caches && md5sum /root/demo.bin",
+    )?;
+    println!(
+        "   page cache dropped, read back in {:.1} s: {read}",
+        t.elapsed().as_secs_f64()
+    );
+    if read.split_whitespace().next() != written.split_whitespace().next() {
+        return Err(format!("read back {read:?}, wrote {written:?}"));
+    }
+    let exit = vm.poweroff(TIMEOUT).map_err(|e| e.to_string())?;
+    println!("   ebb exited with {}: {}", exit.status, exit.stderr.trim());
+    if !exit.status.success() {
+        return Err("ebb did not exit cleanly".into());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

@@ -168,7 +168,18 @@ fn hostile_flood(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             free_page_hinting: false,
         }),
     );
-    c.extra_args = vec!["--api-socket".into(), socket.to_string_lossy().into_owned()];
+    // A disk too, so its I/O threads are among the threads checked (the default guest
+    // has no virtio-blk driver: the device just sits there).
+    let image = dir.join("scratch.img");
+    fs::File::create(&image)
+        .and_then(|f| f.set_len(16 << 20))
+        .ctx("creating the scratch disk image")?;
+    c.extra_args = vec![
+        "--api-socket".into(),
+        socket.to_string_lossy().into_owned(),
+        "--disk".into(),
+        format!("path={},id=scratch", image.display()),
+    ];
     let (mut vm, _ready) = boot(&ebb()?, &c)?;
     let pid = vm.pid();
     let memory_bytes = vm.memory_bytes();
