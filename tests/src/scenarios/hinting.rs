@@ -39,7 +39,8 @@ pub const SCENARIOS: &[ScenarioDef] = &[
                corrupted page fails it. With unchecked=true Ebb discards blocks unchecked \
                (--unsafe-unchecked-hinting) and the scenario reports how many runs were \
                followed by corruption instead of failing (args: runs=20 unchecked=false \
-               memory_mib=1024 cpus=2 set_pct=85 hold_ms=1000 churn_s=40)",
+               memory_mib=1024 cpus=2 set_pct=85 hold_ms=1000 churn_s=40 burners=0: guest \
+               processes that only spin, so vCPUs compete with Ebb for the host's CPUs)",
         run: hint_corruption,
     },
 ];
@@ -431,6 +432,7 @@ fn hint_corruption(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "set_pct",
         "hold_ms",
         "churn_s",
+        "burners",
     ])?;
     let runs: u64 = args.get("runs", 20)?;
     let unchecked: bool = args.get("unchecked", false)?;
@@ -439,6 +441,7 @@ fn hint_corruption(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let set_pct: u64 = args.get("set_pct", 85)?;
     let hold = Duration::from_millis(args.get("hold_ms", 1000)?);
     let churn_s: u64 = args.get("churn_s", 40)?;
+    let burners: u32 = args.get("burners", 0)?;
     ensure(runs > 0 && (1..=95).contains(&set_pct), || {
         "runs must be at least 1 and set_pct from 1 to 95".to_string()
     })?;
@@ -454,6 +457,12 @@ fn hint_corruption(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let available = u64_field(&cmd(&mut vm, "meminfo")?, "mem_available_kib")?;
     // 4 MiB slots; the workload holds between half of this and all of it.
     let set_mib = ((available / 1024 * set_pct / 100) & !3).max(8);
+    for _ in 0..burners {
+        sh(
+            &mut vm,
+            "nohup sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &",
+        )?;
+    }
     progress(&format!(
         "hint-corruption: {runs} runs, {} discard, churning {set_mib} MiB of {} MiB available",
         if unchecked { "UNCHECKED" } else { "checked" },
@@ -558,6 +567,8 @@ fn hint_corruption(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "runs": driven.len(),
         "runs_asked": runs,
         "set_mib": set_mib,
+        "burners": burners,
+        "host_ms": sum("host_ms"),
         "seconds": took.as_secs(),
         "pages_checked": checked,
         "pages_corrupted": corrupted,
