@@ -16,10 +16,14 @@ pub enum Command {
     Meminfo,
     Balloon,
     Cpus,
+    /// CPU time so far, from /proc/stat.
+    Cpustat,
     Sh(String),
     Sleep(Duration),
     Poweroff,
     Reboot,
+    /// A checksummed working set of MIB MiB churned for a while (see `churn.rs`).
+    Churn(u64, Duration),
     /// Drive the balloon device as a hostile driver would (see `hostile.rs`).
     Hostile(crate::hostile::Mode, Duration),
 }
@@ -35,11 +39,13 @@ impl Command {
             Command::Meminfo => "meminfo",
             Command::Balloon => "balloon",
             Command::Cpus => "cpus",
+            Command::Cpustat => "cpustat",
             Command::Sh(_) => "sh",
             Command::Sleep(_) => "sleep",
             Command::Poweroff => "poweroff",
             Command::Reboot => "reboot",
             Command::Hostile(..) => "hostile",
+            Command::Churn(..) => "churn",
         }
     }
 }
@@ -118,6 +124,7 @@ pub fn parse_line(line: &str) -> Option<Result<Command, ParseError>> {
         "meminfo" => no_args(Command::Meminfo, rest),
         "balloon" => no_args(Command::Balloon, rest),
         "cpus" => no_args(Command::Cpus, rest),
+        "cpustat" => no_args(Command::Cpustat, rest),
         "sh" if rest.is_empty() => Err(err(name, "usage: sh CMD...")),
         "sh" => Ok(Command::Sh(rest.to_string())),
         "sleep" => parse_secs(rest).map(Command::Sleep),
@@ -129,6 +136,13 @@ pub fn parse_line(line: &str) -> Option<Result<Command, ParseError>> {
                     "hostile",
                     "usage: hostile inflate|report|stats|malformed SECS",
                 )),
+            }
+        }
+        "churn" => {
+            let (mib, secs) = rest.split_once(' ').unwrap_or((rest, ""));
+            match (parse_mib(name, mib), parse_secs(secs.trim())) {
+                (Ok(mib), Ok(d)) => Ok(Command::Churn(mib, d)),
+                _ => Err(err("churn", "usage: churn MIB SECS")),
             }
         }
         "poweroff" => no_args(Command::Poweroff, rest),
@@ -210,6 +224,7 @@ mod tests {
         assert_eq!(ok("meminfo"), Command::Meminfo);
         assert_eq!(ok("balloon"), Command::Balloon);
         assert_eq!(ok("cpus"), Command::Cpus);
+        assert_eq!(ok("cpustat"), Command::Cpustat);
         assert_eq!(
             ok("sh echo \"a  b\" | wc -c"),
             Command::Sh("echo \"a  b\" | wc -c".into())
@@ -227,6 +242,12 @@ mod tests {
         );
         assert!(matches!(parse_line("hostile explode 5"), Some(Err(_))));
         assert!(matches!(parse_line("hostile report"), Some(Err(_))));
+        assert_eq!(
+            ok("churn 512 30"),
+            Command::Churn(512, Duration::from_secs(30))
+        );
+        assert_eq!(bad("churn 512").error, "usage: churn MIB SECS");
+        assert_eq!(bad("churn 0 5").error, "usage: churn MIB SECS");
     }
 
     #[test]

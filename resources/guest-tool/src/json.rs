@@ -94,6 +94,19 @@ impl Obj {
         self
     }
 
+    pub fn uint_list(mut self, k: &str, v: &[u64]) -> Self {
+        self.key(k);
+        self.buf.push('[');
+        for (i, n) in v.iter().enumerate() {
+            if i > 0 {
+                self.buf.push(',');
+            }
+            let _ = write!(self.buf, "{n}");
+        }
+        self.buf.push(']');
+        self
+    }
+
     pub fn null(mut self, k: &str) -> Self {
         self.key(k);
         self.buf.push_str("null");

@@ -5,6 +5,7 @@
 //! `ebb-guest serve`  the console command server; prints EBB-READY and runs `ebb.run=` first
 //!                    unless started with `--restarted`.
 
+mod churn;
 mod command;
 mod hostile;
 mod init;

@@ -52,6 +52,17 @@ pub fn balloon_pages(vmstat: &str) -> Option<i64> {
 }
 
 /// Number of CPUs in a sysfs CPU list such as `0-3,5,7-8`; None if malformed.
+/// The all-CPU line of /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal
+/// (in USER_HZ ticks); fields a kernel does not have read as 0.
+pub fn cpu_ticks(stat: &str) -> Option<[u64; 8]> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let mut out = [0u64; 8];
+    for (slot, word) in out.iter_mut().zip(line.split_whitespace().skip(1)) {
+        *slot = word.parse().ok()?;
+    }
+    Some(out)
+}
+
 pub fn cpulist_count(list: &str) -> Option<u32> {
     let list = list.trim();
     if list.is_empty() {
@@ -93,6 +104,15 @@ pub fn parse_hex_id(s: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_cpu_ticks() {
+        let stat = "cpu  10 1 20 300 4 5 6 7 0 0\ncpu0 10 1 20 300 4 5 6 7 0 0\nintr 1\n";
+        assert_eq!(cpu_ticks(stat), Some([10, 1, 20, 300, 4, 5, 6, 7]));
+        assert_eq!(cpu_ticks("cpu  1 2 3 4\n"), Some([1, 2, 3, 4, 0, 0, 0, 0]));
+        assert_eq!(cpu_ticks("cpu0 1 2\n"), None);
+        assert_eq!(cpu_ticks("cpu  1 x\n"), None);
+    }
 
     const MEMINFO: &str = "MemTotal:        1004436 kB\n\
 MemFree:          912345 kB\n\

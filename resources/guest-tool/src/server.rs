@@ -119,6 +119,7 @@ impl Server {
                     _ => result(name, false).str("error", "cannot read /sys/devices/system/cpu"),
                 }
             }
+            Command::Cpustat => cpustat(),
             Command::Sh(script) => sh(&script),
             Command::Hostile(mode, d) => match crate::hostile::run(mode, d.as_secs_f64()) {
                 Ok(o) => result(name, true)
@@ -130,6 +131,32 @@ impl Server {
                     .bool("bystander_intact", o.bystander_intact)
                     .bool("pages_moved", o.pages_moved),
                 Err(e) => result(name, false).str("error", &e),
+            },
+            Command::Churn(mib, d) => match crate::churn::run(mib, d) {
+                Ok(r) => {
+                    let o = result(name, r.pages_corrupted == 0)
+                        .uint("mib", mib)
+                        .float("secs", d.as_secs_f64())
+                        .uint("cycles", r.cycles)
+                        .uint("pages_checked", r.pages_checked)
+                        .uint("pages_corrupted", r.pages_corrupted)
+                        .uint("allocated_mib", r.allocated_mib)
+                        .uint_list("bad_pages", &r.bad.iter().map(|b| b.0).collect::<Vec<_>>())
+                        .uint_list(
+                            "bad_generations",
+                            &r.bad.iter().map(|b| b.1).collect::<Vec<_>>(),
+                        )
+                        .uint_list(
+                            "bad_first_words",
+                            &r.bad.iter().map(|b| b.2).collect::<Vec<_>>(),
+                        );
+                    if r.pages_corrupted > 0 {
+                        o.str("error", &format!("{} corrupted pages", r.pages_corrupted))
+                    } else {
+                        o
+                    }
+                }
+                Err(e) => worker_error(name, &e).uint("mib", mib),
             },
             Command::Sleep(d) => {
                 std::thread::sleep(d);
@@ -282,6 +309,24 @@ fn meminfo() -> Obj {
                 .opt_uint("mem_available_kib", m.available_kib)
         }
         None => result("meminfo", false).str("error", "cannot read /proc/meminfo"),
+    }
+}
+
+fn cpustat() -> Obj {
+    match read("/proc/stat").as_deref().and_then(procfs::cpu_ticks) {
+        Some(t) => {
+            // SAFETY: sysconf has no memory-safety preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+            let names = [
+                "user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal",
+            ];
+            names
+                .iter()
+                .zip(t)
+                .fold(result("cpustat", true), |o, (k, v)| o.uint(k, v))
+                .int("user_hz", hz as i64)
+        }
+        None => result("cpustat", false).str("error", "cannot parse /proc/stat"),
     }
 }
 

@@ -201,6 +201,10 @@ pub fn pollfd(fd: RawFd) -> libc::pollfd {
 /// Flushes file systems, then powers the machine off (or restarts it). Returns only on
 /// failure.
 pub fn power_off(restart: bool) -> io::Error {
+    // The kernel's own "reboot: Power down" line goes straight to the console: let the
+    // UART send our last line first, or the two interleave and the host loses our result.
+    // SAFETY: tcdrain only waits on a descriptor (ENOTTY when stdout is not a terminal).
+    unsafe { libc::tcdrain(libc::STDOUT_FILENO) };
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     let cmd = if restart {

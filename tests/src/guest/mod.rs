@@ -33,7 +33,7 @@ pub use config::{
     vmm_command, BalloonConfig, DiskSpec, GuestConfig, KernelImage, BASE_CMDLINE, BOOT_SPEEDUPS,
 };
 pub use protocol::{Ready, Received};
-pub use vm::{GuestExit, GuestVm};
+pub use vm::{EventView, GuestExit, GuestVm};
 
 /// Lines of transcript/stderr in error messages.
 const TAIL_LINES: usize = 40;

@@ -46,6 +46,17 @@ enum WaitEnd {
     Eof,
 }
 
+/// The guest's `EBB-EVENT`s, readable from another thread while a command runs.
+#[derive(Clone)]
+pub struct EventView(Shared);
+
+impl EventView {
+    /// `EBB-EVENT` objects received so far.
+    pub fn events(&self) -> Vec<Received> {
+        lock(&self.0).events.clone()
+    }
+}
+
 /// A running VMM with the default guest.
 pub struct GuestVm {
     vmm: VmmRef,
@@ -193,6 +204,11 @@ impl GuestVm {
     /// `EBB-EVENT` objects received so far.
     pub fn events(&self) -> Vec<Received> {
         lock(&self.shared).events.clone()
+    }
+
+    /// A view of the events that another thread can read.
+    pub fn event_view(&self) -> EventView {
+        EventView(self.shared.clone())
     }
 
     /// `EBB-RESULT` objects received so far.
