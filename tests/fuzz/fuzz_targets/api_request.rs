@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
+use ebb_balloon::policy::{AutoPolicy, PolicySettings};
 use ebb_balloon::BalloonOptions;
 use ebb_vmm::api::backend::{BalloonSnapshot, DiskSnapshot, MemoryUsage, VmState, VmSummary};
 use ebb_vmm::api::dispatch::{self, Dispatcher};
@@ -33,6 +34,7 @@ impl VmBackend for FakeVm {
             initramfs: None,
             cmdline: "c".into(),
             pid: 1,
+            memory_backing: "anon",
         }
     }
     fn memory_usage(&self) -> MemoryUsage {
@@ -54,6 +56,19 @@ impl VmBackend for FakeVm {
     }
     fn set_balloon_stats_interval(&mut self, secs: u32) -> Result<(), ApiError> {
         self.balloon.stats_interval_s = secs;
+        Ok(())
+    }
+    fn set_balloon_policy(
+        &mut self,
+        settings: PolicySettings,
+        enabled: bool,
+    ) -> Result<(), ApiError> {
+        settings
+            .check(self.balloon.guest_memory_bytes)
+            .expect("checked by the API");
+        let policy = self.balloon.policy.as_mut().expect("checked by the API");
+        policy.settings = settings;
+        policy.enabled = enabled;
         Ok(())
     }
     fn press_power_button(&mut self) -> Result<(), ApiError> {
@@ -90,6 +105,10 @@ fn shared() -> &'static Shared {
                     counters: Default::default(),
                     stats: None,
                     hint: Default::default(),
+                    policy: Some(
+                        AutoPolicy::new(PolicySettings::for_ram(1 << 30), false)
+                            .view(Duration::ZERO),
+                    ),
                 },
             };
             loop {
@@ -114,9 +133,10 @@ fn shared() -> &'static Shared {
 }
 
 const METHODS: [&str; 7] = ["GET", "PATCH", "PUT", "POST", "DELETE", "HEAD", "OPTIONS"];
-const PATHS: [&str; 8] = [
+const PATHS: [&str; 9] = [
     "/balloon",
     "/balloon/statistics",
+    "/balloon/policy",
     "/vm",
     "/vm/shutdown",
     "/vm/stop",
