@@ -277,6 +277,20 @@ fn compact(r: &Response) -> Result<String, Failure> {
     Ok(r.text().trim().to_string())
 }
 
+/// A SIZE argument in whole MiB; a usage error when it is not a size, a note on `err`
+/// when rounding changed it.
+fn mib_arg(text: &str, err: &mut dyn Write) -> Result<u32, Failure> {
+    let (mib, note) = size_to_mib(text).map_err(|m| Failure {
+        status: 0,
+        message: m,
+        exit: EXIT_USAGE,
+    })?;
+    if let Some(note) = note {
+        let _ = writeln!(err, "ebb-ctl: note: {note}");
+    }
+    Ok(mib)
+}
+
 /// `ebb-ctl balloon policy`: shows the policy, or sends the changes the options ask for.
 fn policy(
     client: &Client,
@@ -285,18 +299,9 @@ fn policy(
     err: &mut dyn Write,
 ) -> Result<String, Failure> {
     let mut mib = |size: &Option<String>| -> Result<Option<u64>, Failure> {
-        let Some(text) = size else {
-            return Ok(None);
-        };
-        let (mib, note) = size_to_mib(text).map_err(|m| Failure {
-            status: 0,
-            message: m,
-            exit: EXIT_USAGE,
-        })?;
-        if let Some(note) = note {
-            let _ = writeln!(err, "ebb-ctl: note: {note}");
-        }
-        Ok(Some(u64::from(mib)))
+        size.as_deref()
+            .map(|text| mib_arg(text, err).map(u64::from))
+            .transpose()
     };
     let update = PolicyUpdate {
         enabled: match (args.on, args.off) {
@@ -332,14 +337,7 @@ fn execute(ctl: &Ctl, client: &Client, err: &mut dyn Write) -> Result<String, Fa
                 }
             }
             BalloonAction::Set { size } => {
-                let (mib, note) = size_to_mib(size).map_err(|m| Failure {
-                    status: 0,
-                    message: m,
-                    exit: EXIT_USAGE,
-                })?;
-                if let Some(note) = note {
-                    let _ = writeln!(err, "ebb-ctl: note: {note}");
-                }
+                let mib = mib_arg(size, err)?;
                 expect_ok(client.send_json("PATCH", "/balloon", &json!({"amount_mib": mib}))?)?;
                 Ok(if ctl.json {
                     json!({"ok": true, "amount_mib": mib}).to_string()
