@@ -13,8 +13,8 @@ use ebb_ctl::client::Client;
 use serde_json::{json, Value};
 
 use super::support::{
-    boot, cmd, cmd_within, config, ebb, ensure, mib, ram_rss, scratch_dir, settled_rss, sh,
-    wait_balloon,
+    boot, cmd, cmd_within, config, ebb, ensure, guest_meminfo_kib, guest_vmstat, mib, ram_rss,
+    scratch_dir, settled_rss, sh, wait_balloon,
 };
 use super::{progress, Args, Ctx, ScenarioDef};
 use crate::guest::{BalloonConfig, GuestVm};
@@ -36,17 +36,6 @@ pub const SCENARIOS: &[ScenarioDef] = &[ScenarioDef {
 /// each 2 MiB block holds several files and, after the holes are ballooned, balloon pages.
 const FILE_KIB: u64 = 128;
 
-fn vmstat(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
-    let out = sh(
-        vm,
-        &format!("grep '^{key} ' /proc/vmstat || echo '{key} 0'"),
-    )?;
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("/proc/vmstat {key}: {out:?}"))
-}
-
 /// Free blocks of order 9 (2 MiB) or larger in the guest, counted in 2 MiB blocks.
 fn free_huge_blocks(vm: &mut GuestVm) -> Result<u64, String> {
     let info = sh(vm, "cat /proc/buddyinfo")?;
@@ -63,14 +52,6 @@ fn free_huge_blocks(vm: &mut GuestVm) -> Result<u64, String> {
         }
     }
     Ok(blocks)
-}
-
-fn meminfo_kib(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
-    let out = sh(vm, &format!("grep '^{key}:' /proc/meminfo"))?;
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("/proc/meminfo {key}: {out:?}"))
 }
 
 fn balloon_compaction(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
@@ -106,7 +87,7 @@ fn balloon_compaction(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     // Fill most of the guest's memory with small files, 256 written at once by one `tee`
     // so their pages interleave, and remove every other one: the free memory is then small
     // holes spread over all of it.
-    let available_mib = meminfo_kib(&mut vm, "MemAvailable")? / 1024;
+    let available_mib = guest_meminfo_kib(&mut vm, "MemAvailable")? / 1024;
     ensure(available_mib > headroom_mib + 64, || {
         format!("the guest has only {available_mib} MiB available")
     })?;
@@ -143,7 +124,7 @@ fn balloon_compaction(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     sh(&mut vm, "umount /mnt/frag")?;
 
     let rss_before = settled_rss(&vm, Duration::from_secs(4), Duration::from_secs(40), 2048)?;
-    let migrated_before = vmstat(&mut vm, "balloon_migrate")?;
+    let migrated_before = guest_vmstat(&mut vm, "balloon_migrate")?;
     // More huge pages than free 2 MiB blocks: compaction must empty blocks, and the only
     // movable pages left in the interleaved region are the balloon's.
     let free_blocks = free_huge_blocks(&mut vm)?;
@@ -165,7 +146,7 @@ fn balloon_compaction(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         .trim()
         .parse()
         .map_err(|_| format!("nr_hugepages: {got:?}"))?;
-    let migrated = vmstat(&mut vm, "balloon_migrate")? - migrated_before;
+    let migrated = guest_vmstat(&mut vm, "balloon_migrate")? - migrated_before;
     let after = cmd(&mut vm, "balloon")?;
     let rss_after = settled_rss(&vm, Duration::from_secs(4), Duration::from_secs(40), 2048)?;
     let peak = ram_rss(&vm)?.max(rss_after);

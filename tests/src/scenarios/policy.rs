@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 
 use super::disk::{copy_image, rootfs_dir};
 use super::support::{
-    boot, cmd_within, config, ebb, ensure, poweroff_ebb, ram_rss, scratch_dir, settled_rss, sh,
+    boot, cmd_within, config, ebb, ensure, guest_meminfo_kib, guest_vmstat, poweroff_ebb, ram_rss,
+    scratch_dir, settled_rss,
 };
 use super::{progress, Args, Ctx, ScenarioDef};
 use crate::guest::{BalloonConfig, DiskSpec, GuestVm};
@@ -39,20 +40,7 @@ pub fn read_disk_command(mib: u64) -> String {
 }
 
 fn meminfo_mib(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
-    let out = sh(vm, &format!("grep '^{key}:' /proc/meminfo"))?;
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|kib| kib / 1024)
-        .ok_or_else(|| format!("/proc/meminfo {key}: {out:?}"))
-}
-
-fn oom_kills(vm: &mut GuestVm) -> Result<u64, String> {
-    let out = sh(vm, "grep '^oom_kill ' /proc/vmstat || echo 'oom_kill 0'")?;
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("/proc/vmstat oom_kill: {out:?}"))
+    Ok(guest_meminfo_kib(vm, key)? / 1024)
 }
 
 fn get_json(client: &Client, path: &str) -> Result<Value, String> {
@@ -143,7 +131,7 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     ));
 
     // The policy takes the idle cache.
-    let oom_before = oom_kills(&mut vm)?;
+    let oom_before = guest_vmstat(&mut vm, "oom_kill")?;
     patch(&client, "/balloon/policy", r#"{"enabled": true}"#)?;
     let started = Instant::now();
     let mut settled = None;
@@ -187,7 +175,7 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         Duration::from_secs(300),
     )?;
     let touch_s = t.elapsed().as_secs_f64();
-    let oom = oom_kills(&mut vm)? - oom_before;
+    let oom = guest_vmstat(&mut vm, "oom_kill")? - oom_before;
     let after_touch = get_json(&client, "/balloon/policy")?;
     let balloon_after = get_json(&client, "/balloon")?;
     progress(&format!(

@@ -122,6 +122,27 @@ pub fn sh(vm: &mut GuestVm, command: &str) -> Result<String, String> {
     Ok(r["output"].as_str().unwrap_or_default().to_string())
 }
 
+/// A counter of the guest's /proc/vmstat (0 when the kernel does not have it).
+pub fn guest_vmstat(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
+    let out = sh(
+        vm,
+        &format!("grep '^{key} ' /proc/vmstat || echo '{key} 0'"),
+    )?;
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("/proc/vmstat {key}: {out:?}"))
+}
+
+/// A field of the guest's /proc/meminfo, in KiB.
+pub fn guest_meminfo_kib(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
+    let out = sh(vm, &format!("grep '^{key}:' /proc/meminfo"))?;
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("/proc/meminfo {key}: {out:?}"))
+}
+
 pub fn u64_field(v: &Value, key: &str) -> Result<u64, String> {
     v[key]
         .as_u64()
