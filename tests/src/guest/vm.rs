@@ -263,8 +263,15 @@ impl GuestVm {
                     }
                     thread::sleep(Duration::from_millis(20));
                 }
+                // The first line is all a summary keeps: say there why the VMM went.
+                let status = self
+                    .try_exit_status()
+                    .map_or("still running".to_string(), |st| st.to_string());
+                let stderr = self.stderr_text();
+                let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
                 GuestError::Exited(format!(
-                    "{what}: the VMM closed the console\n{}",
+                    "{what}: the VMM closed the console ({status}; last stderr line: {})\n{}",
+                    last.unwrap_or("none"),
                     self.diagnostics()
                 ))
             }
