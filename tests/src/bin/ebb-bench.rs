@@ -2,7 +2,7 @@
 //! tables (see [`ebb_tests::scenarios::bench`] for what each measures and how).
 //!
 //! ```text
-//! cargo run --release -p ebb-tests --bin ebb-bench -- [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|disk|ksm|all]... [--runs N]
+//! cargo run --release -p ebb-tests --bin ebb-bench -- [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|disk|ksm|policy|all]... [--runs N]
 //! ```
 //! Runs directly on a KVM host, in the nested test host elsewhere (one L1 boot for all the
 //! benchmarks asked for). Figures, not pass/fail: the exit status is 0 when every
@@ -14,7 +14,9 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ebb_tests::paths;
-use ebb_tests::scenarios::{self, batch, bench, disk, footprint, hinting, merge, ScenarioDef};
+use ebb_tests::scenarios::{
+    self, batch, bench, disk, footprint, hinting, merge, policy, ScenarioDef,
+};
 
 const FAMILIES: &[&[ScenarioDef]] = &[
     bench::SCENARIOS,
@@ -22,11 +24,16 @@ const FAMILIES: &[&[ScenarioDef]] = &[
     hinting::SCENARIOS,
     disk::SCENARIOS,
     merge::SCENARIOS,
+    policy::SCENARIOS,
 ];
 
 fn usage() -> ExitCode {
-    eprintln!(
-        "usage: ebb-bench [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|disk|ksm|all]... [--runs N]\n\
+    eprintln!("{}", usage_text());
+    ExitCode::from(2)
+}
+
+fn usage_text() -> &'static str {
+    "usage: ebb-bench [boot|inflate|reclaim|reclaim-1g|reclaim-5g|thp|api|footprint|hint|disk|ksm|policy|all]... [--runs N]\n\
          \n  boot     spawn to EBB-READY (median of N, default 5) and VMM memory overhead\
          \n  inflate  balloon 768 MiB of a 1 GiB guest: time, madvise calls per GiB\
          \n  reclaim  free page reporting: 1 GiB guest freeing 768 MiB, 5 GiB freeing 4.5 GiB\
@@ -37,9 +44,8 @@ fn usage() -> ExitCode {
          \n  hint      free page hinting vs reporting: a 5 GiB guest touches and frees 4.5 GiB\
          \n  footprint idle host RSS of 1, 5 and 15 GiB guests and where it goes, Ebb vs QEMU\
          \n  ksm      same-page merging across 3 identical idle guests: RSS saved, ksmd CPU\
+         \n  policy   what the automatic balloon costs a guest: hot-set re-reads, allocation stalls\
          \n  all      everything (default)"
-    );
-    ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
@@ -53,12 +59,16 @@ fn main() -> ExitCode {
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         match a.as_str() {
+            "-h" | "--help" => {
+                println!("{}", usage_text());
+                return ExitCode::SUCCESS;
+            }
             "--runs" => match it.next().and_then(|v| v.parse().ok()) {
                 Some(n) => runs = n,
                 None => return usage(),
             },
             "boot" | "inflate" | "reclaim" | "reclaim-1g" | "reclaim-5g" | "thp" | "api"
-            | "footprint" | "hint" | "disk" | "ksm" | "all" => which.push(a),
+            | "footprint" | "hint" | "disk" | "ksm" | "policy" | "all" => which.push(a),
             _ => return usage(),
         }
     }
@@ -73,6 +83,7 @@ fn main() -> ExitCode {
             "hint".into(),
             "disk".into(),
             "ksm".into(),
+            "policy".into(),
         ];
     }
     let mut items = Vec::new();
@@ -113,6 +124,10 @@ fn main() -> ExitCode {
                 items.push("hint-reclaim:memory_mib=5120:touch_mib=4608".to_string());
                 l1_memory_mib = l1_memory_mib.max(6144);
                 minutes += 20;
+            }
+            "policy" => {
+                items.push("bench-policy".to_string());
+                minutes += 15;
             }
             "ksm" => {
                 items.push("bench-ksm".to_string());

@@ -8,8 +8,9 @@
 //! ```
 //! `ebb-auto` is Ebb with reporting and the automatic balloon policy. `--workload cache`
 //! boots each guest from the Debian root file system and has it read `--cache-mib` of a
-//! data disk (default: half the guest, at most 2 GiB) before it touches and frees memory,
-//! so the guests hold page cache that free page reporting never sees.
+//! data disk (default: half the guest, at most 2 GiB) before it touches and frees memory
+//! and again after the free, so the guests hold page cache that free page reporting
+//! never sees.
 //! `--scale full` is the published setup (15 GiB host, 5 GiB guests touching 4.5 GiB),
 //! `--scale small` (the default) a quick one (3, 1, 0.8). Where the local KVM runs stock
 //! guests, each run is bounded by a memory cgroup; elsewhere each run boots the nested
@@ -39,13 +40,15 @@ struct Options {
 
 fn usage(msg: &str) -> ExitCode {
     eprintln!("ebb-density: {msg}");
-    eprintln!(
-        "usage: ebb-density [--scale full|small] [--host-gib H] [--guest-gib G] [--touch-gib T] \
-         [--max-guests N] [--runs ebb-on,ebb-off,ebb-auto,qemu-on] [--workload touch|cache] \
-         [--cache-mib N] [--out DIR] [--mode direct|nested]"
-    );
+    eprintln!("{USAGE}");
     ExitCode::from(2)
 }
+
+const USAGE: &str =
+    "usage: ebb-density [--scale full|small] [--host-gib H] [--guest-gib G] [--touch-gib T] \
+         [--max-guests N] [--runs ebb-on,ebb-off,ebb-auto,qemu-on] [--workload touch|cache] \
+         [--cache-mib N] [--out DIR] [--mode direct|nested]\n\
+         (README \"The density benchmark\" says what each run does and what it prints)";
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut cfg = DensityConfig::small();
@@ -260,6 +263,10 @@ fn run_one(spec: RunSpec, opts: &Options, mode: HostMode, me: &Path) -> Result<R
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     if args.first().map(String::as_str) == Some("--inner") {
         if args.len() != 4 {
             return usage("--inner LABEL CONFIG_JSON WHERE");

@@ -12,22 +12,35 @@ use serde_json::{json, Value};
 use super::disk::{copy_image, rootfs_dir};
 use super::support::{
     boot, cmd_within, config, ebb, ensure, guest_meminfo_kib, guest_vmstat, poweroff_ebb, ram_rss,
-    scratch_dir, settled_rss,
+    scratch_dir, settled_rss, sh,
 };
 use super::{progress, Args, Ctx, ScenarioDef};
 use crate::guest::{BalloonConfig, DiskSpec, GuestVm};
-use crate::util::mib;
+use crate::util::{median, mib};
 
 /// The scenarios of this family.
-pub const SCENARIOS: &[ScenarioDef] = &[ScenarioDef {
-    name: "policy-cache",
-    help: "the Debian disk guest reads `cache_mib` of its data disk; with reporting alone \
-           the cache stays on the host; `PATCH /balloon/policy {\"enabled\":true}` must give \
-           back at least half of it within `settle_s`; then the guest touches `touch_mib` \
-           and gets it without an OOM kill (args: memory_mib=1024 cache_mib=512 \
-           touch_mib=512 settle_s=120)",
-    run: policy_cache,
-}];
+pub const SCENARIOS: &[ScenarioDef] = &[
+    ScenarioDef {
+        name: "policy-cache",
+        help: "the Debian disk guest reads `cache_mib` of its data disk; with reporting \
+               alone the cache stays on the host; `PATCH /balloon/policy {\"enabled\":true}` \
+               must give back at least half of it within `settle_s`; then the guest touches \
+               `touch_mib` and gets it without an OOM kill (args: memory_mib=1024 \
+               cache_mib=512 touch_mib=512 settle_s=120)",
+        run: policy_cache,
+    },
+    ScenarioDef {
+        name: "bench-policy",
+        help: "what the policy costs the guest (a benchmark): the Debian disk guest keeps a \
+               hot set of `hot_mib` of its data disk (re-read every `period_s` in the \
+               background) beside `cold_mib` read once; with the policy off, then on and \
+               settled: the median time of `rereads` re-reads of the hot set, the MiB they \
+               had to read from the disk again, and a `touch_mib` allocation's time, guest \
+               memory stall (PSI) and allocation stalls (args: memory_mib=1024 hot_mib=128 \
+               cold_mib=512 rereads=5 period_s=10 touch_mib=256 settle_s=180)",
+        run: bench_policy,
+    },
+];
 
 /// The guest command that reads `mib` MiB of the data disk into the page cache. Linux
 /// drops a block device's cache when its last opener closes it, so a sleeper keeps
@@ -39,41 +52,21 @@ pub fn read_disk_command(mib: u64) -> String {
     )
 }
 
-fn meminfo_mib(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
-    Ok(guest_meminfo_kib(vm, key)? / 1024)
-}
-
-fn get_json(client: &Client, path: &str) -> Result<Value, String> {
-    let r = client.get(path).map_err(|e| format!("GET {path}: {e}"))?;
-    ensure(r.status == 200, || {
-        format!("GET {path}: {} {}", r.status, r.text())
-    })?;
-    r.json().map_err(|e| format!("GET {path}: {e}"))
-}
-
-fn patch(client: &Client, path: &str, body: &str) -> Result<(), String> {
-    let r = client
-        .request("PATCH", path, Some(body.as_bytes()))
-        .map_err(|e| format!("PATCH {path}: {e}"))?;
-    ensure(r.status == 204, || {
-        format!("PATCH {path} {body}: {} {}", r.status, r.text())
-    })
-}
-
-fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
-    args.check_known(&["memory_mib", "cache_mib", "touch_mib", "settle_s"])?;
-    let memory_mib: u64 = args.get("memory_mib", 1024)?;
-    let cache_mib: u64 = args.get("cache_mib", 512)?;
-    let touch_mib: u64 = args.get("touch_mib", 512)?;
-    let settle_s: u64 = args.get("settle_s", 120)?;
-    let dir = scratch_dir("policy")?;
+/// Boots the Debian root file system guest (1 vCPU, balloon with reporting, statistics
+/// every second and deflate-on-OOM, policy off) with a sparse read-only data disk of
+/// `data_mib` as /dev/vdb and an API socket in `dir`.
+fn boot_disk_guest(
+    dir: &std::path::Path,
+    memory_mib: u64,
+    data_mib: u64,
+) -> Result<(GuestVm, std::path::PathBuf), String> {
     let socket = dir.join("api.sock");
     let root = dir.join("root.ext4");
     let data = dir.join("data.img");
     copy_image(&root)?;
     // Sparse: the host reads holes as zeros, the guest caches them like any data.
     std::fs::File::create(&data)
-        .and_then(|f| f.set_len((cache_mib + 64) << 20))
+        .and_then(|f| f.set_len(data_mib << 20))
         .map_err(|e| format!("{}: {e}", data.display()))?;
     let mut c = config(
         memory_mib,
@@ -101,7 +94,260 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         },
     ];
     c.extra_args = vec!["--api-socket".into(), socket.to_string_lossy().into_owned()];
-    let (mut vm, _) = boot(&ebb()?, &c)?;
+    let (vm, _) = boot(&ebb()?, &c)?;
+    Ok((vm, socket))
+}
+
+fn meminfo_mib(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
+    Ok(guest_meminfo_kib(vm, key)? / 1024)
+}
+
+fn get_json(client: &Client, path: &str) -> Result<Value, String> {
+    let r = client.get(path).map_err(|e| format!("GET {path}: {e}"))?;
+    ensure(r.status == 200, || {
+        format!("GET {path}: {} {}", r.status, r.text())
+    })?;
+    r.json().map_err(|e| format!("GET {path}: {e}"))
+}
+
+fn patch(client: &Client, path: &str, body: &str) -> Result<(), String> {
+    let r = client
+        .request("PATCH", path, Some(body.as_bytes()))
+        .map_err(|e| format!("PATCH {path}: {e}"))?;
+    ensure(r.status == 204, || {
+        format!("PATCH {path} {body}: {} {}", r.status, r.text())
+    })
+}
+
+/// Polls `GET /balloon/policy` until its last decision is `steady` or `limit` passes:
+/// how long that took (`None` if it never did) and the last answer.
+fn wait_steady(client: &Client, limit: Duration) -> Result<(Option<Duration>, Value), String> {
+    let started = Instant::now();
+    let mut last = Value::Null;
+    while started.elapsed() < limit {
+        std::thread::sleep(Duration::from_secs(2));
+        last = get_json(client, "/balloon/policy")?;
+        if last["last_decision"]["reason"] == "steady" {
+            return Ok((Some(started.elapsed()), last));
+        }
+    }
+    Ok((None, last))
+}
+
+/// Reads `count` MiB of the data disk from `skip` MiB in the guest; dd's own seconds.
+fn dd_read_s(vm: &mut GuestVm, skip: u64, count: u64) -> Result<f64, String> {
+    let out = sh(
+        vm,
+        &format!("dd if=/dev/vdb of=/dev/null bs=1M skip={skip} count={count} 2>&1"),
+    )?;
+    parse_dd_seconds(&out).ok_or_else(|| format!("no time in dd's output: {out:?}"))
+}
+
+/// The seconds in dd's summary (`... copied, 0.123 s, 1.1 GB/s`).
+fn parse_dd_seconds(out: &str) -> Option<f64> {
+    let after = out.rsplit_once("copied, ")?.1;
+    after.split_whitespace().next()?.parse().ok()
+}
+
+/// MiB read from the data disk so far (/sys/block/vdb/stat, sectors read).
+fn disk_read_mib(vm: &mut GuestVm) -> Result<f64, String> {
+    let out = sh(vm, "cat /sys/block/vdb/stat")?;
+    let sectors: u64 = out
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("/sys/block/vdb/stat: {out:?}"))?;
+    Ok(sectors as f64 * 512.0 / 1048576.0)
+}
+
+/// The guest's memory stall totals from /proc/pressure/memory (`some`, `full`), in
+/// milliseconds; `None` when its kernel has no PSI.
+fn guest_memory_stall_ms(vm: &mut GuestVm) -> Result<Option<(f64, f64)>, String> {
+    let out = sh(vm, "cat /proc/pressure/memory 2>/dev/null || true")?;
+    let total = |kind: &str| {
+        out.lines()
+            .find(|l| l.starts_with(kind))
+            .and_then(|l| l.rsplit_once("total="))
+            .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+            .map(|us| us as f64 / 1000.0)
+    };
+    Ok(total("some").zip(total("full")))
+}
+
+/// Allocation stalls the guest has counted (direct reclaim entries, all zones).
+fn guest_alloc_stalls(vm: &mut GuestVm) -> Result<u64, String> {
+    let out = sh(vm, "grep '^allocstall_' /proc/vmstat || true")?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum())
+}
+
+/// One side of `bench-policy`: the hot set's re-reads, then an allocation.
+fn policy_phase(
+    vm: &mut GuestVm,
+    hot_mib: u64,
+    rereads: u64,
+    touch_mib: u64,
+) -> Result<Value, String> {
+    let disk_before = disk_read_mib(vm)?;
+    let mut times = Vec::new();
+    for _ in 0..rereads {
+        times.push(dd_read_s(vm, 0, hot_mib)?);
+    }
+    let from_disk = disk_read_mib(vm)? - disk_before;
+    let stall_before = guest_memory_stall_ms(vm)?;
+    let stalls_before = guest_alloc_stalls(vm)?;
+    let oom_before = guest_vmstat(vm, "oom_kill")?;
+    let t = Instant::now();
+    let touched = cmd_within(vm, &format!("touch {touch_mib}"), Duration::from_secs(300))?;
+    let touch_s = t.elapsed().as_secs_f64();
+    let stall_after = guest_memory_stall_ms(vm)?;
+    let stalls = guest_alloc_stalls(vm)? - stalls_before;
+    let oom = guest_vmstat(vm, "oom_kill")? - oom_before;
+    cmd_within(vm, "free", Duration::from_secs(120))?;
+    let stall = stall_before
+        .zip(stall_after)
+        .map(|(b, a)| json!({ "some_ms": a.0 - b.0, "full_ms": a.1 - b.1 }));
+    ensure(touched["ok"] == true && oom == 0, || {
+        format!("the guest could not take {touch_mib} MiB: {touched}, {oom} OOM kills")
+    })?;
+    Ok(json!({
+        "reread_s": times,
+        "reread_median_s": median(&times),
+        "reread_from_disk_mib": from_disk,
+        "touch_s": touch_s,
+        "touch_memory_stall": stall,
+        "touch_alloc_stalls": stalls,
+        "oom_kills": oom,
+    }))
+}
+
+fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    args.check_known(&[
+        "memory_mib",
+        "hot_mib",
+        "cold_mib",
+        "rereads",
+        "period_s",
+        "touch_mib",
+        "settle_s",
+    ])?;
+    let memory_mib: u64 = args.get("memory_mib", 1024)?;
+    let hot_mib: u64 = args.get("hot_mib", 128)?;
+    let cold_mib: u64 = args.get("cold_mib", 512)?;
+    let rereads: u64 = args.get("rereads", 5)?;
+    let period_s: u64 = args.get("period_s", 10)?;
+    let touch_mib: u64 = args.get("touch_mib", 256)?;
+    let settle_s: u64 = args.get("settle_s", 180)?;
+    ensure(rereads > 0 && hot_mib > 0, || {
+        "bench-policy needs rereads and hot_mib above 0".into()
+    })?;
+    let dir = scratch_dir("policy-bench")?;
+    let (mut vm, socket) = boot_disk_guest(&dir, memory_mib, hot_mib + cold_mib + 64)?;
+    let client = Client::new(&socket, Duration::from_secs(30));
+
+    // The sleeper keeps /dev/vdb's cache (see read_disk_command); the first read of the
+    // hot set is the cost of a miss.
+    let first = cmd_within(&mut vm, &read_disk_command(0), Duration::from_secs(60))?;
+    ensure(first["status"] == 0, || {
+        format!("opening the data disk: {first}")
+    })?;
+    let miss_s = dd_read_s(&mut vm, 0, hot_mib)?;
+    let cold_s = dd_read_s(&mut vm, hot_mib, cold_mib)?;
+    // The hot set stays hot: re-read in the background for the rest of the run.
+    sh(
+        &mut vm,
+        &format!(
+            "(while :; do dd if=/dev/vdb of=/dev/null bs=1M count={hot_mib}; sleep {period_s}; \
+             done >/dev/null 2>&1 &)"
+        ),
+    )?;
+    std::thread::sleep(Duration::from_secs(2 * period_s));
+    let rss_before = settled_rss(&vm, Duration::from_secs(6), Duration::from_secs(90), 4096)?;
+    progress(&format!(
+        "hot set {hot_mib} MiB read from disk in {miss_s:.2} s, cold {cold_mib} MiB in \
+         {cold_s:.2} s; guest RAM RSS {} MiB",
+        mib(rss_before)
+    ));
+    let off = policy_phase(&mut vm, hot_mib, rereads, touch_mib)?;
+    progress(&format!("policy off: {off}"));
+
+    patch(&client, "/balloon/policy", r#"{"enabled": true}"#)?;
+    let (settled, last) = wait_steady(&client, Duration::from_secs(settle_s))?;
+    let balloon = get_json(&client, "/balloon")?;
+    let rss_policy = settled_rss(&vm, Duration::from_secs(6), Duration::from_secs(90), 4096)?;
+    progress(&format!(
+        "policy on: {} at a {} MiB balloon, guest RAM RSS {} -> {} MiB",
+        settled.map_or(
+            format!(
+                "not steady after {settle_s} s (last: {})",
+                last["last_decision"]
+            ),
+            |d| format!("steady after {:.1} s", d.as_secs_f64())
+        ),
+        balloon["actual_mib"],
+        mib(rss_before),
+        mib(rss_policy)
+    ));
+    let on = policy_phase(&mut vm, hot_mib, rereads, touch_mib)?;
+    progress(&format!("policy on: {on}"));
+    let after = get_json(&client, "/balloon/policy")?;
+    let slowdown = on["reread_median_s"].as_f64().unwrap_or(f64::NAN)
+        / off["reread_median_s"].as_f64().unwrap_or(f64::NAN)
+        - 1.0;
+    let row = |name: &str, p: &Value| {
+        let stall = &p["touch_memory_stall"];
+        format!(
+            "{name:<7} {:>14.3} {:>16.1} {:>8.1} {:>12} {:>12} {:>12}",
+            p["reread_median_s"].as_f64().unwrap_or(f64::NAN),
+            p["reread_from_disk_mib"].as_f64().unwrap_or(f64::NAN),
+            p["touch_s"].as_f64().unwrap_or(f64::NAN),
+            stall["some_ms"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            stall["full_ms"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            p["touch_alloc_stalls"],
+        )
+    };
+    progress(&format!(
+        "bench-policy ({memory_mib} MiB guest, hot set {hot_mib} MiB, cold {cold_mib} MiB, \
+         touch {touch_mib} MiB):\n\
+         policy  re-read med s  re-read disk MiB  touch s  stall some ms  stall full ms  \
+         allocstalls\n{}\n{}\nhot re-read with the policy: {:+.1}% (miss: {miss_s:.2} s)",
+        row("off", &off),
+        row("auto", &on),
+        slowdown * 100.0
+    ));
+    poweroff_ebb(&mut vm)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(json!({
+        "memory_mib": memory_mib,
+        "hot_mib": hot_mib,
+        "cold_mib": cold_mib,
+        "hot_miss_s": miss_s,
+        "cold_read_s": cold_s,
+        "rss_before_policy_mib": mib(rss_before),
+        "rss_policy_mib": mib(rss_policy),
+        "policy_settled_s": settled.map(|d| d.as_secs_f64()),
+        "balloon_mib": balloon["actual_mib"],
+        "off": off,
+        "auto": on,
+        "reread_slowdown": slowdown,
+        "decisions": after["decisions"],
+    }))
+}
+
+fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    args.check_known(&["memory_mib", "cache_mib", "touch_mib", "settle_s"])?;
+    let memory_mib: u64 = args.get("memory_mib", 1024)?;
+    let cache_mib: u64 = args.get("cache_mib", 512)?;
+    let touch_mib: u64 = args.get("touch_mib", 512)?;
+    let settle_s: u64 = args.get("settle_s", 120)?;
+    let dir = scratch_dir("policy")?;
+    let (mut vm, socket) = boot_disk_guest(&dir, memory_mib, cache_mib + 64)?;
     let client = Client::new(&socket, Duration::from_secs(30));
     let policy = get_json(&client, "/balloon/policy")?;
     ensure(policy["enabled"] == false, || {
@@ -133,18 +379,7 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     // The policy takes the idle cache.
     let oom_before = guest_vmstat(&mut vm, "oom_kill")?;
     patch(&client, "/balloon/policy", r#"{"enabled": true}"#)?;
-    let started = Instant::now();
-    let mut settled = None;
-    let mut last = Value::Null;
-    while started.elapsed() < Duration::from_secs(settle_s) {
-        std::thread::sleep(Duration::from_secs(2));
-        last = get_json(&client, "/balloon/policy")?;
-        let reason = last["last_decision"]["reason"].as_str().unwrap_or("");
-        if reason == "steady" {
-            settled = Some(started.elapsed());
-            break;
-        }
-    }
+    let (settled, last) = wait_steady(&client, Duration::from_secs(settle_s))?;
     let settled = settled
         .ok_or_else(|| format!("the policy did not settle within {settle_s} s; last: {last}"))?;
     let balloon = get_json(&client, "/balloon")?;
@@ -204,4 +439,17 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "rss_after_touch_mib": mib(peak),
         "decisions": after_touch["decisions"],
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_dd_seconds;
+
+    #[test]
+    fn dd_seconds_come_from_its_summary_line() {
+        let out = "128+0 records in\n128+0 records out\n134217728 bytes (134 MB, 128 MiB) \
+                   copied, 0.213 s, 630 MB/s\n";
+        assert_eq!(parse_dd_seconds(out), Some(0.213));
+        assert_eq!(parse_dd_seconds("dd: error reading '/dev/vdb'"), None);
+    }
 }
