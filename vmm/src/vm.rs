@@ -407,6 +407,10 @@ fn policy_settings(cfg: &BalloonConfig, ram: u64) -> Result<PolicySettings, VmEr
     settings.min = knobs.min.unwrap_or(settings.min);
     settings.max = knobs.max.unwrap_or(settings.max);
     settings.step = knobs.step.unwrap_or(settings.step);
+    settings.fault_rate = knobs.fault_rate.unwrap_or(settings.fault_rate);
+    settings.cooldown = knobs
+        .cooldown_s
+        .map_or(settings.cooldown, std::time::Duration::from_secs);
     settings
         .check(ram)
         .map_err(|e| VmError::Config(format!("--balloon: {e}")))?;

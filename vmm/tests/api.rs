@@ -463,6 +463,17 @@ fn balloon_policy_get_and_patch() {
         (v["enabled"].as_bool(), v["headroom_mib"].as_u64()),
         (Some(true), Some(96))
     );
+    let r = h.send(
+        "PATCH",
+        "/balloon/policy",
+        r#"{"fault_rate_per_s": 50, "cooldown_s": 5}"#,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let v = json_of(&h.get("/balloon/policy"));
+    assert_eq!(
+        (v["fault_rate_per_s"].as_u64(), v["cooldown_s"].as_u64()),
+        (Some(50), Some(5))
+    );
     // The policy owns the target now.
     let r = h.send("PATCH", "/balloon", r#"{"amount_mib": 10}"#);
     assert_fault(&r, 409, "policy sets the target");
@@ -484,6 +495,8 @@ fn balloon_policy_get_and_patch() {
         ),
         (r#"{"max_mib": 1024}"#, "max 1024 MiB is above guest memory"),
         (r#"{"step_mib": 0}"#, "step must be above 0"),
+        (r#"{"cooldown_s": 3601}"#, "cooldown_s 3601 is above 3600"),
+        (r#"{"fault_rate_per_s": -1}"#, "invalid request body"),
         (r#"{"headroom_mib": 18446744073709551615}"#, "too large"),
         (r#"{"enabled": "yes"}"#, "invalid request body"),
         (r#"{"headroom": 1}"#, "unknown field"),
@@ -1447,10 +1460,25 @@ fn ebb_ctl_balloon_policy() {
         out.contains("last decision:       64 MiB (steady), 2.0 s ago"),
         "{out}"
     );
-    let (code, out, _) = ctl_run(&h, &["balloon", "policy", "--on", "--headroom", "200M"]);
+    let (code, out, _) = ctl_run(
+        &h,
+        &[
+            "balloon",
+            "policy",
+            "--on",
+            "--headroom",
+            "200M",
+            "--fault-rate",
+            "40",
+            "--cooldown",
+            "7",
+        ],
+    );
     assert_eq!(code, 0);
     assert!(out.contains("policy:              auto (on)"), "{out}");
     assert!(out.contains("headroom:            200 MiB"), "{out}");
+    assert!(out.contains("7 s after a deflate"), "{out}");
+    assert!(out.contains("> 40 major faults/s"), "{out}");
     let (code, _, err) = ctl_run(&h, &["balloon", "policy", "--headroom", "1G"]);
     assert_eq!(code, 1);
     assert!(err.contains("not below guest memory"), "{err}");

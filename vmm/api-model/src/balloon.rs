@@ -32,8 +32,9 @@ pub struct BalloonConfig {
 }
 
 /// The automatic balloon policy's options (`policy=auto|off`, `policy_headroom=SIZE`,
-/// `policy_min=SIZE`, `policy_max=SIZE`, `policy_step=SIZE`); a knob left out takes the
-/// default for the guest's size.
+/// `policy_min=SIZE`, `policy_max=SIZE`, `policy_step=SIZE`, `policy_fault_rate=N` major
+/// faults per second, `policy_cooldown=SECS`); a knob left out takes the default for the
+/// guest's size.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PolicyConfig {
     /// The policy sets the balloon target (it can also be turned on at run time).
@@ -46,7 +47,14 @@ pub struct PolicyConfig {
     pub max: Option<u64>,
     /// Largest inflate per decision, bytes.
     pub step: Option<u64>,
+    /// Major faults per second above which the guest counts as short of memory.
+    pub fault_rate: Option<u64>,
+    /// Seconds inflating waits after a deflate.
+    pub cooldown_s: Option<u64>,
 }
+
+/// The longest cooldown accepted: longer would leave a guest's balloon unmanaged.
+pub const MAX_POLICY_COOLDOWN_S: u64 = 3600;
 
 impl PolicyConfig {
     fn knobs(&self) -> [(&'static str, Option<u64>); 4] {
@@ -102,6 +110,27 @@ impl FromStr for BalloonConfig {
                 "policy_min" => cfg.policy.min = Some(parse_size(value)?),
                 "policy_max" => cfg.policy.max = Some(parse_size(value)?),
                 "policy_step" => cfg.policy.step = Some(parse_size(value)?),
+                "policy_fault_rate" => {
+                    cfg.policy.fault_rate = Some(value.parse().map_err(|_| {
+                        ParseError(format!(
+                            "invalid policy_fault_rate '{value}': expected major faults per \
+                             second (a whole number)"
+                        ))
+                    })?)
+                }
+                "policy_cooldown" => {
+                    let secs: u64 = value.parse().map_err(|_| {
+                        ParseError(format!(
+                            "invalid policy_cooldown '{value}': expected whole seconds"
+                        ))
+                    })?;
+                    if secs > MAX_POLICY_COOLDOWN_S {
+                        return Err(ParseError(format!(
+                            "policy_cooldown {secs} s is above {MAX_POLICY_COOLDOWN_S} s"
+                        )));
+                    }
+                    cfg.policy.cooldown_s = Some(secs);
+                }
                 "stats_interval" => {
                     cfg.stats_interval_s = value.parse().map_err(|_| {
                         ParseError(format!(
@@ -113,7 +142,8 @@ impl FromStr for BalloonConfig {
                     return Err(ParseError(format!(
                         "unknown balloon option '{key}' (known: size, deflate_on_oom, \
                          free_page_reporting, stats_interval, free_page_hinting, policy, \
-                         policy_headroom, policy_min, policy_max, policy_step)"
+                         policy_headroom, policy_min, policy_max, policy_step, \
+                         policy_fault_rate, policy_cooldown)"
                     )))
                 }
             }
@@ -164,6 +194,12 @@ impl fmt::Display for BalloonConfig {
                 write!(f, ",{name}={}", size_arg(v))?;
             }
         }
+        if let Some(rate) = self.policy.fault_rate {
+            write!(f, ",policy_fault_rate={rate}")?;
+        }
+        if let Some(secs) = self.policy.cooldown_s {
+            write!(f, ",policy_cooldown={secs}")?;
+        }
         Ok(())
     }
 }
@@ -207,7 +243,8 @@ mod tests {
                 "size=1G,bogus=1",
                 "unknown balloon option 'bogus' (known: size, deflate_on_oom, \
                  free_page_reporting, stats_interval, free_page_hinting, policy, \
-                 policy_headroom, policy_min, policy_max, policy_step)",
+                 policy_headroom, policy_min, policy_max, policy_step, policy_fault_rate, \
+                 policy_cooldown)",
             ),
             (
                 "stats_interval=-1",
@@ -234,6 +271,19 @@ mod tests {
             (
                 "stats_interval=1,policy_min=2G,policy_max=1G",
                 "policy_min 2G is above policy_max 1G",
+            ),
+            (
+                "policy_fault_rate=many",
+                "invalid policy_fault_rate 'many': expected major faults per second (a whole \
+                 number)",
+            ),
+            (
+                "policy_cooldown=1.5",
+                "invalid policy_cooldown '1.5': expected whole seconds",
+            ),
+            (
+                "policy_cooldown=3601",
+                "policy_cooldown 3601 s is above 3600 s",
             ),
         ] {
             assert_eq!(
@@ -270,6 +320,9 @@ mod tests {
                 policy: PolicyConfig::default(),
             },
             "stats_interval=1,policy=auto,policy_headroom=512M,policy_step=64M"
+                .parse()
+                .unwrap(),
+            "stats_interval=1,policy=auto,policy_fault_rate=50,policy_cooldown=5"
                 .parse()
                 .unwrap(),
         ] {

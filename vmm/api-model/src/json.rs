@@ -81,6 +81,12 @@ pub struct PolicyUpdate {
     /// New largest inflate per decision, MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_mib: Option<u64>,
+    /// New major fault rate (per second) above which the guest counts as short.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_rate_per_s: Option<u64>,
+    /// New wait after a deflate before inflating again, seconds (at most an hour).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_s: Option<u64>,
 }
 
 /// `PATCH /balloon/statistics`.

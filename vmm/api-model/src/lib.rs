@@ -15,7 +15,7 @@ pub mod json;
 pub mod options;
 pub mod units;
 
-pub use balloon::{BalloonConfig, PolicyConfig};
+pub use balloon::{BalloonConfig, PolicyConfig, MAX_POLICY_COOLDOWN_S};
 pub use disk::DiskConfig;
 pub use json::{
     BalloonInfo, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate, DiskInfo, EbbBalloonStats,

@@ -121,6 +121,12 @@ pub struct PolicyArgs {
     /// Largest inflate per decision (SIZE).
     #[arg(long, value_name = "SIZE")]
     pub step: Option<String>,
+    /// Major faults per second above which the guest counts as short of memory.
+    #[arg(long, value_name = "N")]
+    pub fault_rate: Option<u64>,
+    /// Seconds inflating waits after a deflate (at most 3600).
+    #[arg(long, value_name = "SECS")]
+    pub cooldown: Option<u64>,
 }
 
 /// `ebb-ctl balloon hint`.
@@ -313,6 +319,8 @@ fn policy(
         min_mib: mib(&args.min)?,
         max_mib: mib(&args.max)?,
         step_mib: mib(&args.step)?,
+        fault_rate_per_s: args.fault_rate,
+        cooldown_s: args.cooldown,
     };
     if update != PolicyUpdate::default() {
         expect_ok(client.send_json("PATCH", "/balloon/policy", &json!(update))?)?;

@@ -22,7 +22,10 @@ use super::dispatch::Dispatcher;
 use super::metrics;
 use super::model::{balloon_info, balloon_statistics, hint_status, policy_info, vm_info};
 use ebb_api_model::units::{MIB, PAGES_PER_MIB};
-use ebb_api_model::{BalloonStatsUpdate, BalloonUpdate, EmptyBody, Fault, HintStart, PolicyUpdate};
+use ebb_api_model::{
+    BalloonStatsUpdate, BalloonUpdate, EmptyBody, Fault, HintStart, PolicyUpdate,
+    MAX_POLICY_COOLDOWN_S,
+};
 
 /// Limits on what a request may send.
 #[derive(Debug, Clone, Copy)]
@@ -329,6 +332,17 @@ async fn patch_balloon_policy(
             }
             if let Some(v) = update.step_mib {
                 settings.step = bytes(v)?;
+            }
+            if let Some(v) = update.fault_rate_per_s {
+                settings.fault_rate = v;
+            }
+            if let Some(v) = update.cooldown_s {
+                if v > MAX_POLICY_COOLDOWN_S {
+                    return Err(ApiError::bad_request(format!(
+                        "cooldown_s {v} is above {MAX_POLICY_COOLDOWN_S}"
+                    )));
+                }
+                settings.cooldown = Duration::from_secs(v);
             }
             settings
                 .check(b.guest_memory_bytes)
