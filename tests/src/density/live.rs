@@ -412,6 +412,25 @@ impl GuestHandle for LiveGuest {
         procfs::guest_ram_rss_kib(self.pid, self.bytes).ok()
     }
 
+    fn policy_busy(&self) -> bool {
+        let Some(socket) = &self.socket else {
+            return false;
+        };
+        let client = ebb_ctl::client::Client::new(socket, Duration::from_secs(10));
+        match client
+            .get("/balloon/policy")
+            .ok()
+            .and_then(|r| r.json().ok())
+        {
+            Some(v) => {
+                let v: serde_json::Value = v;
+                v["last_decision"]["reason"] != "steady"
+            }
+            // An API that does not answer is not a settled guest either.
+            None => true,
+        }
+    }
+
     fn exited(&mut self) -> Option<String> {
         match self.vm.wait_exit(Duration::ZERO) {
             Ok(x) => Some(format!(

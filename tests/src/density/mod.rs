@@ -264,6 +264,12 @@ pub trait GuestHandle: Send {
     }
     /// Guest RAM RSS in KiB (None once the VMM is gone).
     fn ram_rss_kib(&self) -> Option<u64>;
+    /// True while the guest's balloon policy is still moving its target (a guest under
+    /// the policy has not settled until the policy calls itself steady, however flat its
+    /// RSS: the policy waits out a cooldown after each deflate).
+    fn policy_busy(&self) -> bool {
+        false
+    }
     /// `Some(description)` once the VMM has exited.
     fn exited(&mut self) -> Option<String>;
     /// Stops the VMM.
@@ -602,7 +608,7 @@ fn settle(
             .collect();
         let spread = in_window.iter().cloned().fold(f64::MIN, f64::max)
             - in_window.iter().cloned().fold(f64::MAX, f64::min);
-        if now >= window && spread <= tolerance {
+        if now >= window && spread <= tolerance && !guest.policy_busy() {
             let settled = rss;
             // Reclaim time: first moment RSS was within 5% of the freed amount above
             // the settled value.
@@ -940,6 +946,53 @@ mod tests {
         assert!(lines
             .iter()
             .any(|l| l.contains("freed, then read its 200 MiB again")));
+    }
+
+    /// A guest whose policy is still moving its target is not settled, however flat
+    /// its RSS (the policy holds through a cooldown after each deflate).
+    #[test]
+    fn a_guest_under_a_busy_policy_is_not_settled_yet() {
+        struct Flat {
+            busy_until: Instant,
+        }
+        impl GuestHandle for Flat {
+            fn rss_probe(&self) -> Probe {
+                Arc::new(|| Some(100 * 1024))
+            }
+            fn wait_ready(&mut self, _: Duration) -> Result<(), String> {
+                Ok(())
+            }
+            fn touch(&mut self, _: u64, _: Duration) -> TouchOutcome {
+                TouchOutcome::Done
+            }
+            fn free(&mut self, _: Duration) -> Result<(), String> {
+                Ok(())
+            }
+            fn ram_rss_kib(&self) -> Option<u64> {
+                Some(100 * 1024)
+            }
+            fn policy_busy(&self) -> bool {
+                Instant::now() < self.busy_until
+            }
+            fn exited(&mut self) -> Option<String> {
+                None
+            }
+            fn kill(&mut self) {}
+        }
+        let mut c = cfg();
+        c.settle_timeout_s = 10;
+        let t0 = Instant::now();
+        let busy = Duration::from_millis(2500);
+        let (settled, _) = settle(
+            &Flat {
+                busy_until: t0 + busy,
+            },
+            &c,
+            500.0,
+            t0,
+        );
+        assert_eq!(settled, Some(100.0));
+        assert!(t0.elapsed() >= busy, "settled while the policy was busy");
     }
 
     #[test]

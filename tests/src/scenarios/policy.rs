@@ -37,7 +37,7 @@ pub const SCENARIOS: &[ScenarioDef] = &[
                settled: the median time of `rereads` re-reads of the hot set, the MiB they \
                had to read from the disk again, and a `touch_mib` allocation's time, guest \
                memory stall (PSI) and allocation stalls (args: memory_mib=1024 hot_mib=128 \
-               cold_mib=512 rereads=5 period_s=10 touch_mib=256 settle_s=180)",
+               cold_mib=512 rereads=5 period_s=10 touch_mib=512 settle_s=180)",
         run: bench_policy,
     },
 ];
@@ -238,7 +238,7 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let cold_mib: u64 = args.get("cold_mib", 512)?;
     let rereads: u64 = args.get("rereads", 5)?;
     let period_s: u64 = args.get("period_s", 10)?;
-    let touch_mib: u64 = args.get("touch_mib", 256)?;
+    let touch_mib: u64 = args.get("touch_mib", 512)?;
     let settle_s: u64 = args.get("settle_s", 180)?;
     ensure(rereads > 0 && hot_mib > 0, || {
         "bench-policy needs rereads and hot_mib above 0".into()
@@ -299,7 +299,7 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let row = |name: &str, p: &Value| {
         let stall = &p["touch_memory_stall"];
         format!(
-            "{name:<7} {:>14.3} {:>16.1} {:>8.1} {:>12} {:>12} {:>12}",
+            "{name:<7} {:>14.3} {:>17.1} {:>8.1} {:>14} {:>14} {:>12}",
             p["reread_median_s"].as_f64().unwrap_or(f64::NAN),
             p["reread_from_disk_mib"].as_f64().unwrap_or(f64::NAN),
             p["touch_s"].as_f64().unwrap_or(f64::NAN),
@@ -312,15 +312,20 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             p["touch_alloc_stalls"],
         )
     };
-    progress(&format!(
-        "bench-policy ({memory_mib} MiB guest, hot set {hot_mib} MiB, cold {cold_mib} MiB, \
-         touch {touch_mib} MiB):\n\
-         policy  re-read med s  re-read disk MiB  touch s  stall some ms  stall full ms  \
-         allocstalls\n{}\n{}\nhot re-read with the policy: {:+.1}% (miss: {miss_s:.2} s)",
+    let table = format!(
+        "bench-policy ({memory_mib} MiB guest, hot set {hot_mib} MiB read from disk in \
+         {miss_s:.2} s, cold {cold_mib} MiB, touch {touch_mib} MiB; policy settled at a {} MiB \
+         balloon, guest RAM RSS {:.0} -> {:.0} MiB)\n\
+         policy   re-read med s  re-read disk MiB  touch s  stall some ms  stall full ms  \
+         allocstalls\n{}\n{}\nhot set re-read with the policy: {:+.1}%\n",
+        balloon["actual_mib"],
+        mib(rss_before),
+        mib(rss_policy),
         row("off", &off),
         row("auto", &on),
         slowdown * 100.0
-    ));
+    );
+    progress(&table);
     poweroff_ebb(&mut vm)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(json!({
@@ -337,6 +342,7 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "auto": on,
         "reread_slowdown": slowdown,
         "decisions": after["decisions"],
+        "table": table,
     }))
 }
 
