@@ -25,6 +25,18 @@ pub fn process_rss_kib(pid: u32) -> io::Result<u64> {
 }
 
 /// `MemAvailable` of /proc/meminfo, in KiB.
+/// Page faults a process has taken that needed no I/O (`minflt` of /proc/PID/stat): for
+/// a VMM, mostly guest RAM being faulted in on the host.
+pub fn minor_faults(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces and parentheses: count fields after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    rest.split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("no minflt in /proc/{pid}/stat")))
+}
+
 pub fn host_mem_available_kib() -> io::Result<u64> {
     let path = "/proc/meminfo";
     kib_field(&read(path)?, "MemAvailable").ok_or_else(|| missing("MemAvailable", path))
@@ -163,6 +175,19 @@ pub fn fd_allocated_kib(pid: u32, name: &str) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn minor_faults_count_pages_this_process_touches() {
+        let me = std::process::id();
+        let before = minor_faults(me).unwrap();
+        let touched = vec![1u8; 8 << 20];
+        assert!(touched.iter().step_by(4096).all(|&b| b == 1));
+        assert!(
+            minor_faults(me).unwrap() > before,
+            "8 MiB touched, no fault counted"
+        );
+        assert!(minor_faults(u32::MAX).is_err());
+    }
 
     const SMAPS: &str = "\
 55d0c0a00000-55d0c0a21000 rw-p 00000000 00:00 0                          [heap]

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::disk::{copy_image, rootfs_dir};
 use super::support::{
     boot, cmd_within, config, ebb, ensure, guest_meminfo_kib, guest_vmstat, poweroff_ebb, ram_rss,
-    scratch_dir, settled_rss, sh,
+    scratch_dir, settled_rss, sh, OrStr,
 };
 use super::{progress, Args, Ctx, ScenarioDef};
 use crate::guest::{BalloonConfig, DiskSpec, GuestVm};
@@ -199,9 +199,13 @@ fn policy_phase(
     let stall_before = guest_memory_stall_ms(vm)?;
     let stalls_before = guest_alloc_stalls(vm)?;
     let oom_before = guest_vmstat(vm, "oom_kill")?;
+    let faults_before = crate::procfs::minor_faults(vm.pid()).ctx("reading the VMM's faults")?;
     let t = Instant::now();
     let touched = cmd_within(vm, &format!("touch {touch_mib}"), Duration::from_secs(300))?;
     let touch_s = t.elapsed().as_secs_f64();
+    let host_faults = crate::procfs::minor_faults(vm.pid())
+        .ctx("reading the VMM's faults")?
+        .saturating_sub(faults_before);
     let stall_after = guest_memory_stall_ms(vm)?;
     let stalls = guest_alloc_stalls(vm)? - stalls_before;
     let oom = guest_vmstat(vm, "oom_kill")? - oom_before;
@@ -217,6 +221,7 @@ fn policy_phase(
         "reread_median_s": median(&times),
         "reread_from_disk_mib": from_disk,
         "touch_s": touch_s,
+        "touch_host_faults": host_faults,
         "touch_memory_stall": stall,
         "touch_alloc_stalls": stalls,
         "oom_kills": oom,
@@ -299,10 +304,11 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let row = |name: &str, p: &Value| {
         let stall = &p["touch_memory_stall"];
         format!(
-            "{name:<7} {:>14.3} {:>17.1} {:>8.1} {:>14} {:>14} {:>12}",
+            "{name:<7} {:>14.3} {:>17.1} {:>8.1} {:>12} {:>14} {:>14} {:>12}",
             p["reread_median_s"].as_f64().unwrap_or(f64::NAN),
             p["reread_from_disk_mib"].as_f64().unwrap_or(f64::NAN),
             p["touch_s"].as_f64().unwrap_or(f64::NAN),
+            p["touch_host_faults"],
             stall["some_ms"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.0}")),
@@ -316,8 +322,8 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "bench-policy ({memory_mib} MiB guest, hot set {hot_mib} MiB read from disk in \
          {miss_s:.2} s, cold {cold_mib} MiB, touch {touch_mib} MiB; policy settled at a {} MiB \
          balloon, guest RAM RSS {:.0} -> {:.0} MiB)\n\
-         policy   re-read med s  re-read disk MiB  touch s  stall some ms  stall full ms  \
-         allocstalls\n{}\n{}\nhot set re-read with the policy: {:+.1}%\n",
+         policy   re-read med s  re-read disk MiB  touch s  host faults  stall some ms  \
+         stall full ms  allocstalls\n{}\n{}\nhot set re-read with the policy: {:+.1}%\n",
         balloon["actual_mib"],
         mib(rss_before),
         mib(rss_policy),
