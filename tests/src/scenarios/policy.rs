@@ -308,14 +308,14 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             p["reread_median_s"].as_f64().unwrap_or(f64::NAN),
             p["reread_from_disk_mib"].as_f64().unwrap_or(f64::NAN),
             p["touch_s"].as_f64().unwrap_or(f64::NAN),
-            p["touch_host_faults"],
+            p["touch_host_faults"].to_string(),
             stall["some_ms"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.0}")),
             stall["full_ms"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.0}")),
-            p["touch_alloc_stalls"],
+            p["touch_alloc_stalls"].to_string(),
         )
     };
     let table = format!(
