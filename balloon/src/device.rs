@@ -302,7 +302,9 @@ impl Balloon {
             target: u64::from(self.target_pages) * BALLOON_PAGE_SIZE,
             actual: u64::from(self.actual_pages) * BALLOON_PAGE_SIZE,
             available: stats.available_memory,
+            free: stats.free_memory,
             major_faults: stats.major_faults,
+            minor_faults: stats.minor_faults,
             oom_kills: stats.oom_kills,
             alloc_stalls: stats.alloc_stalls,
             host_pressure: self

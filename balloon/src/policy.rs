@@ -15,6 +15,15 @@
 //!    moves of the guest's figures do not bounce the target. Inflating takes free memory first, then makes the
 //!    guest drop cache it does not use; cache it does use shows up as major faults,
 //!    which rule 1 answers.
+//! 4. Within the band, the guest keeps up to `headroom` as page cache, resident on the
+//!    host. Once it has been quiet (no major faults and at most [`QUIET_MINOR_FAULTS`]
+//!    minor faults per second, so no process is running) for a `cooldown`, and holds
+//!    more than half a headroom of reclaimable cache, the policy trims: it inflates until
+//!    the guest has only a quarter of the headroom available (the host discards every
+//!    page the balloon takes, cache included), then deflates back. The guest gets its
+//!    headroom back as free pages the host no longer backs, so it costs the host what an
+//!    idle guest does. Any sign of need during a trim (rule 1, measured against an
+//!    eighth of the headroom) ends it at once.
 //!
 //! The target always stays within `[min, max]`. Deflate-on-OOM, where negotiated, stays
 //! the safety net for bursts faster than the statistics interval.
@@ -94,6 +103,10 @@ impl PolicySettings {
     }
 }
 
+/// Minor faults per second at or below which a guest counts as quiet (an idle Linux
+/// guest takes none: its kernel threads fault nothing in; any process that runs does).
+pub const QUIET_MINOR_FAULTS: f64 = 5.0;
+
 /// The host's memory pressure, read at each decision.
 pub trait HostPressure: Send {
     /// PSI `some avg10` of memory, in percent; `None` when it cannot be read.
@@ -111,8 +124,12 @@ pub struct Observation {
     pub actual: u64,
     /// The guest's available memory, bytes.
     pub available: Option<u64>,
+    /// The guest's free memory, bytes.
+    pub free: Option<u64>,
     /// The guest's major faults so far.
     pub major_faults: Option<u64>,
+    /// The guest's minor faults so far.
+    pub minor_faults: Option<u64>,
     /// The guest's OOM kills so far (Linux 6.12+ reports them).
     pub oom_kills: Option<u64>,
     /// The guest's allocation stalls so far (Linux 6.12+).
@@ -142,11 +159,19 @@ pub enum Reason {
     DeflateFaults,
     /// An OOM kill or allocation stall in the guest: deflate.
     DeflateStall,
+    /// Within the band with cache to trim: waiting for the guest to stay quiet.
+    TrimWait,
+    /// A quiet guest holds cache: inflate into it.
+    Trim,
+    /// Trimming: the guest is still giving the balloon its cache.
+    Trimming,
+    /// The trim is done: deflate back, leaving the guest its headroom as free pages.
+    TrimRelease,
 }
 
 impl Reason {
     /// Every reason, for metrics.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 13] = [
         Reason::NoStats,
         Reason::Steady,
         Reason::Catching,
@@ -156,6 +181,10 @@ impl Reason {
         Reason::DeflateLow,
         Reason::DeflateFaults,
         Reason::DeflateStall,
+        Reason::TrimWait,
+        Reason::Trim,
+        Reason::Trimming,
+        Reason::TrimRelease,
     ];
 
     /// The name used in the API, metrics and logs.
@@ -170,6 +199,10 @@ impl Reason {
             Reason::DeflateLow => "deflate_low_available",
             Reason::DeflateFaults => "deflate_major_faults",
             Reason::DeflateStall => "deflate_oom_or_stall",
+            Reason::TrimWait => "trim_waiting_for_quiet",
+            Reason::Trim => "trim_cache",
+            Reason::Trimming => "trimming",
+            Reason::TrimRelease => "trim_release",
         }
     }
 }
@@ -206,6 +239,17 @@ pub struct PolicyView {
     pub now: Duration,
 }
 
+/// A trim under way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Trim {
+    /// The target before the trim, where it returns.
+    back_to: u64,
+    /// The target of the trim.
+    aim: u64,
+    /// When it started.
+    started: Duration,
+}
+
 /// The policy's state between reports.
 #[derive(Debug, Clone)]
 pub struct AutoPolicy {
@@ -215,6 +259,12 @@ pub struct AutoPolicy {
     last_deflate: Option<Duration>,
     last_decision: Option<Decision>,
     decisions: [u64; Reason::ALL.len()],
+    /// Since when the guest has been quiet, without the policy moving its target.
+    quiet_since: Option<Duration>,
+    trim: Option<Trim>,
+    /// Reclaimable cache the guest kept after the last trim: the next one waits until it
+    /// grew (cache the guest would not give up is not trimmed again and again).
+    kept_after_trim: u64,
 }
 
 impl AutoPolicy {
@@ -227,6 +277,9 @@ impl AutoPolicy {
             last_deflate: None,
             last_decision: None,
             decisions: [0; Reason::ALL.len()],
+            quiet_since: None,
+            trim: None,
+            kept_after_trim: 0,
         }
     }
 
@@ -250,6 +303,8 @@ impl AutoPolicy {
         if enabled && !self.enabled {
             self.last = None;
             self.last_deflate = None;
+            self.quiet_since = None;
+            self.trim = None;
         }
         self.enabled = enabled;
     }
@@ -281,13 +336,34 @@ impl AutoPolicy {
 
     /// The target for the guest as `now` shows it.
     pub fn decide(&mut self, now: Observation) -> Decision {
+        self.quiet_since = if self.quiet(&now) {
+            Some(self.quiet_since.unwrap_or(now.at))
+        } else {
+            None
+        };
         let (target, reason) = self.rule(&now);
         let target = target.clamp(self.settings.min, self.settings.max) & !4095;
-        if matches!(
-            reason,
-            Reason::DeflateLow | Reason::DeflateFaults | Reason::DeflateStall
-        ) {
-            self.last_deflate = Some(now.at);
+        match reason {
+            Reason::DeflateLow | Reason::DeflateFaults | Reason::DeflateStall => {
+                self.last_deflate = Some(now.at);
+                self.trim = None;
+            }
+            Reason::Trim => {
+                self.trim = Some(Trim {
+                    back_to: now.target,
+                    aim: target,
+                    started: now.at,
+                })
+            }
+            Reason::TrimRelease => {
+                self.trim = None;
+                self.kept_after_trim = reclaimable(&now).unwrap_or(0);
+            }
+            _ => {}
+        }
+        // The quiet time counts from the policy's last move.
+        if !matches!(reason, Reason::Steady | Reason::TrimWait) {
+            self.quiet_since = None;
         }
         self.last = Some(now);
         self.decisions[Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0)] += 1;
@@ -327,21 +403,26 @@ impl AutoPolicy {
                 .saturating_sub(available);
             fell.saturating_sub(now.actual.saturating_sub(last.actual))
         });
-        let shortfall = s.headroom.saturating_sub(available.saturating_sub(falling));
+        // A trim takes the guest below its headroom on purpose: only a fall below an
+        // eighth of it counts as short then, and any deflate ends the trim where it began.
+        let floor = if self.trim.is_some() {
+            s.headroom / 8
+        } else {
+            s.headroom
+        };
+        let shortfall = floor.saturating_sub(available.saturating_sub(falling));
+        let deflate_by = |by: u64| {
+            let to = holding.saturating_sub(by);
+            self.trim.map_or(to, |t| to.min(t.back_to))
+        };
         if grew(|o| o.oom_kills) || grew(|o| o.alloc_stalls) {
-            return (
-                holding.saturating_sub(shortfall.max(s.step)),
-                Reason::DeflateStall,
-            );
+            return (deflate_by(shortfall.max(s.step)), Reason::DeflateStall);
         }
         if fault_rate.is_some_and(|r| r > s.fault_rate as f64) {
-            return (
-                holding.saturating_sub(shortfall.max(s.step)),
-                Reason::DeflateFaults,
-            );
+            return (deflate_by(shortfall.max(s.step)), Reason::DeflateFaults);
         }
         if shortfall > 0 {
-            return (holding.saturating_sub(shortfall), Reason::DeflateLow);
+            return (deflate_by(shortfall), Reason::DeflateLow);
         }
         if self
             .last_deflate
@@ -349,12 +430,36 @@ impl AutoPolicy {
         {
             return (now.target, Reason::Cooldown);
         }
+        if let Some(trim) = self.trim {
+            let reached = now.actual + s.step / 8 >= trim.aim;
+            // A guest that gave nothing between two reports of the trim has no more to give.
+            let stuck = self.last.is_some_and(|last| {
+                last.at > trim.started && last.at < now.at && now.actual <= last.actual
+            });
+            let too_long = now.at.saturating_sub(trim.started) >= 2 * s.cooldown;
+            if reached || stuck || too_long {
+                return (trim.back_to, Reason::TrimRelease);
+            }
+            return (trim.aim, Reason::Trimming);
+        }
         if now.actual + s.step / 2 < now.target {
             return (now.target, Reason::Catching);
         }
         let excess = available - s.headroom;
         if excess <= s.headroom / 4 {
-            return (now.target, Reason::Steady);
+            let cache = reclaimable(now).unwrap_or(0);
+            if cache <= (s.headroom / 2).max(self.kept_after_trim + s.headroom / 4) {
+                return (now.target, Reason::Steady);
+            }
+            return match self.quiet_since {
+                Some(since) if now.at.saturating_sub(since) >= s.cooldown => (
+                    now.target + available.saturating_sub(s.headroom / 4),
+                    Reason::Trim,
+                ),
+                Some(_) => (now.target, Reason::TrimWait),
+                // A guest at work uses its cache.
+                None => (now.target, Reason::Steady),
+            };
         }
         let pressed = now.host_pressure.is_some_and(|p| p > s.host_pressure);
         let step = if pressed { 2 * s.step } else { s.step };
@@ -365,6 +470,26 @@ impl AutoPolicy {
         };
         (now.target + (excess - s.headroom / 8).min(step), reason)
     }
+
+    /// Whether the guest ran nothing since the last report: no major faults and almost
+    /// no minor faults. Unknown counts make a guest not quiet.
+    fn quiet(&self, now: &Observation) -> bool {
+        let Some(last) = self.last.as_ref() else {
+            return false;
+        };
+        let secs = now.at.saturating_sub(last.at).as_secs_f64();
+        let (Some(minor), Some(last_minor)) = (now.minor_faults, last.minor_faults) else {
+            return false;
+        };
+        secs > 0.0
+            && now.major_faults.unwrap_or(0) <= last.major_faults.unwrap_or(0)
+            && minor.saturating_sub(last_minor) as f64 <= QUIET_MINOR_FAULTS * secs
+    }
+}
+
+/// The guest's reclaimable cache: what is available beyond its free memory.
+fn reclaimable(now: &Observation) -> Option<u64> {
+    Some(now.available?.saturating_sub(now.free?))
 }
 
 #[cfg(test)]
@@ -560,5 +685,165 @@ mod tests {
         o.available = None;
         let d = p.decide(o);
         assert_eq!((d.reason, d.target), (Reason::NoStats, 300 * MIB));
+    }
+
+    /// A report of a guest at `target` holding `actual`, with `available` and `free`
+    /// MiB and `minor` minor faults so far.
+    fn report(
+        secs: u64,
+        target: u64,
+        actual: u64,
+        available: u64,
+        free: u64,
+        minor: u64,
+    ) -> Observation {
+        Observation {
+            at: Duration::from_secs(secs),
+            target: target * MIB,
+            actual: actual * MIB,
+            available: Some(available * MIB),
+            free: Some(free * MIB),
+            major_faults: Some(0),
+            minor_faults: Some(minor),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_quiet_guest_is_trimmed_of_its_cache_after_a_cooldown_and_given_it_back_free() {
+        // 4 GiB: headroom 512 MiB, cooldown 20 s. 600 MiB available is within the band,
+        // 550 MiB of it cache.
+        let mut p = AutoPolicy::new(settings(), true);
+        assert_eq!(
+            p.decide(report(0, 1000, 1000, 600, 50, 7)).reason,
+            Reason::Steady
+        );
+        for secs in (2..22).step_by(2) {
+            let d = p.decide(report(secs, 1000, 1000, 600, 50, 7));
+            assert_eq!(
+                (d.reason, d.target),
+                (Reason::TrimWait, 1000 * MIB),
+                "at {secs} s"
+            );
+        }
+        // Quiet for 20 s: inflate until a quarter of the headroom is left.
+        let d = p.decide(report(22, 1000, 1000, 600, 50, 7));
+        assert_eq!(
+            (d.reason, d.target),
+            (Reason::Trim, (1000 + 600 - 128) * MIB)
+        );
+        // Below the headroom on purpose: no deflate while above an eighth of it.
+        let d = p.decide(report(24, 1472, 1300, 300, 40, 7));
+        assert_eq!((d.reason, d.target), (Reason::Trimming, 1472 * MIB));
+        let d = p.decide(report(26, 1472, 1470, 130, 40, 7));
+        assert_eq!((d.reason, d.target), (Reason::TrimRelease, 1000 * MIB));
+        // Back where it was, the headroom now free: nothing left to trim.
+        let d = p.decide(report(28, 1000, 1000, 600, 580, 7));
+        assert_eq!((d.reason, d.target), (Reason::Steady, 1000 * MIB));
+        for secs in (30..80).step_by(2) {
+            assert_eq!(
+                p.decide(report(secs, 1000, 1000, 600, 580, 7)).reason,
+                Reason::Steady
+            );
+        }
+    }
+
+    #[test]
+    fn a_guest_running_anything_keeps_its_cache() {
+        let mut p = AutoPolicy::new(settings(), true);
+        for (i, secs) in (0..120).step_by(2).enumerate() {
+            // 6 minor faults a second: a process runs now and then.
+            let d = p.decide(report(secs, 1000, 1000, 600, 50, 12 * i as u64));
+            assert_eq!(
+                (d.reason, d.target),
+                (Reason::Steady, 1000 * MIB),
+                "at {secs} s"
+            );
+        }
+        // Unknown fault counts are not quiet either.
+        let mut p = AutoPolicy::new(settings(), true);
+        for secs in (0..120).step_by(2) {
+            let mut o = report(secs, 1000, 1000, 600, 50, 0);
+            o.minor_faults = None;
+            assert_eq!(p.decide(o).reason, Reason::Steady);
+        }
+    }
+
+    /// A policy 2 s into a trim from 1000 MiB to 1472 MiB.
+    fn trimming() -> AutoPolicy {
+        let mut p = AutoPolicy::new(settings(), true);
+        for secs in (0..22).step_by(2) {
+            p.decide(report(secs, 1000, 1000, 600, 50, 7));
+        }
+        assert_eq!(
+            p.decide(report(22, 1000, 1000, 600, 50, 7)).reason,
+            Reason::Trim
+        );
+        assert_eq!(
+            p.decide(report(24, 1472, 1200, 400, 40, 7)).reason,
+            Reason::Trimming
+        );
+        p
+    }
+
+    #[test]
+    fn a_guest_that_needs_memory_during_a_trim_ends_it_where_it_began() {
+        // Major faults: the guest wants its cache back.
+        let mut p = trimming();
+        let mut o = report(26, 1472, 1300, 300, 40, 7);
+        o.major_faults = Some(5000);
+        let d = p.decide(o);
+        assert_eq!((d.reason, d.target), (Reason::DeflateFaults, 1000 * MIB));
+        // The trim is over: the cooldown holds, then the headroom rule applies again.
+        let d = p.decide(report(28, 1000, 1000, 700, 40, 7));
+        assert_eq!(d.reason, Reason::Cooldown);
+        // Available below an eighth of the headroom (64 MiB) during a trim.
+        let mut p = trimming();
+        let d = p.decide(report(26, 1472, 1450, 60, 20, 7));
+        assert_eq!((d.reason, d.target), (Reason::DeflateLow, 1000 * MIB));
+    }
+
+    #[test]
+    fn a_trim_ends_when_the_guest_gives_nothing_more_or_it_takes_too_long() {
+        let mut p = trimming();
+        assert_eq!(
+            p.decide(report(26, 1472, 1300, 300, 40, 7)).reason,
+            Reason::Trimming
+        );
+        let d = p.decide(report(28, 1472, 1300, 300, 40, 7));
+        assert_eq!((d.reason, d.target), (Reason::TrimRelease, 1000 * MIB));
+
+        let mut p = trimming();
+        let mut actual = 1200;
+        let mut secs = 26;
+        let reason = loop {
+            actual += 1;
+            let d = p.decide(report(secs, 1472, actual, 300, 40, 7));
+            if d.reason != Reason::Trimming {
+                break d.reason;
+            }
+            secs += 2;
+        };
+        assert_eq!(reason, Reason::TrimRelease);
+        // Twice the cooldown after the trim began at 22 s.
+        assert_eq!(secs, 62);
+    }
+
+    #[test]
+    fn cache_a_guest_kept_through_a_trim_is_not_trimmed_again_until_it_grows() {
+        let mut p = trimming();
+        // The guest kept 300 MiB of cache it would not give up.
+        let d = p.decide(report(26, 1472, 1470, 400, 100, 7));
+        assert_eq!(d.reason, Reason::TrimRelease);
+        for secs in (28..100).step_by(2) {
+            let d = p.decide(report(secs, 1000, 1000, 600, 300, 7));
+            assert_eq!(d.reason, Reason::Steady, "at {secs} s");
+        }
+        // It read more: 450 MiB of cache is a quarter headroom above what it kept.
+        let reasons: Vec<Reason> = (100..130)
+            .step_by(2)
+            .map(|secs| p.decide(report(secs, 1000, 1000, 600, 150, 7)).reason)
+            .collect();
+        assert!(reasons.contains(&Reason::Trim), "{reasons:?}");
     }
 }
