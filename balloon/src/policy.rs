@@ -19,11 +19,11 @@
 //!    host. Once it has been quiet (no major faults and at most [`QUIET_MINOR_FAULTS`]
 //!    minor faults per second, so no process is running) for a `cooldown`, and holds
 //!    more than half a headroom of reclaimable cache, the policy trims: it inflates until
-//!    the guest has only a quarter of the headroom available (the host discards every
+//!    the guest has only an eighth of the headroom available (the host discards every
 //!    page the balloon takes, cache included), then deflates back. The guest gets its
 //!    headroom back as free pages the host no longer backs, so it costs the host what an
 //!    idle guest does. Any sign of need during a trim (rule 1, measured against an
-//!    eighth of the headroom) ends it at once.
+//!    sixteenth of the headroom) ends it at once.
 //!
 //! The target always stays within `[min, max]`. Deflate-on-OOM, where negotiated, stays
 //! the safety net for bursts faster than the statistics interval.
@@ -403,10 +403,11 @@ impl AutoPolicy {
                 .saturating_sub(available);
             fell.saturating_sub(now.actual.saturating_sub(last.actual))
         });
-        // A trim takes the guest below its headroom on purpose: only a fall below an
-        // eighth of it counts as short then, and any deflate ends the trim where it began.
+        // A trim takes the guest below its headroom on purpose: only a fall below a
+        // sixteenth of it counts as short then, and any deflate ends the trim where it
+        // began.
         let floor = if self.trim.is_some() {
-            s.headroom / 8
+            s.headroom / 16
         } else {
             s.headroom
         };
@@ -453,7 +454,7 @@ impl AutoPolicy {
             }
             return match self.quiet_since {
                 Some(since) if now.at.saturating_sub(since) >= s.cooldown => (
-                    now.target + available.saturating_sub(s.headroom / 4),
+                    now.target + available.saturating_sub(s.headroom / 8),
                     Reason::Trim,
                 ),
                 Some(_) => (now.target, Reason::TrimWait),
@@ -726,16 +727,16 @@ mod tests {
                 "at {secs} s"
             );
         }
-        // Quiet for 20 s: inflate until a quarter of the headroom is left.
+        // Quiet for 20 s: inflate until an eighth of the headroom is left.
         let d = p.decide(report(22, 1000, 1000, 600, 50, 7));
         assert_eq!(
             (d.reason, d.target),
-            (Reason::Trim, (1000 + 600 - 128) * MIB)
+            (Reason::Trim, (1000 + 600 - 64) * MIB)
         );
-        // Below the headroom on purpose: no deflate while above an eighth of it.
-        let d = p.decide(report(24, 1472, 1300, 300, 40, 7));
-        assert_eq!((d.reason, d.target), (Reason::Trimming, 1472 * MIB));
-        let d = p.decide(report(26, 1472, 1470, 130, 40, 7));
+        // Below the headroom on purpose: no deflate while above a sixteenth of it.
+        let d = p.decide(report(24, 1536, 1300, 300, 40, 7));
+        assert_eq!((d.reason, d.target), (Reason::Trimming, 1536 * MIB));
+        let d = p.decide(report(26, 1536, 1505, 70, 40, 7));
         assert_eq!((d.reason, d.target), (Reason::TrimRelease, 1000 * MIB));
         // Back where it was, the headroom now free: nothing left to trim.
         let d = p.decide(report(28, 1000, 1000, 600, 580, 7));
@@ -769,7 +770,7 @@ mod tests {
         }
     }
 
-    /// A policy 2 s into a trim from 1000 MiB to 1472 MiB.
+    /// A policy 2 s into a trim from 1000 MiB to 1536 MiB.
     fn trimming() -> AutoPolicy {
         let mut p = AutoPolicy::new(settings(), true);
         for secs in (0..22).step_by(2) {
@@ -780,7 +781,7 @@ mod tests {
             Reason::Trim
         );
         assert_eq!(
-            p.decide(report(24, 1472, 1200, 400, 40, 7)).reason,
+            p.decide(report(24, 1536, 1200, 400, 40, 7)).reason,
             Reason::Trimming
         );
         p
@@ -790,16 +791,16 @@ mod tests {
     fn a_guest_that_needs_memory_during_a_trim_ends_it_where_it_began() {
         // Major faults: the guest wants its cache back.
         let mut p = trimming();
-        let mut o = report(26, 1472, 1300, 300, 40, 7);
+        let mut o = report(26, 1536, 1300, 300, 40, 7);
         o.major_faults = Some(5000);
         let d = p.decide(o);
         assert_eq!((d.reason, d.target), (Reason::DeflateFaults, 1000 * MIB));
         // The trim is over: the cooldown holds, then the headroom rule applies again.
         let d = p.decide(report(28, 1000, 1000, 700, 40, 7));
         assert_eq!(d.reason, Reason::Cooldown);
-        // Available below an eighth of the headroom (64 MiB) during a trim.
+        // Available below a sixteenth of the headroom (32 MiB) during a trim.
         let mut p = trimming();
-        let d = p.decide(report(26, 1472, 1450, 60, 20, 7));
+        let d = p.decide(report(26, 1536, 1450, 30, 20, 7));
         assert_eq!((d.reason, d.target), (Reason::DeflateLow, 1000 * MIB));
     }
 
@@ -807,10 +808,10 @@ mod tests {
     fn a_trim_ends_when_the_guest_gives_nothing_more_or_it_takes_too_long() {
         let mut p = trimming();
         assert_eq!(
-            p.decide(report(26, 1472, 1300, 300, 40, 7)).reason,
+            p.decide(report(26, 1536, 1300, 300, 40, 7)).reason,
             Reason::Trimming
         );
-        let d = p.decide(report(28, 1472, 1300, 300, 40, 7));
+        let d = p.decide(report(28, 1536, 1300, 300, 40, 7));
         assert_eq!((d.reason, d.target), (Reason::TrimRelease, 1000 * MIB));
 
         let mut p = trimming();
@@ -818,7 +819,7 @@ mod tests {
         let mut secs = 26;
         let reason = loop {
             actual += 1;
-            let d = p.decide(report(secs, 1472, actual, 300, 40, 7));
+            let d = p.decide(report(secs, 1536, actual, 300, 40, 7));
             if d.reason != Reason::Trimming {
                 break d.reason;
             }
@@ -833,7 +834,7 @@ mod tests {
     fn cache_a_guest_kept_through_a_trim_is_not_trimmed_again_until_it_grows() {
         let mut p = trimming();
         // The guest kept 300 MiB of cache it would not give up.
-        let d = p.decide(report(26, 1472, 1470, 400, 100, 7));
+        let d = p.decide(report(26, 1536, 1530, 400, 100, 7));
         assert_eq!(d.reason, Reason::TrimRelease);
         for secs in (28..100).step_by(2) {
             let d = p.decide(report(secs, 1000, 1000, 600, 300, 7));
