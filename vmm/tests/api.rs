@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use ebb_balloon::policy::{AutoPolicy, Observation, PolicySettings};
+use ebb_balloon::policy::{AutoPolicy, Observation, PolicySettings, Reason};
 use ebb_balloon::stats::GuestStats;
 use ebb_balloon::BalloonOptions;
 use ebb_block::counters::{BlockCounters, Op, Reject};
@@ -1299,6 +1299,20 @@ fn trigger(path: &str, method: &str, status: u16) -> (Kind, bool, Vec<u8>) {
         503 => (Kind::Stats, false, req(good_body)),
         other => panic!("no trigger for {method} {path} -> {other}: add one"),
     }
+}
+
+#[test]
+fn openapi_document_lists_every_policy_reason() {
+    let doc = openapi();
+    let listed: BTreeSet<String> = doc["components"]["schemas"]["PolicyInfo"]["properties"]
+        ["last_decision"]["properties"]["reason"]["enum"]
+        .as_array()
+        .expect("the policy's reasons are an enum in openapi.yaml")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let code: BTreeSet<String> = Reason::ALL.iter().map(|r| r.name().to_string()).collect();
+    assert_eq!(listed, code);
 }
 
 #[test]

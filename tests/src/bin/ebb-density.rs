@@ -111,6 +111,10 @@ fn parse(args: &[String]) -> Result<Options, String> {
         // A few GiB at full scale; half the guest at small scale.
         cfg.cache_mib = (cfg.guest_mib() / 2).min(2048);
     }
+    if workload_cache {
+        // A policy guest settles in steps: inflating, a cooldown of quiet, a trim.
+        cfg.settle_timeout_s = cfg.settle_timeout_s.max(180);
+    }
     if !workload_cache {
         cfg.cache_mib = 0;
     }

@@ -24,7 +24,8 @@ pub const SCENARIOS: &[ScenarioDef] = &[
         name: "policy-cache",
         help: "the Debian disk guest reads `cache_mib` of its data disk; with reporting \
                alone the cache stays on the host; `PATCH /balloon/policy {\"enabled\":true}` \
-               must give back at least half of it within `settle_s`; then the guest touches \
+               must give back at least half of it within `settle_s`, trimming the quiet guest's \
+               cache at least once; then the guest touches \
                `touch_mib` and gets it without an OOM kill (args: memory_mib=1024 \
                cache_mib=512 touch_mib=512 settle_s=120)",
         run: policy_cache,
@@ -407,6 +408,11 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         mib(policy_rss),
         last["decisions"]
     ));
+    // The guest is quiet while the policy settles: it must have trimmed its cache.
+    let trims = last["decisions"]["trim_cache"].as_u64().unwrap_or(0);
+    ensure(trims >= 1, || {
+        format!("the policy settled without trimming the quiet guest's cache: {last}")
+    })?;
     ensure(given_back >= cached_mib as f64 / 2.0, || {
         format!(
             "the policy gave back {given_back:.0} MiB of a {cached_mib} MiB cache (want at \
@@ -444,6 +450,7 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "given_back_mib": given_back,
         "settle_s": settled.as_secs_f64(),
         "balloon_mib": balloon["actual_mib"],
+        "trims": trims,
         "cached_after_mib": cached_after,
         "touch_mib": touch_mib,
         "touch_s": touch_s,
