@@ -171,6 +171,9 @@ pub struct GuestRecord {
     pub launched_at_s: f64,
     /// Launch to ready marker.
     pub boot_s: Option<f64>,
+    /// Guest RAM RSS once booted, before any workload: what an idle guest costs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_rss_mib: Option<f64>,
     /// Page cache read duration (cache workload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_s: Option<f64>,
@@ -215,6 +218,9 @@ pub struct RunResult {
     pub policy: bool,
     /// Guests that booted, completed their touch and were alive at the end.
     pub guests_fit: u32,
+    /// Mean guest RAM RSS of the fitting guests once booted, before their workload.
+    #[serde(default)]
+    pub idle_mib_per_guest: Option<f64>,
     /// Mean settled guest RAM RSS of the fitting guests.
     pub residual_mib_per_guest: Option<f64>,
     /// Median time from free to settled RSS.
@@ -325,6 +331,7 @@ fn bring_up(
     g.wait_ready(Duration::from_secs(cfg.boot_timeout_s))
         .map_err(|e| fail(FailureKind::Boot, e, launcher))?;
     rec.boot_s = Some(t0.elapsed().as_secs_f64());
+    rec.idle_rss_mib = g.ram_rss_kib().map(mib);
     if cfg.cache_mib > 0 {
         let t = Instant::now();
         g.read_cache(cfg.cache_mib, touch_timeout)
@@ -339,9 +346,10 @@ fn bring_up(
         ));
     }
     progress(&format!(
-        "[{}] guest {index}: ready after {:.1} s; touching {} MiB",
+        "[{}] guest {index}: ready after {:.1} s (RSS when booted {:.0} MiB); touching {} MiB",
         spec.label(),
         rec.boot_s.unwrap_or(0.0),
+        rec.idle_rss_mib.unwrap_or(0.0),
         cfg.touch_mib()
     ));
 
@@ -546,17 +554,12 @@ pub fn run_density(
     }
 
     let fitting: Vec<&GuestRecord> = records.iter().filter(|r| r.fits).collect();
-    let residual = if fitting.is_empty() {
-        None
-    } else {
-        Some(
-            fitting
-                .iter()
-                .filter_map(|r| r.settled_rss_mib)
-                .sum::<f64>()
-                / fitting.len() as f64,
-        )
+    let mean = |field: fn(&GuestRecord) -> Option<f64>| {
+        let values: Vec<f64> = fitting.iter().filter_map(|r| field(r)).collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
     };
+    let residual = mean(|r| r.settled_rss_mib);
+    let idle = mean(|r| r.idle_rss_mib);
     let reclaims: Vec<f64> = fitting.iter().filter_map(|r| r.reclaim_s).collect();
     let timeline = std::mem::take(&mut *lock(&timeline));
     RunResult {
@@ -564,6 +567,7 @@ pub fn run_density(
         reporting: spec.reporting,
         policy: spec.policy,
         guests_fit: fitting.len() as u32,
+        idle_mib_per_guest: idle,
         residual_mib_per_guest: residual,
         reclaim_s_median: median(&reclaims),
         failure,

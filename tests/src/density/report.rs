@@ -56,7 +56,7 @@ impl DensityReport {
             self.started_utc
         );
         t.push_str(
-            "vmm    reporting guests fit   residual MiB reclaim s p50   wall s  stopped by\n",
+            "vmm    reporting guests fit  idle MiB  residual MiB reclaim s p50   wall s  stopped by\n",
         );
         for r in &self.runs {
             let stopped = match &r.failure {
@@ -65,10 +65,13 @@ impl DensityReport {
             };
             let _ = writeln!(
                 t,
-                "{:<6} {:>9} {:>10} {:>14} {:>13} {:>8.0}  {}",
+                "{:<6} {:>9} {:>10} {:>9} {:>13} {:>13} {:>8.0}  {}",
                 r.vmm.as_str(),
                 mode(r),
                 r.guests_fit,
+                r.idle_mib_per_guest
+                    .map(|v| format!("{v:.0}"))
+                    .unwrap_or_else(|| "-".into()),
                 r.residual_mib_per_guest
                     .map(|v| format!("{v:.0}"))
                     .unwrap_or_else(|| "-".into()),
@@ -243,6 +246,7 @@ mod tests {
             reporting,
             policy: false,
             guests_fit: fit,
+            idle_mib_per_guest: Some(100.0),
             residual_mib_per_guest: Some(120.0),
             reclaim_s_median: Some(6.5),
             failure: Some(Failure {
