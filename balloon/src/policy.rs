@@ -48,6 +48,8 @@ pub struct PolicySettings {
     pub cooldown: Duration,
     /// Host memory pressure (PSI `some avg10`, percent) above which inflating is faster.
     pub host_pressure: f64,
+    /// Whether a quiet guest's cache is trimmed (rule 4).
+    pub trim: bool,
 }
 
 impl PolicySettings {
@@ -63,6 +65,7 @@ impl PolicySettings {
             fault_rate: 200,
             cooldown: Duration::from_secs(20),
             host_pressure: 10.0,
+            trim: true,
         }
     }
 
@@ -449,7 +452,7 @@ impl AutoPolicy {
         let excess = available - s.headroom;
         if excess <= s.headroom / 4 {
             let cache = reclaimable(now).unwrap_or(0);
-            if cache <= (s.headroom / 2).max(self.kept_after_trim + s.headroom / 4) {
+            if !s.trim || cache <= (s.headroom / 2).max(self.kept_after_trim + s.headroom / 4) {
                 return (now.target, Reason::Steady);
             }
             return match self.quiet_since {
@@ -745,6 +748,25 @@ mod tests {
             assert_eq!(
                 p.decide(report(secs, 1000, 1000, 600, 580, 7)).reason,
                 Reason::Steady
+            );
+        }
+    }
+
+    #[test]
+    fn with_trim_off_a_quiet_guest_keeps_its_cache() {
+        let mut p = AutoPolicy::new(
+            PolicySettings {
+                trim: false,
+                ..settings()
+            },
+            true,
+        );
+        for secs in (0..120).step_by(2) {
+            let d = p.decide(report(secs, 1000, 1000, 600, 50, 7));
+            assert_eq!(
+                (d.reason, d.target),
+                (Reason::Steady, 1000 * MIB),
+                "at {secs} s"
             );
         }
     }

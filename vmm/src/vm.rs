@@ -411,6 +411,7 @@ fn policy_settings(cfg: &BalloonConfig, ram: u64) -> Result<PolicySettings, VmEr
     settings.cooldown = knobs
         .cooldown_s
         .map_or(settings.cooldown, std::time::Duration::from_secs);
+    settings.trim = knobs.trim.unwrap_or(settings.trim);
     settings
         .check(ram)
         .map_err(|e| VmError::Config(format!("--balloon: {e}")))?;

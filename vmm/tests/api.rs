@@ -466,13 +466,17 @@ fn balloon_policy_get_and_patch() {
     let r = h.send(
         "PATCH",
         "/balloon/policy",
-        r#"{"fault_rate_per_s": 50, "cooldown_s": 5}"#,
+        r#"{"fault_rate_per_s": 50, "cooldown_s": 5, "trim": false}"#,
     );
     assert_eq!(r.status, 204, "{}", r.text());
     let v = json_of(&h.get("/balloon/policy"));
     assert_eq!(
-        (v["fault_rate_per_s"].as_u64(), v["cooldown_s"].as_u64()),
-        (Some(50), Some(5))
+        (
+            v["fault_rate_per_s"].as_u64(),
+            v["cooldown_s"].as_u64(),
+            v["trim"].as_bool()
+        ),
+        (Some(50), Some(5), Some(false))
     );
     // The policy owns the target now.
     let r = h.send("PATCH", "/balloon", r#"{"amount_mib": 10}"#);
@@ -1486,13 +1490,26 @@ fn ebb_ctl_balloon_policy() {
             "40",
             "--cooldown",
             "7",
+            "--trim",
+            "off",
         ],
     );
     assert_eq!(code, 0);
+    assert!(out.contains("trim:                off"), "{out}");
     assert!(out.contains("policy:              auto (on)"), "{out}");
     assert!(out.contains("headroom:            200 MiB"), "{out}");
     assert!(out.contains("7 s after a deflate"), "{out}");
     assert!(out.contains("> 40 major faults/s"), "{out}");
+    let (code, out, _) = ctl_run(&h, &["balloon", "policy", "--trim", "on"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("trim:                a quiet guest's cache"),
+        "{out}"
+    );
+    let bad = ctl::parse_args(["ebb-ctl", "balloon", "policy", "--trim", "maybe"])
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("expected on or off"), "{bad}");
     let (code, _, err) = ctl_run(&h, &["balloon", "policy", "--headroom", "1G"]);
     assert_eq!(code, 1);
     assert!(err.contains("not below guest memory"), "{err}");

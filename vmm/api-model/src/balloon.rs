@@ -33,8 +33,8 @@ pub struct BalloonConfig {
 
 /// The automatic balloon policy's options (`policy=auto|off`, `policy_headroom=SIZE`,
 /// `policy_min=SIZE`, `policy_max=SIZE`, `policy_step=SIZE`, `policy_fault_rate=N` major
-/// faults per second, `policy_cooldown=SECS`); a knob left out takes the default for the
-/// guest's size.
+/// faults per second, `policy_cooldown=SECS`, `policy_trim=on|off`); a knob left out
+/// takes the default for the guest's size.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PolicyConfig {
     /// The policy sets the balloon target (it can also be turned on at run time).
@@ -51,6 +51,8 @@ pub struct PolicyConfig {
     pub fault_rate: Option<u64>,
     /// Seconds inflating waits after a deflate.
     pub cooldown_s: Option<u64>,
+    /// Whether the policy trims a quiet guest's cache (default on).
+    pub trim: Option<bool>,
 }
 
 /// The longest cooldown accepted: longer would leave a guest's balloon unmanaged.
@@ -107,6 +109,7 @@ impl FromStr for BalloonConfig {
                     }
                 }
                 "policy_headroom" => cfg.policy.headroom = Some(parse_size(value)?),
+                "policy_trim" => cfg.policy.trim = Some(parse_switch(key, value)?),
                 "policy_min" => cfg.policy.min = Some(parse_size(value)?),
                 "policy_max" => cfg.policy.max = Some(parse_size(value)?),
                 "policy_step" => cfg.policy.step = Some(parse_size(value)?),
@@ -143,7 +146,7 @@ impl FromStr for BalloonConfig {
                         "unknown balloon option '{key}' (known: size, deflate_on_oom, \
                          free_page_reporting, stats_interval, free_page_hinting, policy, \
                          policy_headroom, policy_min, policy_max, policy_step, \
-                         policy_fault_rate, policy_cooldown)"
+                         policy_fault_rate, policy_cooldown, policy_trim)"
                     )))
                 }
             }
@@ -200,6 +203,9 @@ impl fmt::Display for BalloonConfig {
         if let Some(secs) = self.policy.cooldown_s {
             write!(f, ",policy_cooldown={secs}")?;
         }
+        if let Some(trim) = self.policy.trim {
+            write!(f, ",policy_trim={}", switch_arg(trim))?;
+        }
         Ok(())
     }
 }
@@ -244,7 +250,7 @@ mod tests {
                 "unknown balloon option 'bogus' (known: size, deflate_on_oom, \
                  free_page_reporting, stats_interval, free_page_hinting, policy, \
                  policy_headroom, policy_min, policy_max, policy_step, policy_fault_rate, \
-                 policy_cooldown)",
+                 policy_cooldown, policy_trim)",
             ),
             (
                 "stats_interval=-1",
@@ -323,6 +329,9 @@ mod tests {
                 .parse()
                 .unwrap(),
             "stats_interval=1,policy=auto,policy_fault_rate=50,policy_cooldown=5"
+                .parse()
+                .unwrap(),
+            "stats_interval=1,policy=auto,policy_trim=off"
                 .parse()
                 .unwrap(),
         ] {

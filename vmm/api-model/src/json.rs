@@ -45,6 +45,8 @@ pub struct PolicyInfo {
     pub cooldown_s: u64,
     /// Host PSI `some avg10` (percent) above which inflating is faster.
     pub host_pressure_pct: f64,
+    /// Whether a quiet guest's cache is trimmed.
+    pub trim: bool,
     /// The latest decision (`null` before the first statistics report).
     pub last_decision: Option<PolicyDecision>,
     /// Decisions so far, per reason.
@@ -87,6 +89,9 @@ pub struct PolicyUpdate {
     /// New wait after a deflate before inflating again, seconds (at most an hour).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown_s: Option<u64>,
+    /// Trim a quiet guest's cache, or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trim: Option<bool>,
 }
 
 /// `PATCH /balloon/statistics`.

@@ -127,6 +127,14 @@ pub struct PolicyArgs {
     /// Seconds inflating waits after a deflate (at most 3600).
     #[arg(long, value_name = "SECS")]
     pub cooldown: Option<u64>,
+    /// Trim a quiet guest's cache (on) or leave it (off).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub trim: Option<bool>,
+}
+
+/// `on` or `off` (also yes/no, true/false, 1/0), as on Ebb's command line.
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    ebb_api_model::options::parse_switch("--trim", text).map_err(|e| e.0)
 }
 
 /// `ebb-ctl balloon hint`.
@@ -321,6 +329,7 @@ fn policy(
         step_mib: mib(&args.step)?,
         fault_rate_per_s: args.fault_rate,
         cooldown_s: args.cooldown,
+        trim: args.trim,
     };
     if update != PolicyUpdate::default() {
         expect_ok(client.send_json("PATCH", "/balloon/policy", &json!(update))?)?;

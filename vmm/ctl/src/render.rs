@@ -204,6 +204,7 @@ pub fn render_policy(p: &ebb_api_model::PolicyInfo) -> String {
          deflate when:        available < headroom, > {} major faults/s, OOM kill or stall\n\
          cooldown:            {} s after a deflate\n\
          host pressure:       inflate twice as fast above {} % (PSI some avg10)\n\
+         trim:                {}\n\
          last decision:       {last}\n\
          decisions:           {}\n",
         if p.enabled { "auto (on)" } else { "off" },
@@ -214,6 +215,11 @@ pub fn render_policy(p: &ebb_api_model::PolicyInfo) -> String {
         p.fault_rate_per_s,
         p.cooldown_s,
         p.host_pressure_pct,
+        if p.trim {
+            "a quiet guest's cache, after a cooldown of quiet"
+        } else {
+            "off"
+        },
         decisions.join(", ")
     )
 }

@@ -44,6 +44,7 @@ pub fn policy_info(p: &PolicyView) -> PolicyInfo {
         fault_rate_per_s: s.fault_rate,
         cooldown_s: s.cooldown.as_secs(),
         host_pressure_pct: s.host_pressure,
+        trim: s.trim,
         last_decision: p.last_decision.map(|d| PolicyDecision {
             target_mib: d.target / MIB,
             reason: d.reason.name().to_string(),

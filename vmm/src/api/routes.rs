@@ -344,6 +344,9 @@ async fn patch_balloon_policy(
                 }
                 settings.cooldown = Duration::from_secs(v);
             }
+            if let Some(v) = update.trim {
+                settings.trim = v;
+            }
             settings
                 .check(b.guest_memory_bytes)
                 .map_err(ApiError::bad_request)?;
