@@ -597,12 +597,21 @@ fn settle(
     let window = Duration::from_secs(cfg.settle_window_s);
     let tolerance = cfg.settle_fraction * cfg.guest_gib * 1024.0;
     let mut history: Vec<(Duration, f64)> = Vec::new();
+    // A policy that calls itself steady for one report may be about to act (a trim
+    // starts on the report after the guest falls quiet): it must stay steady a window.
+    let mut policy_steady_since: Option<Duration> = None;
     loop {
         let Some(rss) = guest.ram_rss_kib().map(mib) else {
             return (None, None);
         };
         let now = freed_at.elapsed();
         history.push((now, rss));
+        policy_steady_since = if guest.policy_busy() {
+            None
+        } else {
+            policy_steady_since.or(Some(now))
+        };
+        let policy_steady = policy_steady_since.is_some_and(|t| now.saturating_sub(t) >= window);
         // Settled when the window behind us moved less than the tolerance (and at least
         // a window has passed: reporting starts ~2 s after a free).
         let in_window: Vec<f64> = history
@@ -612,7 +621,7 @@ fn settle(
             .collect();
         let spread = in_window.iter().cloned().fold(f64::MIN, f64::max)
             - in_window.iter().cloned().fold(f64::MAX, f64::min);
-        if now >= window && spread <= tolerance && !guest.policy_busy() {
+        if now >= window && spread <= tolerance && policy_steady {
             let settled = rss;
             // Reclaim time: first moment RSS was within 5% of the freed amount above
             // the settled value.
@@ -953,11 +962,14 @@ mod tests {
     }
 
     /// A guest whose policy is still moving its target is not settled, however flat
-    /// its RSS (the policy holds through a cooldown after each deflate).
+    /// its RSS (the policy holds through a cooldown after each deflate), nor is one whose
+    /// policy was steady for less than the settle window.
     #[test]
     fn a_guest_under_a_busy_policy_is_not_settled_yet() {
         struct Flat {
             busy_until: Instant,
+            /// A moment within the busy time when the policy says it is steady.
+            steady_blip: (Instant, Instant),
         }
         impl GuestHandle for Flat {
             fn rss_probe(&self) -> Probe {
@@ -976,7 +988,9 @@ mod tests {
                 Some(100 * 1024)
             }
             fn policy_busy(&self) -> bool {
-                Instant::now() < self.busy_until
+                let now = Instant::now();
+                let blip = now >= self.steady_blip.0 && now < self.steady_blip.1;
+                now < self.busy_until && !blip
             }
             fn exited(&mut self) -> Option<String> {
                 None
@@ -990,6 +1004,10 @@ mod tests {
         let (settled, _) = settle(
             &Flat {
                 busy_until: t0 + busy,
+                steady_blip: (
+                    t0 + Duration::from_millis(1200),
+                    t0 + Duration::from_millis(1800),
+                ),
             },
             &c,
             500.0,
