@@ -9,6 +9,8 @@
 //!    the headroom, and by at least a `step` when the guest is faulting or stalling.
 //!    Inflating then waits `cooldown`.
 //! 2. In the cooldown, or the guest has not caught up with the last target yet: hold.
+//!    (Memory a guest is still to take back from the balloon counts as available in
+//!    rule 1: a deflate is not repeated before the guest has taken it.)
 //! 3. The guest has more than `headroom` (plus a quarter of it, the hysteresis)
 //!    available: inflate by the excess, at most `step` per report (twice that while the
 //!    host is under memory pressure), aiming at the middle of that band so that small
@@ -414,7 +416,10 @@ impl AutoPolicy {
         } else {
             s.headroom
         };
-        let shortfall = floor.saturating_sub(available.saturating_sub(falling));
+        // Pages the guest is still to take back from the balloon (a deflate it has not
+        // caught up with) are as good as available: do not deflate them twice.
+        let returning = now.actual.saturating_sub(now.target);
+        let shortfall = floor.saturating_sub((available + returning).saturating_sub(falling));
         let deflate_by = |by: u64| {
             let to = holding.saturating_sub(by);
             self.trim.map_or(to, |t| to.min(t.back_to))
@@ -446,10 +451,10 @@ impl AutoPolicy {
             }
             return (trim.aim, Reason::Trimming);
         }
-        if now.actual + s.step / 2 < now.target {
+        if now.actual + s.step / 2 < now.target || returning > 0 {
             return (now.target, Reason::Catching);
         }
-        let excess = available - s.headroom;
+        let excess = available.saturating_sub(s.headroom);
         if excess <= s.headroom / 4 {
             let cache = reclaimable(now).unwrap_or(0);
             if !s.trim || cache <= (s.headroom / 2).max(self.kept_after_trim + s.headroom / 4) {
@@ -645,6 +650,34 @@ mod tests {
         let mut o = obs(0, 2 * GIB, s.headroom - 100 * MIB);
         o.actual = GIB;
         assert_eq!(p.decide(o).target, GIB - 100 * MIB);
+    }
+
+    #[test]
+    fn a_deflate_the_guest_has_not_caught_up_with_is_not_repeated() {
+        // Deflated to 1 GiB, the guest still holds 1.2 GiB and is 150 MiB short of its
+        // headroom: the 200 MiB on their way back cover it.
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        let mut o = obs(0, GIB, s.headroom - 150 * MIB);
+        o.actual = GIB + 200 * MIB;
+        let d = p.decide(o);
+        assert_eq!((d.reason, d.target), (Reason::Catching, GIB));
+        // 250 MiB short: only the 50 MiB not on their way back are deflated.
+        let mut p = AutoPolicy::new(s, true);
+        let mut o = obs(1, GIB, s.headroom - 250 * MIB);
+        o.actual = GIB + 200 * MIB;
+        let d = p.decide(o);
+        assert_eq!((d.reason, d.target), (Reason::DeflateLow, GIB - 50 * MIB));
+    }
+
+    #[test]
+    fn the_end_of_a_trim_is_not_taken_for_a_shortage() {
+        let mut p = trimming();
+        let d = p.decide(report(26, 1536, 1530, 60, 20, 7));
+        assert_eq!((d.reason, d.target), (Reason::TrimRelease, 1000 * MIB));
+        // The guest has not deflated yet: its available memory is still low.
+        let d = p.decide(report(28, 1000, 1530, 40, 20, 7));
+        assert_eq!((d.reason, d.target), (Reason::Catching, 1000 * MIB));
     }
 
     #[test]
