@@ -390,12 +390,7 @@ impl AutoPolicy {
             (Some(last), Some(n)) => field(last).is_some_and(|l| n > l),
             _ => false,
         };
-        let fault_rate = match (self.last.as_ref(), now.major_faults) {
-            (Some(last), Some(n)) if now.at > last.at => last
-                .major_faults
-                .map(|l| n.saturating_sub(l) as f64 / (now.at - last.at).as_secs_f64()),
-            _ => None,
-        };
+        let fault_rate = self.rate_since_last(now, |o| o.major_faults);
         // Deflate from what the guest holds, not from a target it has not reached.
         let holding = now.target.min(now.actual);
         // A guest whose available memory fell since the last report (not into the
@@ -483,16 +478,21 @@ impl AutoPolicy {
     /// Whether the guest ran nothing since the last report: no major faults and almost
     /// no minor faults. Unknown counts make a guest not quiet.
     fn quiet(&self, now: &Observation) -> bool {
-        let Some(last) = self.last.as_ref() else {
-            return false;
-        };
-        let secs = now.at.saturating_sub(last.at).as_secs_f64();
-        let (Some(minor), Some(last_minor)) = (now.minor_faults, last.minor_faults) else {
-            return false;
-        };
-        secs > 0.0
-            && now.major_faults.unwrap_or(0) <= last.major_faults.unwrap_or(0)
-            && minor.saturating_sub(last_minor) as f64 <= QUIET_MINOR_FAULTS * secs
+        let major = self.rate_since_last(now, |o| o.major_faults);
+        let minor = self.rate_since_last(now, |o| o.minor_faults);
+        major.is_some_and(|r| r == 0.0) && minor.is_some_and(|r| r <= QUIET_MINOR_FAULTS)
+    }
+
+    /// How fast a counter of the guest grew per second since the last report; `None`
+    /// without a last report, a later one, or the counter in both.
+    fn rate_since_last(
+        &self,
+        now: &Observation,
+        counter: fn(&Observation) -> Option<u64>,
+    ) -> Option<f64> {
+        let last = self.last.as_ref().filter(|last| now.at > last.at)?;
+        let grew = counter(now)?.saturating_sub(counter(last)?);
+        Some(grew as f64 / (now.at - last.at).as_secs_f64())
     }
 }
 
@@ -746,6 +746,21 @@ mod tests {
         }
     }
 
+    /// Reports every 2 s from `from` to `to` (exclusive), made by `report_at`; each
+    /// decision must hold the target at `target` MiB for `reason`.
+    fn assert_holds(
+        p: &mut AutoPolicy,
+        (from, to): (u64, u64),
+        report_at: impl Fn(u64) -> Observation,
+        reason: Reason,
+        target: u64,
+    ) {
+        for secs in (from..to).step_by(2) {
+            let d = p.decide(report_at(secs));
+            assert_eq!((d.reason, d.target), (reason, target * MIB), "at {secs} s");
+        }
+    }
+
     #[test]
     fn a_quiet_guest_is_trimmed_of_its_cache_after_a_cooldown_and_given_it_back_free() {
         // 4 GiB: headroom 512 MiB, cooldown 20 s. 600 MiB available is within the band,
@@ -755,14 +770,8 @@ mod tests {
             p.decide(report(0, 1000, 1000, 600, 50, 7)).reason,
             Reason::Steady
         );
-        for secs in (2..22).step_by(2) {
-            let d = p.decide(report(secs, 1000, 1000, 600, 50, 7));
-            assert_eq!(
-                (d.reason, d.target),
-                (Reason::TrimWait, 1000 * MIB),
-                "at {secs} s"
-            );
-        }
+        let quiet_with_cache = |secs| report(secs, 1000, 1000, 600, 50, 7);
+        assert_holds(&mut p, (2, 22), quiet_with_cache, Reason::TrimWait, 1000);
         // Quiet for 20 s: inflate until an eighth of the headroom is left.
         let d = p.decide(report(22, 1000, 1000, 600, 50, 7));
         assert_eq!(
@@ -777,12 +786,8 @@ mod tests {
         // Back where it was, the headroom now free: nothing left to trim.
         let d = p.decide(report(28, 1000, 1000, 600, 580, 7));
         assert_eq!((d.reason, d.target), (Reason::Steady, 1000 * MIB));
-        for secs in (30..80).step_by(2) {
-            assert_eq!(
-                p.decide(report(secs, 1000, 1000, 600, 580, 7)).reason,
-                Reason::Steady
-            );
-        }
+        let quiet_and_free = |secs| report(secs, 1000, 1000, 600, 580, 7);
+        assert_holds(&mut p, (30, 80), quiet_and_free, Reason::Steady, 1000);
     }
 
     #[test]
@@ -794,35 +799,23 @@ mod tests {
             },
             true,
         );
-        for secs in (0..120).step_by(2) {
-            let d = p.decide(report(secs, 1000, 1000, 600, 50, 7));
-            assert_eq!(
-                (d.reason, d.target),
-                (Reason::Steady, 1000 * MIB),
-                "at {secs} s"
-            );
-        }
+        let quiet_with_cache = |secs| report(secs, 1000, 1000, 600, 50, 7);
+        assert_holds(&mut p, (0, 120), quiet_with_cache, Reason::Steady, 1000);
     }
 
     #[test]
     fn a_guest_running_anything_keeps_its_cache() {
         let mut p = AutoPolicy::new(settings(), true);
-        for (i, secs) in (0..120).step_by(2).enumerate() {
-            // 6 minor faults a second: a process runs now and then.
-            let d = p.decide(report(secs, 1000, 1000, 600, 50, 12 * i as u64));
-            assert_eq!(
-                (d.reason, d.target),
-                (Reason::Steady, 1000 * MIB),
-                "at {secs} s"
-            );
-        }
+        // 6 minor faults a second: a process runs now and then.
+        let busy = |secs| report(secs, 1000, 1000, 600, 50, 6 * secs);
+        assert_holds(&mut p, (0, 120), busy, Reason::Steady, 1000);
         // Unknown fault counts are not quiet either.
         let mut p = AutoPolicy::new(settings(), true);
-        for secs in (0..120).step_by(2) {
-            let mut o = report(secs, 1000, 1000, 600, 50, 0);
-            o.minor_faults = None;
-            assert_eq!(p.decide(o).reason, Reason::Steady);
-        }
+        let unknown = |secs| Observation {
+            minor_faults: None,
+            ..report(secs, 1000, 1000, 600, 50, 0)
+        };
+        assert_holds(&mut p, (0, 120), unknown, Reason::Steady, 1000);
     }
 
     /// A policy 2 s into a trim from 1000 MiB to 1536 MiB.
