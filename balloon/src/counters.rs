@@ -57,6 +57,9 @@ pub struct BalloonCounters {
     pub repeated_inflates: u64,
     /// Deflated pages that were not in the balloon.
     pub unknown_deflates: u64,
+    /// Pages the guest took back below the host's target without being asked (its
+    /// deflate-on-OOM notifier does that when an allocation would otherwise fail).
+    pub oom_deflated_pages: u64,
     /// Bytes discarded for inflated pages.
     pub inflate_discarded_bytes: u64,
     /// Discards asked of guest RAM (inflate, reporting and hinting; each one `madvise`

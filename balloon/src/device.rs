@@ -303,6 +303,7 @@ impl Balloon {
             actual: u64::from(self.actual_pages) * BALLOON_PAGE_SIZE,
             available: stats.available_memory,
             free: stats.free_memory,
+            caches: stats.disk_caches,
             major_faults: stats.major_faults,
             minor_faults: stats.minor_faults,
             oom_kills: stats.oom_kills,
@@ -315,12 +316,14 @@ impl Balloon {
         let decision = policy.decide(observation);
         let pages = decision.target / BALLOON_PAGE_SIZE;
         tracing::debug!(
-            "balloon policy: {} -> {} MiB ({}; available {:?} MiB, actual {} MiB, \
-             major faults {:?}, host pressure {:?})",
+            "balloon policy: {} -> {} MiB ({}; available {:?} MiB, free {:?} MiB, \
+             caches {:?} MiB, actual {} MiB, major faults {:?}, host pressure {:?})",
             observation.target >> 20,
             decision.target >> 20,
             decision.reason,
             observation.available.map(|a| a >> 20),
+            observation.free.map(|a| a >> 20),
+            observation.caches.map(|a| a >> 20),
             observation.actual >> 20,
             observation.major_faults,
             observation.host_pressure,
@@ -606,7 +609,11 @@ impl VirtioDevice for Balloon {
         };
         let value = u32::from_le_bytes(raw);
         match offset {
-            config::ACTUAL if u64::from(value) <= self.ram_pages => self.actual_pages = value,
+            config::ACTUAL if u64::from(value) <= self.ram_pages => {
+                let floor = self.actual_pages.min(self.target_pages);
+                self.counters.oom_deflated_pages += u64::from(floor.saturating_sub(value));
+                self.actual_pages = value;
+            }
             config::POISON_VAL if self.offered & F_PAGE_POISON != 0 => self.poison_val = value,
             _ => self.counters.rejected_config_writes += 1,
         }

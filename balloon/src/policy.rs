@@ -20,12 +20,14 @@
 //! 4. Within the band, the guest keeps up to `headroom` as page cache, resident on the
 //!    host. Once it has been quiet (no major faults and at most [`QUIET_MINOR_FAULTS`]
 //!    minor faults per second, so no process is running) for a `cooldown`, and holds
-//!    more than half a headroom of reclaimable cache, the policy trims: it inflates until
-//!    the guest has only an eighth of the headroom available (the host discards every
-//!    page the balloon takes, cache included), then deflates back. The guest gets its
+//!    more than an eighth of a headroom of cache, the policy trims: it inflates until the
+//!    guest's free memory and cache together are down to what it must keep (an eighth of
+//!    the headroom, and at least half the reserves MemAvailable leaves aside, so that the
+//!    guest stays above its watermarks) or its cache is gone, then deflates back. The
+//!    host discards every page the balloon takes, cache included. The guest gets its
 //!    headroom back as free pages the host no longer backs, so it costs the host what an
-//!    idle guest does. Any sign of need during a trim (rule 1, measured against an
-//!    sixteenth of the headroom) ends it at once.
+//!    idle guest does. Any sign of need during a trim (rule 1, with free memory and cache
+//!    below half of what the trim keeps) ends it at once.
 //!
 //! The target always stays within `[min, max]`. Deflate-on-OOM, where negotiated, stays
 //! the safety net for bursts faster than the statistics interval.
@@ -56,13 +58,13 @@ pub struct PolicySettings {
 
 impl PolicySettings {
     /// Defaults for a guest of `ram` bytes: headroom an eighth of RAM (128 MiB to 1 GiB),
-    /// steps of a sixteenth, and a balloon that leaves the guest at least 256 MiB.
+    /// steps of a sixteenth, and a balloon that leaves the guest at least 128 MiB.
     pub fn for_ram(ram: u64) -> Self {
         const MIB: u64 = 1 << 20;
         Self {
             headroom: (ram / 8).clamp(128 * MIB, 1024 * MIB),
             min: 0,
-            max: ram.saturating_sub(256 * MIB),
+            max: ram.saturating_sub(128 * MIB),
             step: (ram / 16).max(32 * MIB),
             fault_rate: 200,
             cooldown: Duration::from_secs(20),
@@ -131,6 +133,8 @@ pub struct Observation {
     pub available: Option<u64>,
     /// The guest's free memory, bytes.
     pub free: Option<u64>,
+    /// The guest's file pages (page cache, buffers, shared memory), bytes.
+    pub caches: Option<u64>,
     /// The guest's major faults so far.
     pub major_faults: Option<u64>,
     /// The guest's minor faults so far.
@@ -251,6 +255,8 @@ struct Trim {
     back_to: u64,
     /// The target of the trim.
     aim: u64,
+    /// Free memory and cache the guest keeps at the aim; below half of it, it is short.
+    keep: u64,
     /// When it started.
     started: Duration,
 }
@@ -357,6 +363,7 @@ impl AutoPolicy {
                 self.trim = Some(Trim {
                     back_to: now.target,
                     aim: target,
+                    keep: trim_keep(&self.settings, &now),
                     started: now.at,
                 })
             }
@@ -393,28 +400,26 @@ impl AutoPolicy {
         let fault_rate = self.rate_since_last(now, |o| o.major_faults);
         // Deflate from what the guest holds, not from a target it has not reached.
         let holding = now.target.min(now.actual);
-        // A guest whose available memory fell since the last report (not into the
-        // balloon) is likely to fall as much again before the next one: count that fall
-        // as already gone.
+        // A trim takes the guest below its headroom on purpose, and below what
+        // MemAvailable calls available (which leaves the kernel's reserves aside): only
+        // free memory and cache together below half of what the trim leaves count as
+        // short then, and any deflate ends the trim where it began.
+        let (gauge, floor): (fn(&Observation) -> Option<u64>, u64) = match self.trim {
+            Some(trim) => (spare, trim.keep / 2),
+            None => (|o| o.available, s.headroom),
+        };
+        let level = gauge(now).unwrap_or(available);
+        // A guest whose memory fell since the last report (not into the balloon) is
+        // likely to fall as much again before the next one: count that fall as already
+        // gone.
         let falling = self.last.map_or(0, |last| {
-            let fell = last
-                .available
-                .unwrap_or(available)
-                .saturating_sub(available);
+            let fell = gauge(&last).unwrap_or(level).saturating_sub(level);
             fell.saturating_sub(now.actual.saturating_sub(last.actual))
         });
-        // A trim takes the guest below its headroom on purpose: only a fall below a
-        // sixteenth of it counts as short then, and any deflate ends the trim where it
-        // began.
-        let floor = if self.trim.is_some() {
-            s.headroom / 16
-        } else {
-            s.headroom
-        };
         // Pages the guest is still to take back from the balloon (a deflate it has not
         // caught up with) are as good as available: do not deflate them twice.
         let returning = now.actual.saturating_sub(now.target);
-        let shortfall = floor.saturating_sub((available + returning).saturating_sub(falling));
+        let shortfall = floor.saturating_sub((level + returning).saturating_sub(falling));
         let deflate_by = |by: u64| {
             let to = holding.saturating_sub(by);
             self.trim.map_or(to, |t| to.min(t.back_to))
@@ -435,7 +440,9 @@ impl AutoPolicy {
             return (now.target, Reason::Cooldown);
         }
         if let Some(trim) = self.trim {
-            let reached = now.actual + s.step / 8 >= trim.aim;
+            // Cache gone, the balloon would only take free memory the guest keeps for itself.
+            let reached = now.actual + s.step / 8 >= trim.aim
+                || now.caches.is_some_and(|c| c <= s.headroom / 16);
             // A guest that gave nothing between two reports of the trim has no more to give.
             let stuck = self.last.is_some_and(|last| {
                 last.at > trim.started && last.at < now.at && now.actual <= last.actual
@@ -452,12 +459,15 @@ impl AutoPolicy {
         let excess = available.saturating_sub(s.headroom);
         if excess <= s.headroom / 4 {
             let cache = reclaimable(now).unwrap_or(0);
-            if !s.trim || cache <= (s.headroom / 2).max(self.kept_after_trim + s.headroom / 4) {
+            if !s.trim || cache <= (s.headroom / 8).max(self.kept_after_trim + s.headroom / 8) {
                 return (now.target, Reason::Steady);
             }
             return match self.quiet_since {
                 Some(since) if now.at.saturating_sub(since) >= s.cooldown => (
-                    now.target + available.saturating_sub(s.headroom / 8),
+                    now.target
+                        + spare(now)
+                            .unwrap_or(available)
+                            .saturating_sub(trim_keep(s, now)),
                     Reason::Trim,
                 ),
                 Some(_) => (now.target, Reason::TrimWait),
@@ -496,9 +506,30 @@ impl AutoPolicy {
     }
 }
 
-/// The guest's reclaimable cache: what is available beyond its free memory.
+/// The guest's cache: its file pages where it reports them, else what is available
+/// beyond its free memory (which undercounts: MemAvailable leaves the kernel's reserves
+/// aside).
 fn reclaimable(now: &Observation) -> Option<u64> {
-    Some(now.available?.saturating_sub(now.free?))
+    now.caches
+        .or_else(|| Some(now.available?.saturating_sub(now.free?)))
+}
+
+/// What a balloon can take from a guest that runs nothing: its free memory and its cache.
+/// `None` unless the guest reports both.
+fn spare(now: &Observation) -> Option<u64> {
+    Some(now.free? + now.caches?)
+}
+
+/// Free memory and cache a trim leaves the guest: an eighth of the headroom, and at least
+/// half the kernel's reserves. Those are what MemAvailable leaves aside from free memory
+/// and cache (the high watermarks, and part of the low ones): below its low watermark the
+/// guest reclaims on every allocation, below its min one it fails them.
+fn trim_keep(s: &PolicySettings, now: &Observation) -> u64 {
+    let reserves = match (spare(now), now.available) {
+        (Some(spare), Some(available)) => spare.saturating_sub(available),
+        _ => 0,
+    };
+    (s.headroom / 8).max(reserves / 2)
 }
 
 #[cfg(test)]
@@ -528,7 +559,7 @@ mod tests {
         let s = PolicySettings::for_ram(5 * GIB);
         assert_eq!(s.headroom, 640 * MIB);
         assert_eq!(s.step, 320 * MIB);
-        assert_eq!(s.max, 5 * GIB - 256 * MIB);
+        assert_eq!(s.max, 5 * GIB - 128 * MIB);
         assert!(s.check(5 * GIB).is_ok());
         assert_eq!(PolicySettings::for_ram(512 * MIB).headroom, 128 * MIB);
         assert_eq!(PolicySettings::for_ram(64 * GIB).headroom, GIB);
@@ -888,10 +919,74 @@ mod tests {
             let d = p.decide(report(secs, 1000, 1000, 600, 300, 7));
             assert_eq!(d.reason, Reason::Steady, "at {secs} s");
         }
-        // It read more: 450 MiB of cache is a quarter headroom above what it kept.
+        // It read more: 450 MiB of cache is more than an eighth of the headroom above
+        // what it kept.
         let reasons: Vec<Reason> = (100..130)
             .step_by(2)
             .map(|secs| p.decide(report(secs, 1000, 1000, 600, 150, 7)).reason)
+            .collect();
+        assert!(reasons.contains(&Reason::Trim), "{reasons:?}");
+    }
+
+    /// A guest that reports its file pages: MemAvailable leaves the kernel's reserves
+    /// aside (600 MiB available of 50 MiB free and 750 MiB cache), the trim does not.
+    fn with_cache(o: Observation, caches: u64) -> Observation {
+        Observation {
+            caches: Some(caches * MIB),
+            ..o
+        }
+    }
+
+    #[test]
+    fn a_trim_takes_the_cache_memavailable_leaves_aside_down_to_a_margin() {
+        let mut p = AutoPolicy::new(settings(), true);
+        for secs in (0..22).step_by(2) {
+            p.decide(with_cache(report(secs, 1000, 1000, 600, 50, 7), 750));
+        }
+        // Free and cache down to half the kernel's reserves (200 MiB), more than an eighth
+        // of the headroom (64 MiB).
+        let d = p.decide(with_cache(report(22, 1000, 1000, 600, 50, 7), 750));
+        assert_eq!(
+            (d.reason, d.target),
+            (Reason::Trim, (1000 + 50 + 750 - 100) * MIB)
+        );
+        // Nothing is available by MemAvailable's count, but 320 MiB is spare: go on.
+        let d = p.decide(with_cache(report(24, 1700, 1500, 0, 20, 7), 300));
+        assert_eq!((d.reason, d.target), (Reason::Trimming, 1700 * MIB));
+        // Spare below half of what the trim leaves (50 MiB): it ends where it began.
+        let d = p.decide(with_cache(report(26, 1700, 1600, 0, 40, 7), 5));
+        assert_eq!((d.reason, d.target), (Reason::DeflateLow, 1000 * MIB));
+        // Cache down to a sixteenth of the headroom (32 MiB): the trim is done, short of
+        // its aim.
+        let mut p = AutoPolicy::new(settings(), true);
+        for secs in (0..=22).step_by(2) {
+            p.decide(with_cache(report(secs, 1000, 1000, 600, 50, 7), 750));
+        }
+        let d = p.decide(with_cache(report(24, 1700, 1500, 0, 200, 7), 33));
+        assert_eq!(d.reason, Reason::Trimming);
+        let d = p.decide(with_cache(report(26, 1700, 1550, 0, 150, 7), 32));
+        assert_eq!((d.reason, d.target), (Reason::TrimRelease, 1000 * MIB));
+    }
+
+    #[test]
+    fn the_cache_kept_through_a_trim_is_the_guests_file_pages_at_its_end() {
+        let mut p = AutoPolicy::new(settings(), true);
+        for secs in (0..=22).step_by(2) {
+            p.decide(with_cache(report(secs, 1000, 1000, 600, 50, 7), 750));
+        }
+        let d = p.decide(with_cache(report(24, 1700, 1690, 0, 100, 7), 60));
+        assert_eq!(d.reason, Reason::TrimRelease);
+        // 100 MiB of cache is less than an eighth of the headroom above the 60 MiB kept.
+        for secs in (26..100).step_by(2) {
+            let d = p.decide(with_cache(report(secs, 1000, 1000, 560, 400, 7), 100));
+            assert_eq!(d.reason, Reason::Steady, "at {secs} s");
+        }
+        let reasons: Vec<Reason> = (100..130)
+            .step_by(2)
+            .map(|secs| {
+                p.decide(with_cache(report(secs, 1000, 1000, 560, 300, 7), 200))
+                    .reason
+            })
             .collect();
         assert!(reasons.contains(&Reason::Trim), "{reasons:?}");
     }

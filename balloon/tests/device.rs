@@ -455,6 +455,25 @@ fn target_and_actual_in_config_space() {
 }
 
 #[test]
+fn pages_the_guest_takes_back_below_the_target_are_counted_as_deflate_on_oom() {
+    let ram = ram();
+    let (mut b, _q, _irq) = basic(&ram);
+    b.set_target_pages(1000).unwrap();
+    // Inflating towards the target, then a deflate the host asked for.
+    b.write_config(4, &600u32.to_le_bytes());
+    b.write_config(4, &1000u32.to_le_bytes());
+    b.set_target_pages(700).unwrap();
+    b.write_config(4, &700u32.to_le_bytes());
+    assert_eq!(b.counters().oom_deflated_pages, 0);
+    // The guest gives back 44 pages it was not asked for, then 6 more on the way up.
+    b.write_config(4, &656u32.to_le_bytes());
+    assert_eq!(b.counters().oom_deflated_pages, 44);
+    b.set_target_pages(800).unwrap();
+    b.write_config(4, &650u32.to_le_bytes());
+    assert_eq!(b.counters().oom_deflated_pages, 50);
+}
+
+#[test]
 fn offered_features_and_queue_sizes_follow_options() {
     let ram = ram();
     let b = new_balloon(options(true, 5), &ram);

@@ -62,6 +62,7 @@ fn fake_state(kind: Kind) -> FakeState {
             let mut counters = ebb_balloon::counters::BalloonCounters {
                 inflated_pages: 1000,
                 deflated_pages: 10,
+                oom_deflated_pages: 0,
                 inflate_discarded_bytes: 4096 * 1000,
                 reports: 7,
                 reported_ranges: 20,
@@ -442,12 +443,12 @@ fn balloon_policy_get_and_patch() {
     let h = Harness::new(Kind::Stats);
     let v = json_of(&h.get("/balloon/policy"));
     assert_eq!(v["enabled"], false);
-    // Defaults for a 512 MiB guest: headroom 128 MiB (the floor), steps of 32 MiB.
+    // Defaults for a 512 MiB guest: headroom 128 MiB (the floor), steps of 32 MiB, a max leaving it 128 MiB.
     assert_eq!(
         (v["headroom_mib"].as_u64(), v["step_mib"].as_u64()),
         (Some(128), Some(32))
     );
-    assert_eq!(v["max_mib"], 256);
+    assert_eq!(v["max_mib"], 384);
     assert_eq!(v["last_decision"]["reason"], "steady");
     assert_eq!(v["last_decision"]["age_ms"], 2000);
     assert_eq!(v["decisions"]["steady"], 1);

@@ -60,6 +60,7 @@ fn boot_disk_guest(
     dir: &std::path::Path,
     memory_mib: u64,
     data_mib: u64,
+    debug_log: bool,
 ) -> Result<(GuestVm, std::path::PathBuf), String> {
     let socket = dir.join("api.sock");
     let root = dir.join("root.ext4");
@@ -95,6 +96,9 @@ fn boot_disk_guest(
         },
     ];
     c.extra_args = vec!["--api-socket".into(), socket.to_string_lossy().into_owned()];
+    if debug_log {
+        c.extra_args.extend(["--log-level".into(), "debug".into()]);
+    }
     let (vm, _) = boot(&ebb()?, &c)?;
     Ok((vm, socket))
 }
@@ -250,7 +254,7 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "bench-policy needs rereads and hot_mib above 0".into()
     })?;
     let dir = scratch_dir("policy-bench")?;
-    let (mut vm, socket) = boot_disk_guest(&dir, memory_mib, hot_mib + cold_mib + 64)?;
+    let (mut vm, socket) = boot_disk_guest(&dir, memory_mib, hot_mib + cold_mib + 64, false)?;
     let client = Client::new(&socket, Duration::from_secs(30));
 
     // The sleeper keeps /dev/vdb's cache (see read_disk_command); the first read of the
@@ -354,13 +358,21 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
 }
 
 fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
-    args.check_known(&["memory_mib", "cache_mib", "touch_mib", "settle_s"])?;
+    args.check_known(&[
+        "memory_mib",
+        "cache_mib",
+        "touch_mib",
+        "settle_s",
+        "debug_log",
+    ])?;
     let memory_mib: u64 = args.get("memory_mib", 1024)?;
     let cache_mib: u64 = args.get("cache_mib", 512)?;
     let touch_mib: u64 = args.get("touch_mib", 512)?;
     let settle_s: u64 = args.get("settle_s", 120)?;
+    // Prints the policy's decisions (the VMM's debug log) once it settled.
+    let debug_log: bool = args.get("debug_log", false)?;
     let dir = scratch_dir("policy")?;
-    let (mut vm, socket) = boot_disk_guest(&dir, memory_mib, cache_mib + 64)?;
+    let (mut vm, socket) = boot_disk_guest(&dir, memory_mib, cache_mib + 64, debug_log)?;
     let client = Client::new(&socket, Duration::from_secs(30));
     let policy = get_json(&client, "/balloon/policy")?;
     ensure(policy["enabled"] == false, || {
@@ -398,6 +410,25 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let balloon = get_json(&client, "/balloon")?;
     let policy_rss = settled_rss(&vm, Duration::from_secs(6), Duration::from_secs(90), 4096)?;
     let cached_after = meminfo_mib(&mut vm, "Buffers")? + meminfo_mib(&mut vm, "Cached")?;
+    // Where the guest's memory is once settled: what it kept, and free memory in blocks
+    // too small to report (below 2 MiB).
+    let guest_after = sh(
+        &mut vm,
+        "grep -E '^(MemFree|MemAvailable|Buffers|Cached|Active\\(file\\)|Inactive\\(file\\)|\
+         AnonPages|Shmem|SReclaimable|SUnreclaim|PageTables|KernelStack):' /proc/meminfo; \
+         cat /proc/buddyinfo; grep -E '^Node|^ +(min|low|high|managed|protection)' \
+         /proc/zoneinfo; dmesg | grep -iE 'oom|puff|balloon' | tail -n 20",
+    )?;
+    progress(&format!("guest after settling:\n{guest_after}"));
+    if debug_log {
+        let decisions: Vec<String> = vm
+            .stderr_text()
+            .lines()
+            .filter(|l| l.contains("balloon policy:"))
+            .map(str::to_owned)
+            .collect();
+        progress(&format!("policy decisions:\n{}", decisions.join("\n")));
+    }
     let given_back = mib(reporting_rss) - mib(policy_rss);
     progress(&format!(
         "policy: settled in {:.1} s at a {} MiB balloon; guest caches {cached_after} MiB; \
@@ -408,6 +439,17 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         mib(policy_rss),
         last["decisions"]
     ));
+    // The trim must not take the guest below what it needs: its deflate-on-OOM notifier
+    // taking pages back means an allocation found no memory.
+    let oom_deflated = get_json(&client, "/balloon/statistics")?["ebb"]["oom_deflated_pages"]
+        .as_u64()
+        .ok_or("no ebb.oom_deflated_pages in GET /balloon/statistics")?;
+    ensure(oom_deflated == 0, || {
+        format!(
+            "the guest took {oom_deflated} pages back from the balloon through deflate-on-OOM \
+             while the policy settled: {last}"
+        )
+    })?;
     // The guest is quiet while the policy settles: it must have trimmed its cache.
     let trims = last["decisions"]["trim_cache"].as_u64().unwrap_or(0);
     ensure(trims >= 1, || {
@@ -452,6 +494,7 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "balloon_mib": balloon["actual_mib"],
         "trims": trims,
         "cached_after_mib": cached_after,
+        "guest_after_settle": guest_after,
         "touch_mib": touch_mib,
         "touch_s": touch_s,
         "oom_kills": oom,

@@ -224,6 +224,8 @@ pub struct EbbBalloonStats {
     pub inflated_pages: u64,
     /// Pages received on the deflate queue.
     pub deflated_pages: u64,
+    /// Pages the guest took back below the target without being asked (deflate-on-OOM).
+    pub oom_deflated_pages: u64,
     /// Bytes discarded for inflated pages.
     pub inflate_discarded_bytes: u64,
     /// Free page reports received.

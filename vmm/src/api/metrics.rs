@@ -260,7 +260,7 @@ pub fn render(
         "Seconds between guest statistics updates (0: disabled).",
         b.stats_interval_s,
     );
-    let counters: [(&str, &str, u64); 24] = [
+    let counters: [(&str, &str, u64); 25] = [
         (
             "ebb_balloon_inflated_pages_total",
             "Pages received on the inflate queue.",
@@ -275,6 +275,11 @@ pub fn render(
             "ebb_balloon_repeated_inflates_total",
             "Inflated pages that were already in the balloon.",
             c.repeated_inflates,
+        ),
+        (
+            "ebb_balloon_oom_deflated_pages_total",
+            "Pages the guest took back below the target without being asked (deflate-on-OOM).",
+            c.oom_deflated_pages,
         ),
         (
             "ebb_balloon_unknown_deflates_total",

@@ -92,6 +92,7 @@ pub fn balloon_statistics(b: &BalloonSnapshot, now: SystemTime) -> BalloonStatis
             stats_age_ms,
             inflated_pages: c.inflated_pages,
             deflated_pages: c.deflated_pages,
+            oom_deflated_pages: c.oom_deflated_pages,
             inflate_discarded_bytes: c.inflate_discarded_bytes,
             reports: c.reports,
             reported_ranges: c.reported_ranges,
