@@ -163,6 +163,7 @@ fn main() -> ExitCode {
         timeout: Duration::from_secs(minutes * 60),
         env: Vec::new(),
         mode: None,
+        kvm_amd_params: Vec::new(),
     };
     eprintln!(
         "ebb-bench: running {} in one test-host run (L1 {} MiB, limit {} min)",

@@ -2,7 +2,8 @@
 //! on a KVM host, in the nested emulated test host elsewhere.
 //!
 //! ```text
-//! ebb-testhost [--memory MIB] [--timeout SECS] [--mode direct|nested] [--env K=V]... -- CMD [ARG]...
+//! ebb-testhost [--memory MIB] [--timeout SECS] [--mode direct|nested] [--env K=V]...
+//!              [--kvm-amd NAME=VALUE]... -- CMD [ARG]...
 //! ```
 //! Prints the command's stdout and stderr, then a summary with timings on stderr; exits
 //! with the command's status (or 125 when the harness failed).
@@ -15,7 +16,7 @@ use ebb_tests::testhost::{self, Job};
 fn usage() -> ExitCode {
     eprintln!(
         "usage: ebb-testhost [--memory MIB] [--timeout SECS] [--mode direct|nested] \
-         [--env K=V]... -- CMD [ARG]..."
+         [--env K=V]... [--kvm-amd NAME=VALUE]... -- CMD [ARG]..."
     );
     ExitCode::from(2)
 }
@@ -41,6 +42,10 @@ fn main() -> ExitCode {
             },
             "--env" => match value().as_deref().and_then(|v| v.split_once('=')) {
                 Some((k, v)) => scenario.env.push((k.into(), v.into())),
+                None => return usage(),
+            },
+            "--kvm-amd" => match value() {
+                Some(v) => scenario.kvm_amd_params.push(v),
                 None => return usage(),
             },
             _ => return usage(),

@@ -25,6 +25,8 @@ pub struct Batch {
     pub env: Vec<(String, String)>,
     /// Forces the mode; `None`: detected ([`testhost::HostMode::detect`]).
     pub mode: Option<testhost::HostMode>,
+    /// Parameters for the nested test host's kvm-amd module.
+    pub kvm_amd_params: Vec<String>,
 }
 
 impl Batch {
@@ -37,6 +39,7 @@ impl Batch {
             timeout,
             env: Vec::new(),
             mode: None,
+            kvm_amd_params: Vec::new(),
         }
     }
 
@@ -79,6 +82,7 @@ pub fn run(runner: &Path, runner_prefix: &[&str], batch: &Batch) -> Result<RunOu
         l1_memory_mib: batch.l1_memory_mib,
         timeout: batch.timeout,
         mode: batch.mode,
+        kvm_amd_params: batch.kvm_amd_params.clone(),
         ..Job::default()
     };
     let (probed, why) = testhost::HostMode::probe();

@@ -82,7 +82,7 @@ pub fn direct(job: &Job, dir: &Path) -> Result<Outcome, Error> {
 pub fn nested(l1: &L1, job: &Job, dir: &Path) -> Result<Outcome, Error> {
     let script = job_script(job, &nested_env(job, dir))?;
     fs::write(dir.join("scenario.sh"), script).map_err(setup_err("writing scenario.sh"))?;
-    let mut cmd = l1.command(job.l1_memory_mib, dir)?;
+    let mut cmd = l1.command(job.l1_memory_mib, &job.kvm_amd_params, dir)?;
     let _ = fs::write(dir.join("qemu.cmdline"), format!("{cmd:?}\n"));
     let spawned = Instant::now();
     let child = cmd

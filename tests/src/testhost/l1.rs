@@ -45,8 +45,14 @@ impl L1 {
         })
     }
 
-    /// The QEMU command that boots L1 for the job whose run directory is `dir`.
-    pub fn command(&self, memory_mib: u32, dir: &Path) -> Result<Command, Error> {
+    /// The QEMU command that boots L1 for the job whose run directory is `dir`, its
+    /// kvm-amd module loaded with `kvm_amd_params`.
+    pub fn command(
+        &self,
+        memory_mib: u32,
+        kvm_amd_params: &[String],
+        dir: &Path,
+    ) -> Result<Command, Error> {
         let files = &self.files;
         let keep = &self.keep;
         let dir_s = path_str(dir);
@@ -66,6 +72,7 @@ impl L1 {
             "tsc=reliable".into(),
             format!("ebbth.out={dir_s}"),
         ];
+        append.extend(kvm_amd_arg(kvm_amd_params)?);
         if !keep.is_empty() {
             let keep: Vec<String> = keep.iter().map(|p| path_str(p)).collect();
             append.push(format!("ebbth.keep={}", keep.join(",")));
@@ -276,9 +283,36 @@ fn paths_to_keep(needed: &[(&str, &Path)]) -> Result<Vec<PathBuf>, Error> {
     Ok(keep)
 }
 
+/// L1's command-line word that its init turns into kvm-amd's module parameters
+/// (`ebbth.kvm_amd=npt=0,avic=1`); `None` without parameters.
+fn kvm_amd_arg(params: &[String]) -> Result<Option<String>, Error> {
+    if let Some(bad) = params
+        .iter()
+        .find(|p| !p.contains('=') || p.contains([',', ' ', '\t', '\n', '"']))
+    {
+        return Err(Error::Setup(format!(
+            "kvm-amd parameter {bad:?} is not NAME=VALUE without commas, quotes or white space"
+        )));
+    }
+    Ok((!params.is_empty()).then(|| format!("ebbth.kvm_amd={}", params.join(","))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kvm_amd_parameters_reach_l1_as_one_word_or_are_refused() {
+        let arg = |ps: &[&str]| kvm_amd_arg(&ps.iter().map(|p| p.to_string()).collect::<Vec<_>>());
+        assert_eq!(arg(&[]).unwrap(), None);
+        assert_eq!(
+            arg(&["npt=0", "avic=1"]).unwrap().as_deref(),
+            Some("ebbth.kvm_amd=npt=0,avic=1")
+        );
+        assert!(arg(&["npt"]).is_err());
+        assert!(arg(&["npt=0 nested=0"]).is_err());
+        assert!(arg(&["a=1,b=2"]).is_err());
+    }
 
     #[test]
     fn paths_under_scratch_mounts_are_kept() {

@@ -81,6 +81,8 @@ pub struct Job {
     pub timeout: Duration,
     /// Forces the mode; `None`: [`HostMode::detect`].
     pub mode: Option<HostMode>,
+    /// Parameters for L1's kvm-amd module (`npt=0`, ...); nested mode only.
+    pub kvm_amd_params: Vec<String>,
     /// Called with each line of the job's stdout as it arrives (live progress).
     pub on_stdout_line: Option<fn(&str)>,
 }
@@ -118,6 +120,7 @@ impl Default for Job {
             l1_memory_mib: 2048,
             timeout: Duration::from_secs(600),
             mode: None,
+            kvm_amd_params: Vec::new(),
             on_stdout_line: None,
         }
     }
