@@ -103,6 +103,15 @@ fn boot_disk_guest(
     Ok((vm, socket))
 }
 
+/// `key`'s figure in MiB from /proc/meminfo lines in `text`.
+fn meminfo_line_mib(text: &str, key: &str) -> Result<u64, String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+        .ok_or_else(|| format!("no {key} in the guest's meminfo: {text}"))
+}
+
 fn meminfo_mib(vm: &mut GuestVm, key: &str) -> Result<u64, String> {
     Ok(guest_meminfo_kib(vm, key)? / 1024)
 }
@@ -409,9 +418,8 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         .ok_or_else(|| format!("the policy did not settle within {settle_s} s; last: {last}"))?;
     let balloon = get_json(&client, "/balloon")?;
     let policy_rss = settled_rss(&vm, Duration::from_secs(6), Duration::from_secs(90), 4096)?;
-    let cached_after = meminfo_mib(&mut vm, "Buffers")? + meminfo_mib(&mut vm, "Cached")?;
-    // Where the guest's memory is once settled: what it kept, and free memory in blocks
-    // too small to report (below 2 MiB).
+    // Where the guest's memory is once settled: what it kept, free memory in blocks too
+    // small to report (below 2 MiB), its watermarks, and what its balloon driver said.
     let guest_after = sh(
         &mut vm,
         "grep -E '^(MemFree|MemAvailable|Buffers|Cached|Active\\(file\\)|Inactive\\(file\\)|\
@@ -420,6 +428,8 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
          /proc/zoneinfo; dmesg | grep -iE 'oom|puff|balloon' | tail -n 20",
     )?;
     progress(&format!("guest after settling:\n{guest_after}"));
+    let cached_after =
+        meminfo_line_mib(&guest_after, "Buffers")? + meminfo_line_mib(&guest_after, "Cached")?;
     if debug_log {
         let decisions: Vec<String> = vm
             .stderr_text()
@@ -505,7 +515,16 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_dd_seconds;
+    use super::{meminfo_line_mib, parse_dd_seconds};
+
+    #[test]
+    fn meminfo_figures_come_from_their_own_line() {
+        let text = "MemFree:          218868 kB\nBuffers:             376 kB\n\
+                    Cached:             3940 kB\nSwapCached: 0 kB\n";
+        assert_eq!(meminfo_line_mib(text, "MemFree"), Ok(213));
+        assert_eq!(meminfo_line_mib(text, "Cached"), Ok(3));
+        assert!(meminfo_line_mib(text, "Shmem").is_err());
+    }
 
     #[test]
     fn dd_seconds_come_from_its_summary_line() {
