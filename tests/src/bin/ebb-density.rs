@@ -5,6 +5,7 @@
 //! ebb-density [--scale full|small] [--host-gib H] [--guest-gib G] [--touch-gib T]
 //!             [--max-guests N] [--runs ebb-on,ebb-off,ebb-auto,qemu-on]
 //!             [--workload touch|cache] [--cache-mib N] [--out DIR]
+//!             [--mode direct|nested] [--kvm-amd NAME=VALUE]...
 //! ```
 //! `ebb-auto` is Ebb with reporting and the automatic balloon policy. `--workload cache`
 //! boots each guest from the Debian root file system and has it read `--cache-mib` of a
@@ -16,7 +17,8 @@
 //! guests, each run is bounded by a memory cgroup; elsewhere each run boots the nested
 //! test host with H GiB of RAM. Prints a progress line per guest and a table; writes
 //! `density.json`, `density.svg` and `density.txt` to `--out` (default
-//! `target/density/<time>`).
+//! `target/density/<time>`). `--kvm-amd` loads the nested test host's kvm-amd with a
+//! module parameter (`npt=0`: shadow paging); it has no meaning on a direct host.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,8 @@ struct Options {
     runs: Vec<RunSpec>,
     out: Option<PathBuf>,
     mode: Option<HostMode>,
+    /// Module parameters for the nested test host's kvm-amd.
+    kvm_amd_params: Vec<String>,
 }
 
 fn usage(msg: &str) -> ExitCode {
@@ -47,7 +51,7 @@ fn usage(msg: &str) -> ExitCode {
 const USAGE: &str =
     "usage: ebb-density [--scale full|small] [--host-gib H] [--guest-gib G] [--touch-gib T] \
          [--max-guests N] [--runs ebb-on,ebb-off,ebb-auto,qemu-on] [--workload touch|cache] \
-         [--cache-mib N] [--out DIR] [--mode direct|nested]\n\
+         [--cache-mib N] [--out DIR] [--mode direct|nested] [--kvm-amd NAME=VALUE]...\n\
          (README \"The density benchmark\" says what each run does and what it prints)";
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -61,6 +65,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
     let mut out = None;
     let mut mode = None;
     let mut workload_cache = false;
+    let mut kvm_amd_params = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
@@ -88,6 +93,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             }
             "--out" => out = Some(PathBuf::from(value()?)),
             "--mode" => mode = Some(value()?.parse().map_err(|e| format!("{e}"))?),
+            "--kvm-amd" => kvm_amd_params.push(value()?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -126,11 +132,15 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "the host must be larger than half a guest, with at least one guest and one run".into(),
         );
     }
+    if !kvm_amd_params.is_empty() && mode == Some(HostMode::Direct) {
+        return Err("--kvm-amd applies to the nested test host only, not --mode direct".into());
+    }
     Ok(Options {
         cfg,
         runs,
         out,
         mode,
+        kvm_amd_params,
     })
 }
 
@@ -240,6 +250,7 @@ fn run_one(spec: RunSpec, opts: &Options, mode: HostMode, me: &Path) -> Result<R
         where_.to_string(),
     ]);
     scenario.mode = Some(mode);
+    scenario.kvm_amd_params = opts.kvm_amd_params.clone();
     scenario.l1_memory_mib = (opts.cfg.host_gib * 1024.0).round() as u32;
     scenario.timeout = Duration::from_secs(600 + per_guest * u64::from(opts.cfg.max_guests + 1));
     scenario.on_stdout_line = Some(show_progress);
@@ -288,6 +299,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if mode == HostMode::Direct && !opts.kvm_amd_params.is_empty() {
+        return usage("--kvm-amd applies to the nested test host; this host runs guests directly");
+    }
     // Everything the runs need is built first: inside the test host the tree is read-only.
     if let Err(e) = build_default_guest().and_then(|_| build_ebb_binary()) {
         eprintln!("ebb-density: {e}");
@@ -344,7 +358,16 @@ fn main() -> ExitCode {
         runs: results,
         config: cfg.clone(),
         started_utc: started.clone(),
-        machine: format!("{}; guests: {}", machine(), mode.as_str()),
+        machine: format!(
+            "{}; guests: {}{}",
+            machine(),
+            mode.as_str(),
+            if opts.kvm_amd_params.is_empty() {
+                String::new()
+            } else {
+                format!(" (kvm-amd {})", opts.kvm_amd_params.join(","))
+            }
+        ),
         wall_s: t0.elapsed().as_secs_f64(),
     };
     let out = opts.out.clone().unwrap_or_else(|| {
