@@ -7,11 +7,24 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use serde_json::json;
 
-use crate::cli::{broken, decode, expect_ok, BenchArgs, Failure};
 use crate::client::{Client, Connection};
+use crate::failure::{broken, decode, expect_ok, Failure};
 use ebb_api_model::VmInfo;
+
+/// `ebb-ctl bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Requests per measurement.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub requests: usize,
+    /// Seconds to measure the VMM's CPU use while idle with an API connection open
+    /// (0 skips it).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub idle_seconds: u64,
+}
 
 /// Latency figures of one measurement, microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

@@ -13,21 +13,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::bench::bench;
-use crate::client::{Client, ClientError, Response};
+use crate::bench::{bench, BenchArgs};
+use crate::client::{Client, Response};
+use crate::failure::{broken, decode, expect_ok, Failure};
+pub use crate::failure::{EXIT_API_ERROR, EXIT_NO_ANSWER, EXIT_USAGE};
 use crate::render::{render_balloon, render_hint, render_policy, render_stats, render_vm};
 use ebb_api_model::units::{format_size, parse_size, MIB};
 use ebb_api_model::{HintStatus, PolicyUpdate};
-
-/// Exit status: the API answered with an error.
-pub const EXIT_API_ERROR: i32 = 1;
-/// Exit status: bad command line.
-pub const EXIT_USAGE: i32 = 2;
-/// Exit status: no usable answer from the socket.
-pub const EXIT_NO_ANSWER: i32 = 3;
 
 /// Control a running Ebb VM through its API socket.
 #[derive(Debug, Parser)]
@@ -163,55 +157,6 @@ pub enum VmAction {
     Stop,
 }
 
-/// `ebb-ctl bench`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// Requests per measurement.
-    #[arg(long, value_name = "N", default_value_t = 1000)]
-    pub requests: usize,
-    /// Seconds to measure the VMM's CPU use while idle with an API connection open
-    /// (0 skips it).
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
-    pub idle_seconds: u64,
-}
-
-/// Something that went wrong, with what to print and the exit status.
-#[derive(Debug)]
-pub struct Failure {
-    /// HTTP status, 0 when there was no HTTP answer.
-    pub status: u16,
-    /// One-line message.
-    pub message: String,
-    /// Exit status.
-    pub exit: i32,
-}
-
-impl From<ClientError> for Failure {
-    fn from(e: ClientError) -> Self {
-        Self {
-            status: 0,
-            message: e.to_string(),
-            exit: EXIT_NO_ANSWER,
-        }
-    }
-}
-
-fn api_failure(r: &Response) -> Failure {
-    Failure {
-        status: r.status,
-        message: r.fault_message(),
-        exit: EXIT_API_ERROR,
-    }
-}
-
-pub(crate) fn broken(what: impl Into<String>) -> Failure {
-    Failure {
-        status: 0,
-        message: what.into(),
-        exit: EXIT_NO_ANSWER,
-    }
-}
-
 /// Parses the command line; on error prints clap's message and returns the status.
 pub fn parse_args<I, T>(args: I) -> Result<Ctl, clap::Error>
 where
@@ -269,19 +214,6 @@ pub fn run(ctl: &Ctl, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             f.exit
         }
     }
-}
-
-pub(crate) fn expect_ok(r: Response) -> Result<Response, Failure> {
-    if r.is_success() {
-        Ok(r)
-    } else {
-        Err(api_failure(&r))
-    }
-}
-
-pub(crate) fn decode<T: DeserializeOwned>(r: &Response) -> Result<T, Failure> {
-    serde_json::from_slice(&r.body)
-        .map_err(|e| broken(format!("unexpected answer from the API: {e}")))
 }
 
 /// The server's JSON body as it came (one line, fields in the server's order), after

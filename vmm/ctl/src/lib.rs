@@ -9,6 +9,7 @@
 //! - [`client`]: a small blocking HTTP/1.1 client over a Unix socket (also used by the
 //!   VMM's API tests and the end-to-end scenarios).
 //! - [`cli`]: the command line, running a command, its output and exit status.
+//! - [`failure`]: what went wrong, its message and exit status.
 //! - [`render`]: the text printed for people. [`bench`]: `ebb-ctl bench`.
 //!
 //! The request and response bodies come from `ebb-api-model`; this crate does not link
@@ -17,6 +18,8 @@
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod failure;
 pub mod render;
 
-pub use cli::{parse_args, run, Ctl, EXIT_API_ERROR, EXIT_NO_ANSWER, EXIT_USAGE};
+pub use cli::{parse_args, run, Ctl};
+pub use failure::{EXIT_API_ERROR, EXIT_NO_ANSWER, EXIT_USAGE};
