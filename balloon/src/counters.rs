@@ -60,6 +60,11 @@ pub struct BalloonCounters {
     /// Pages the guest took back below the host's target without being asked (its
     /// deflate-on-OOM notifier does that when an allocation would otherwise fail).
     pub oom_deflated_pages: u64,
+    /// Bytes of deflated pages the host backed before giving them back to the guest
+    /// (pages the guest took back because it was short: see `inflate::Prefault`).
+    pub prefaulted_bytes: u64,
+    /// Backing deflated pages that failed (the guest faults them in itself).
+    pub prefault_failures: u64,
     /// Bytes discarded for inflated pages.
     pub inflate_discarded_bytes: u64,
     /// Discards asked of guest RAM (inflate, reporting and hinting; each one `madvise`

@@ -23,9 +23,10 @@ use crate::protocol::{
     F_FREE_PAGE_HINT, F_PAGE_POISON, F_PAGE_REPORTING, F_STATS_VQ,
 };
 use crate::queues::hinting::{self, HintControl, HintDiscard};
+use crate::queues::inflate::{self, Prefault};
 use crate::queues::reporting::{ReportedPages, ReportingQueue};
 use crate::queues::statistics::StatsQueue;
-use crate::queues::{self, inflate, notify, PASS_TIME_LIMIT};
+use crate::queues::{self, notify, PASS_TIME_LIMIT};
 use crate::stats::GuestStats;
 
 /// Event id of the statistics timer.
@@ -47,6 +48,9 @@ pub struct BalloonOptions {
     /// How hinted blocks are discarded ([`HintDiscard::Checked`] needs guest RAM with a
     /// write fence).
     pub hint_discard: HintDiscard,
+    /// Back pages on the host before a guest that is short of memory gets them back from
+    /// the balloon (see [`inflate::Prefault`]).
+    pub deflate_prefault: bool,
 }
 
 /// Errors from host-side requests.
@@ -182,6 +186,8 @@ pub struct Balloon {
     host_pressure: Option<Box<dyn HostPressure>>,
     /// The policy's clock starts here.
     created: Instant,
+    /// Which deflated pages are backed on the host before the guest gets them.
+    prefault: Prefault,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -254,6 +260,10 @@ impl Balloon {
             policy: None,
             host_pressure: None,
             created: Instant::now(),
+            prefault: Prefault {
+                enabled: options.deflate_prefault,
+                ..Prefault::default()
+            },
         })
     }
 
@@ -332,6 +342,10 @@ impl Balloon {
             // The policy keeps its target within guest RAM (its max is checked).
             if let Err(e) = self.set_target_pages(pages) {
                 tracing::warn!("balloon policy: {e}");
+            }
+            if decision.reason.deflates_for_need() {
+                // Every page the guest is now asked for, it needs at once.
+                self.prefault.asked_pages = self.held.len().saturating_sub(pages);
             }
         }
     }
@@ -427,6 +441,9 @@ impl Balloon {
             });
         }
         self.target_pages = pages as u32;
+        // A new target says nothing of need: only the policy's deflates for need (set
+        // after this) are backed ahead of the guest.
+        self.prefault.asked_pages = 0;
         self.config_changed();
         Ok(())
     }
@@ -512,7 +529,9 @@ impl Balloon {
             }
             QueueRole::Deflate => {
                 let q = &mut active.deflate;
-                let pass = inflate::deflate(ram, q, &mut self.held, counters, time_limit);
+                self.prefault.target_pages = u64::from(self.target_pages);
+                let prefault = &mut self.prefault;
+                let pass = inflate::deflate(ram, q, &mut self.held, counters, time_limit, prefault);
                 (q, pass)
             }
             QueueRole::Stats => {

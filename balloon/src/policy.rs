@@ -216,6 +216,17 @@ impl Reason {
     }
 }
 
+impl Reason {
+    /// Whether the decision deflates because the guest is short of memory (it will use
+    /// what it gets back at once).
+    pub fn deflates_for_need(self) -> bool {
+        matches!(
+            self,
+            Reason::DeflateLow | Reason::DeflateFaults | Reason::DeflateStall
+        )
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -355,7 +366,7 @@ impl AutoPolicy {
         let (target, reason) = self.rule(&now);
         let target = target.clamp(self.settings.min, self.settings.max) & !4095;
         match reason {
-            Reason::DeflateLow | Reason::DeflateFaults | Reason::DeflateStall => {
+            _ if reason.deflates_for_need() => {
                 self.last_deflate = Some(now.at);
                 self.trim = None;
             }

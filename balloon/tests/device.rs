@@ -136,6 +136,7 @@ fn options(reporting: bool, stats: u32) -> BalloonOptions {
         stats_interval_s: stats,
         free_page_hinting: false,
         hint_discard: Default::default(),
+        deflate_prefault: true,
     }
 }
 
@@ -841,6 +842,104 @@ fn the_policy_sets_the_target_from_each_statistics_report() {
     assert_eq!(b.target_pages(), 100);
 }
 
+/// A guest that is short of memory uses what it takes back from the balloon at once:
+/// those pages are backed on the host before the deflate buffer goes back (the guest frees
+/// them only then), one call per run instead of a host fault per page. Short means the
+/// policy deflated for need, or the guest took pages below the target itself
+/// (deflate-on-OOM). Pages a smaller target asked for through the API are left to fault
+/// in, and with `deflate_prefault` off nothing is backed.
+#[test]
+fn pages_a_short_guest_takes_back_are_backed_before_it_gets_them() {
+    use ebb_balloon::policy::{AutoPolicy, PolicySettings, Reason};
+    for prefault in [true, false] {
+        let ram = ram();
+        let mem = ram.memory();
+        let mut b = new_balloon(
+            BalloonOptions {
+                deflate_prefault: prefault,
+                ..options(false, 1)
+            },
+            &ram,
+        );
+        let settings = PolicySettings {
+            headroom: 4 * MIB,
+            min: 0,
+            max: 24 * MIB,
+            step: 2 * MIB,
+            ..PolicySettings::for_ram(RAM_BYTES)
+        };
+        b.set_policy(AutoPolicy::new(settings, false), None)
+            .unwrap();
+        let mut inflate = DriverQueue::new(mem, 0x1000, 256);
+        let mut deflate = DriverQueue::new(mem, 0x5000, 256);
+        let mut stats = DriverQueue::new(mem, 0x9000, 2);
+        let irq = activate(
+            &mut b,
+            &ram,
+            VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM,
+            vec![
+                (0, inflate.queue()),
+                (1, deflate.queue()),
+                (2, stats.queue()),
+            ],
+        );
+        let start = B_START + 4 * MIB;
+        let pfns: Vec<u32> = (0..512).map(|i| pfn(start) + i).collect();
+        let page = |i: u32| (start + u64::from(i) * 4096, 4096);
+        let span =
+            |from: u32, to: u32| (start + u64::from(from) * 4096, u64::from(to - from) * 4096);
+        touch(mem, start, 512);
+        b.set_target_pages(512).unwrap();
+        let len = write_pfns(mem, DATA, &pfns);
+        inflate.add(&[(DATA, len, false)]);
+        b.process_queue(0);
+        b.write_config(4, &512u32.to_le_bytes());
+        assert_eq!(resident(&ram, span(0, 512)), 0);
+        // The host pages of [from, to) resident when the guest is told of the deflate.
+        let give_back = |b: &mut Balloon, deflate: &mut DriverQueue, from: u32, to: u32| {
+            let len = write_pfns(mem, DATA, &pfns[from as usize..to as usize]);
+            deflate.add(&[(DATA, len, false)]);
+            *irq.watch.lock().unwrap() = Some(host_span(&ram, span(from, to)));
+            b.process_queue(1);
+            irq.resident_at_queue_irq.lock().unwrap().pop().unwrap()
+        };
+        // Asked through the API: left to fault in.
+        b.set_target_pages(412).unwrap();
+        assert_eq!(give_back(&mut b, &mut deflate, 0, 100), 0);
+        // Below the target, unasked (deflate-on-OOM): backed when the guest is told.
+        let backed = if prefault { 50 } else { 0 };
+        assert_eq!(give_back(&mut b, &mut deflate, 100, 150), backed);
+        assert_eq!(
+            resident(&ram, page(0)),
+            0,
+            "the asked-for pages still are not"
+        );
+        // The policy deflates for need: every page it asks for is backed.
+        b.set_target_pages(362).unwrap();
+        b.policy_mut().unwrap().set_enabled(true);
+        let mut buf = stats_entry(6, MIB);
+        buf.extend(stats_entry(2, 0));
+        mem.write_slice(&buf, GuestAddress(DATA)).unwrap();
+        stats.add(&[(DATA, buf.len() as u32, false)]);
+        b.process_queue(2);
+        let decision = b.policy().unwrap().last_decision().unwrap();
+        assert_eq!(decision.reason, Reason::DeflateLow);
+        let asked = 362 - b.target_pages();
+        assert!(asked >= 100, "asked for {asked} pages");
+        let backed = if prefault { 100 } else { 0 };
+        assert_eq!(give_back(&mut b, &mut deflate, 150, 250), backed);
+        let c = b.counters();
+        let expected = if prefault { 150 * 4096 } else { 0 };
+        assert_eq!(c.prefaulted_bytes, expected);
+        assert_eq!(c.prefault_failures, 0);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(page(120).0)).unwrap(),
+            0,
+            "a backed page reads as the zeros the guest expects"
+        );
+    }
+}
+
 #[test]
 fn stats_interval_cannot_be_enabled_when_off_at_boot() {
     let ram = ram();
@@ -1052,6 +1151,7 @@ fn hinting_setup(ram: &GuestRam, mode: HintDiscard) -> (Balloon, DriverQueue<'_>
     let opts = BalloonOptions {
         free_page_hinting: true,
         hint_discard: mode,
+        deflate_prefault: true,
         ..options(true, 0)
     };
     let mut b = new_balloon(opts, ram);

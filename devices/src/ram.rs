@@ -673,6 +673,32 @@ impl GuestRam {
         }
     }
 
+    /// Backs `range` with host memory now, as the guest's first write to each page
+    /// would (`MADV_POPULATE_WRITE`, Linux 5.14+; the contents stay as they are): one
+    /// call instead of a host fault per page, each a VM exit. With huge pages, the
+    /// whole huge pages `range` touches. Returns the bytes backed.
+    pub fn populate(&self, range: RamRange) -> io::Result<u64> {
+        // Huge pages are backed whole: widen the range to them. Regions are whole units
+        // (see `whole_granules`), so the widened range stays inside this one.
+        let g = self.discard_granule() as usize;
+        let start = range.host / g * g;
+        let end = (range.host + range.len as usize).next_multiple_of(g);
+        // SAFETY: `[start, end)` lies inside one region of this mapping (never unmapped);
+        // populating changes no contents, it only allocates what a write would.
+        let rc = unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                end - start,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc == 0 {
+            Ok((end - start) as u64)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Whether guest RAM was registered for write protection.
     pub fn has_write_fence(&self) -> bool {
         self.write_fence.is_some()
@@ -1198,6 +1224,21 @@ mod tests {
             "{passes} passes, {writes} writes"
         );
         assert_eq!(lost, 0, "{lost} of {writes} writes lost in {passes} passes");
+    }
+
+    #[test]
+    fn populate_backs_discarded_pages_and_keeps_contents() {
+        for backing in [Backing::Anon, Backing::Memfd] {
+            let m = backed(backing, false);
+            let all = m.range(0, 2 * MIB).unwrap();
+            fill(&m, 0, 2 * MIB, 7);
+            m.discard(m.range(0, MIB).unwrap()).unwrap();
+            assert_eq!(resident_pages(&m, all), 256, "{}", backing.name());
+            assert_eq!(m.populate(all).unwrap(), 2 * MIB);
+            assert_eq!(resident_pages(&m, all), 512, "{}", backing.name());
+            assert_eq!(m.memory().read_obj::<u8>(GuestAddress(0)).unwrap(), 0);
+            assert_eq!(m.memory().read_obj::<u8>(GuestAddress(MIB)).unwrap(), 7);
+        }
     }
 
     fn backed(backing: Backing, write_fence: bool) -> GuestRam {

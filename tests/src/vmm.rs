@@ -203,12 +203,17 @@ impl Vmm for Ebb {
             argv.push("--balloon".into());
             argv.push(format!(
                 "size={}M,deflate_on_oom={},free_page_reporting={},stats_interval={},\
-                 free_page_hinting={}",
+                 free_page_hinting={}{}",
                 b.size_mib,
                 onoff(b.deflate_on_oom),
                 onoff(b.free_page_reporting),
                 b.stats_interval,
-                onoff(b.free_page_hinting)
+                onoff(b.free_page_hinting),
+                if b.deflate_prefault {
+                    ""
+                } else {
+                    ",deflate_prefault=off"
+                }
             ));
         }
         for d in &config.disks {

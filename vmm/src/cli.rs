@@ -47,7 +47,7 @@ pub struct Cli {
     /// Add a virtio-balloon device.
     #[arg(
         long,
-        value_name = "size=SIZE,deflate_on_oom=on|off,free_page_reporting=on|off,stats_interval=SECS,free_page_hinting=on|off"
+        value_name = "size=SIZE,deflate_on_oom=on|off,free_page_reporting=on|off,stats_interval=SECS,free_page_hinting=on|off,deflate_prefault=on|off"
     )]
     pub balloon: Option<BalloonConfig>,
 

@@ -475,6 +475,7 @@ fn mmio_devices(
                 } else {
                     HintDiscard::Checked
                 },
+                deflate_prefault: balloon_cfg.deflate_prefault,
             },
             ram,
         )

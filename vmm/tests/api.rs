@@ -83,6 +83,7 @@ fn fake_state(kind: Kind) -> FakeState {
                     // The full-featured fake hints; the one without statistics does not.
                     free_page_hinting: kind == Kind::Stats,
                     hint_discard: Default::default(),
+                    deflate_prefault: true,
                 },
                 guest_memory_bytes: GUEST_MIB * MIB,
                 target_pages: 256 * 64,
@@ -405,7 +406,7 @@ fn get_balloon() {
         json!({
             "amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 5,
             "free_page_reporting": true, "target_mib": 64, "actual_mib": 32,
-            "free_page_hinting": true
+            "free_page_hinting": true, "deflate_prefault": true
         })
     );
 }

@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::{discard, drain, Budget, Chain, Pass};
 use crate::counters::{BalloonCounters, DiscardReason};
-use crate::pages::{check_pfns, CheckedPfns, PageSet};
+use crate::pages::{check_pfns, page_runs, CheckedPfns, PageSet};
 use crate::protocol::{BALLOON_PAGE_SIZE, PFN_SHIFT};
 
 /// Descriptors Ebb reads from one inflate or deflate chain (Linux sends one).
@@ -107,24 +107,101 @@ fn new_runs(
     runs
 }
 
+/// Which deflated pages the host backs with memory before the guest has them back.
+///
+/// A guest that takes pages back because it is short of memory writes them at once; each
+/// first write would be a host fault, a VM exit per 4 KiB page. Backing them in one call
+/// per run of pages, before the buffer goes back (the guest frees the pages only after
+/// that), spares the guest those exits. Pages given back for other reasons (a smaller
+/// target set through the API, the end of a trim) are left to fault in when used: the
+/// guest may never touch them, and backing them would cost the host for nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Prefault {
+    /// Back deflated pages at all.
+    pub enabled: bool,
+    /// Pages the guest was asked to give back because it was short (the policy's
+    /// deflates for need), not yet backed.
+    pub asked_pages: u64,
+    /// The balloon's target in pages. Pages the guest takes back below it were not asked
+    /// for: its deflate-on-OOM notifier took them to satisfy an allocation, so they are
+    /// backed too.
+    pub target_pages: u64,
+}
+
+impl Prefault {
+    /// How many of the `removed` pages that left a balloon of `held_before` pages to
+    /// back; the asked-for ones come out of [`Prefault::asked_pages`].
+    pub fn take(&mut self, held_before: u64, removed: u64) -> u64 {
+        if !self.enabled {
+            return 0;
+        }
+        let asked = removed.min(held_before.saturating_sub(self.target_pages));
+        let from_asked = asked.min(self.asked_pages);
+        self.asked_pages -= from_asked;
+        (removed - asked) + from_asked
+    }
+}
+
 /// Takes deflate buffers: their valid pages leave the balloon (the guest may use them
-/// again; they come back as zero pages on first touch).
+/// again; they come back as zero pages on first touch). Those that `prefault` picks are
+/// backed on the host first.
 pub fn deflate(
     ram: &GuestRam,
     queue: &mut Queue,
     balloon: &mut PageSet,
     counters: &mut BalloonCounters,
     time_limit: Duration,
+    prefault: &mut Prefault,
 ) -> Pass {
     drain_pfn_buffers(ram, queue, counters, time_limit, |checked, counters| {
         counters.deflated_pages += checked.valid_entries;
         counters.unknown_deflates += checked.repeats;
+        let held_before = balloon.len();
+        let mut left = Vec::new();
         for pfn in checked.pages() {
-            if !balloon.remove(pfn) {
+            if balloon.remove(pfn) {
+                left.push(pfn);
+            } else {
                 counters.unknown_deflates += 1;
             }
         }
+        let back = prefault.take(held_before, left.len() as u64) as usize;
+        back_pages(ram, &left[..back], prefault, counters);
     })
+}
+
+/// Backs the pages `sorted` (page numbers in address order) with host memory, one call
+/// per run of consecutive pages. The first failure turns backing off for good (a kernel
+/// without `MADV_POPULATE_WRITE`, or a host out of memory): the guest faults its pages in
+/// itself, as without it.
+fn back_pages(
+    ram: &GuestRam,
+    sorted: &[u32],
+    prefault: &mut Prefault,
+    counters: &mut BalloonCounters,
+) {
+    for run in page_runs(sorted) {
+        if !prefault.enabled {
+            return;
+        }
+        let gpa = u64::from(run.first) << PFN_SHIFT;
+        let Some(range) = ram.range(gpa, u64::from(run.count) << PFN_SHIFT) else {
+            continue;
+        };
+        match ram.populate(range) {
+            Ok(bytes) => counters.prefaulted_bytes += bytes,
+            Err(e) => {
+                counters.prefault_failures += 1;
+                prefault.enabled = false;
+                tracing::warn!(
+                    "balloon: backing deflated pages {:#x}+{:#x}: {e}; deflated pages are \
+                     no longer backed ahead of the guest",
+                    range.gpa(),
+                    range.len()
+                );
+            }
+        }
+    }
 }
 
 /// Drains PFN buffers within [`PFN_BUDGET`] and `time_limit`: each one read and checked against guest RAM

@@ -96,6 +96,7 @@ fn shared() -> &'static Shared {
                         stats_interval_s: 1,
                         free_page_hinting: false,
                         hint_discard: Default::default(),
+                        deflate_prefault: true,
                     },
                     guest_memory_bytes: 1 << 30,
                     target_pages: 0,

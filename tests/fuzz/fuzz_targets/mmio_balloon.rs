@@ -157,6 +157,7 @@ fuzz_target!(|data: &[u8]| {
         free_page_hinting: flags & 16 != 0,
         // The fuzzer's RAM has no write fence; the madvise guard checks every discard.
         hint_discard: ebb_balloon::queues::hinting::HintDiscard::Unchecked,
+        deflate_prefault: true,
     };
     let Ok(balloon) = Balloon::new(options, &ram) else {
         return;

@@ -42,6 +42,7 @@ fn inside() -> Result<(), String> {
             free_page_reporting: true,
             stats_interval: 1,
             free_page_hinting: false,
+            deflate_prefault: true,
         }),
         ..GuestConfig::default()
     };

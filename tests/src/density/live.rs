@@ -172,6 +172,7 @@ impl LiveLauncher {
                 free_page_reporting: spec.reporting,
                 stats_interval: u32::from(spec.policy),
                 free_page_hinting: false,
+                deflate_prefault: true,
             }),
             // The same kernel image for both VMMs.
             kernel: Some(KernelImage::Elf),

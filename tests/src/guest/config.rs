@@ -38,6 +38,8 @@ pub struct BalloonConfig {
     pub stats_interval: u32,
     /// Ebb only: offer free page hinting.
     pub free_page_hinting: bool,
+    /// Ebb only: back pages a short guest takes back before it gets them (Ebb's default).
+    pub deflate_prefault: bool,
 }
 
 impl Default for BalloonConfig {
@@ -48,6 +50,7 @@ impl Default for BalloonConfig {
             free_page_reporting: true,
             stats_interval: 0,
             free_page_hinting: false,
+            deflate_prefault: true,
         }
     }
 }
@@ -192,6 +195,7 @@ mod tests {
                 free_page_reporting: true,
                 stats_interval: 2,
                 free_page_hinting: false,
+                deflate_prefault: true,
             }),
             ..GuestConfig::default()
         };

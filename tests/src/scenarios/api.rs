@@ -191,6 +191,7 @@ fn api_endpoints(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         free_page_reporting: true,
         stats_interval: 1,
         free_page_hinting: false,
+        deflate_prefault: true,
     };
     let c = api_config(memory_mib, Some(balloon), &socket);
     let (mut vm, ready) = boot(&ebb()?, &c)?;
@@ -507,6 +508,7 @@ fn api_runtime_inflate(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         free_page_reporting: false,
         stats_interval: 5,
         free_page_hinting: false,
+        deflate_prefault: true,
     };
     let mut c = api_config(memory_mib, Some(balloon), &socket);
     // Debian's kernel zeroes every page it allocates, the balloon's pages included. In the

@@ -200,6 +200,7 @@ fn backing_reclaim(_ctx: &Ctx, args: &Args, backing: &str) -> Result<Value, Stri
             deflate_on_oom: false,
             free_page_reporting: true,
             free_page_hinting: true,
+            deflate_prefault: true,
             // `GET /balloon/statistics` (Ebb's counters) needs the statistics queue.
             stats_interval: 5,
             ..BalloonConfig::default()

@@ -58,6 +58,7 @@ fn balloon_config(
             free_page_reporting,
             stats_interval: 0,
             free_page_hinting: false,
+            deflate_prefault: true,
         }),
     )
 }

@@ -172,6 +172,7 @@ fn inflate_config(memory_mib: u64, size_mib: u64, extra: Vec<String>) -> GuestCo
             free_page_reporting: false,
             stats_interval: 0,
             free_page_hinting: false,
+            deflate_prefault: true,
         }),
     );
     c.extra_args = extra;
@@ -334,6 +335,7 @@ fn reclaim_one(
             free_page_reporting: true,
             stats_interval: 0,
             free_page_hinting: false,
+            deflate_prefault: true,
         }),
     );
     c.thp = thp;
@@ -508,6 +510,7 @@ fn bench_api(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             free_page_reporting: true,
             stats_interval: 1,
             free_page_hinting: false,
+            deflate_prefault: true,
         }),
     );
     c.kernel = Some(KernelImage::Elf);

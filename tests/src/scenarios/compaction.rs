@@ -78,6 +78,7 @@ fn balloon_compaction(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             free_page_reporting: true,
             stats_interval: 0,
             free_page_hinting: false,
+            deflate_prefault: true,
         }),
     );
     c.extra_args = vec!["--api-socket".into(), socket.to_string_lossy().into_owned()];

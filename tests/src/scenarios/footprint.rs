@@ -89,6 +89,7 @@ fn one(
             free_page_reporting: true,
             stats_interval: 0,
             free_page_hinting: false,
+            deflate_prefault: true,
         }),
     );
     c.kernel = Some(KernelImage::Elf);

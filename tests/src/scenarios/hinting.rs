@@ -27,7 +27,9 @@ pub const SCENARIOS: &[ScenarioDef] = &[
            hinting run (reporting off) and (b) reporting alone; time until `pct`% of the \
            touched memory is back on the host, the run's own figures, what a run costs an \
            idle guest, and a checksummed file that must survive (args: memory_mib=1024 \
-           touch_mib=768 pct=90 limit_s=120)",
+           touch_mib=768 pct=90 limit_s=120 unchecked=false; unchecked=true discards \
+           hinted blocks without the zero check (--unsafe-unchecked-hinting): what a run \
+           costs when the host's share is only the discard)",
         run: hint_reclaim,
     },
     ScenarioDef {
@@ -115,6 +117,7 @@ fn guest_config(
         deflate_on_oom: false,
         free_page_reporting: reporting,
         free_page_hinting: hinting,
+        deflate_prefault: true,
         ..BalloonConfig::default()
     };
     let mut c = config(memory_mib, 1, Some(balloon));
@@ -123,17 +126,24 @@ fn guest_config(
 }
 
 fn hint_reclaim(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
-    args.check_known(&["memory_mib", "touch_mib", "pct", "limit_s"])?;
+    args.check_known(&["memory_mib", "touch_mib", "pct", "limit_s", "unchecked"])?;
     let memory_mib: u64 = args.get("memory_mib", 1024)?;
     let touch_mib: u64 = args.get("touch_mib", 768)?;
     let pct: u64 = args.get("pct", 90)?;
     let limit = Duration::from_secs(args.get("limit_s", 120)?);
+    let unchecked: bool = args.get("unchecked", false)?;
     let dir = scratch_dir("hint")?;
     let ebb = ebb()?;
 
     // (a) Hinting, reporting off: only the host's request gives memory back.
     let socket = dir.join("hint.sock");
-    let (mut vm, _) = boot(&ebb, &guest_config(memory_mib, false, true, &socket))?;
+    let mut hinting_config = guest_config(memory_mib, false, true, &socket);
+    if unchecked {
+        hinting_config
+            .extra_args
+            .push("--unsafe-unchecked-hinting".into());
+    }
+    let (mut vm, _) = boot(&ebb, &hinting_config)?;
     let client = Client::new(&socket, Duration::from_secs(30));
     let idle_before = settled_rss(&vm, Duration::from_secs(4), Duration::from_secs(30), 2048)?;
     // An idle run: the guest zeroes (init_on_alloc) and hands over all its free memory.
@@ -253,6 +263,7 @@ fn hint_reclaim(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "memory_mib": memory_mib,
         "touch_mib": touch_mib,
         "pct": pct,
+        "unchecked": unchecked,
         "idle": {
             "rss_before_mib": mib(idle_before),
             "rss_peak_mib": mib(idle_peak),
@@ -288,7 +299,7 @@ pub fn table(d: &Value) -> String {
     let idle = &d["idle"];
     format!(
         "hint: {:.1} GiB guest touched and freed {:.1} GiB; time until {}% of it is back on the host\n\
-         \x20 hinting (Ebb, reporting off): {} ms after the start request (the guest's run: {} \
+         \x20 hinting (Ebb, reporting off{}): {} ms after the start request (the guest's run: {} \
          ms, of which the host checking and discarding: {} ms; {} blocks, {:.0} MiB given \
          back, {:.0} MiB kept; guest CPU (user+system+softirq): {} ms)\n\
          \x20 reporting (Ebb, the guest's pace): {} ms after the free\n\
@@ -297,6 +308,11 @@ pub fn table(d: &Value) -> String {
         gib(&d["memory_mib"]),
         gib(&d["touch_mib"]),
         d["pct"],
+        if d["unchecked"] == true {
+            ", UNCHECKED discards"
+        } else {
+            ""
+        },
         d["hinting"]["back_ms"],
         d["hinting"]["run_ms"],
         st["host_ms"],

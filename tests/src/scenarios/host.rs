@@ -273,6 +273,7 @@ fn boot_once(kind: &VmmRef, artifacts: &GuestArtifacts, args: &Args) -> Result<V
             free_page_reporting: true,
             stats_interval: 0,
             free_page_hinting: false,
+            deflate_prefault: true,
         }),
         ..GuestConfig::default()
     };

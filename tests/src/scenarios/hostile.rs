@@ -166,6 +166,7 @@ fn hostile_flood(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             free_page_reporting: true,
             stats_interval: 1,
             free_page_hinting: false,
+            deflate_prefault: true,
         }),
     );
     // A disk too, so its I/O threads are among the threads checked (the default guest

@@ -38,7 +38,8 @@ pub const SCENARIOS: &[ScenarioDef] = &[
                settled: the median time of `rereads` re-reads of the hot set, the MiB they \
                had to read from the disk again, and a `touch_mib` allocation's time, guest \
                memory stall (PSI) and allocation stalls (args: memory_mib=1024 hot_mib=128 \
-               cold_mib=512 rereads=5 period_s=10 touch_mib=512 settle_s=180)",
+               cold_mib=512 rereads=5 period_s=10 touch_mib=512 settle_s=180 \
+               deflate_prefault=true: false leaves pages the guest takes back to fault in)",
         run: bench_policy,
     },
 ];
@@ -61,6 +62,7 @@ fn boot_disk_guest(
     memory_mib: u64,
     data_mib: u64,
     debug_log: bool,
+    deflate_prefault: bool,
 ) -> Result<(GuestVm, std::path::PathBuf), String> {
     let socket = dir.join("api.sock");
     let root = dir.join("root.ext4");
@@ -79,6 +81,7 @@ fn boot_disk_guest(
             free_page_reporting: true,
             stats_interval: 1,
             free_page_hinting: false,
+            deflate_prefault,
         }),
     );
     c.initramfs = Some(rootfs_dir().join("initramfs.cpio.gz"));
@@ -251,8 +254,10 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "period_s",
         "touch_mib",
         "settle_s",
+        "deflate_prefault",
     ])?;
     let memory_mib: u64 = args.get("memory_mib", 1024)?;
+    let deflate_prefault: bool = args.get("deflate_prefault", true)?;
     let hot_mib: u64 = args.get("hot_mib", 128)?;
     let cold_mib: u64 = args.get("cold_mib", 512)?;
     let rereads: u64 = args.get("rereads", 5)?;
@@ -263,7 +268,13 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "bench-policy needs rereads and hot_mib above 0".into()
     })?;
     let dir = scratch_dir("policy-bench")?;
-    let (mut vm, socket) = boot_disk_guest(&dir, memory_mib, hot_mib + cold_mib + 64, false)?;
+    let (mut vm, socket) = boot_disk_guest(
+        &dir,
+        memory_mib,
+        hot_mib + cold_mib + 64,
+        false,
+        deflate_prefault,
+    )?;
     let client = Client::new(&socket, Duration::from_secs(30));
 
     // The sleeper keeps /dev/vdb's cache (see read_disk_command); the first read of the
@@ -309,7 +320,14 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         mib(rss_before),
         mib(rss_policy)
     ));
-    let on = policy_phase(&mut vm, hot_mib, rereads, touch_mib)?;
+    let prefaulted = |client: &Client| -> Result<u64, String> {
+        get_json(client, "/balloon/statistics")?["ebb"]["prefaulted_bytes"]
+            .as_u64()
+            .ok_or_else(|| "no ebb.prefaulted_bytes in GET /balloon/statistics".to_string())
+    };
+    let prefaulted_before = prefaulted(&client)?;
+    let mut on = policy_phase(&mut vm, hot_mib, rereads, touch_mib)?;
+    on["touch_prefaulted_mib"] = json!((prefaulted(&client)? - prefaulted_before) >> 20);
     progress(&format!("policy on: {on}"));
     let after = get_json(&client, "/balloon/policy")?;
     let slowdown = on["reread_median_s"].as_f64().unwrap_or(f64::NAN)
@@ -335,12 +353,15 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let table = format!(
         "bench-policy ({memory_mib} MiB guest, hot set {hot_mib} MiB read from disk in \
          {miss_s:.2} s, cold {cold_mib} MiB, touch {touch_mib} MiB; policy settled at a {} MiB \
-         balloon, guest RAM RSS {:.0} -> {:.0} MiB)\n\
+         balloon, guest RAM RSS {:.0} -> {:.0} MiB; deflate_prefault {}: {} MiB backed ahead \
+         of the touch)\n\
          policy   re-read med s  re-read disk MiB  touch s  host faults  stall some ms  \
          stall full ms  allocstalls\n{}\n{}\nhot set re-read with the policy: {:+.1}%\n",
         balloon["actual_mib"],
         mib(rss_before),
         mib(rss_policy),
+        if deflate_prefault { "on" } else { "off" },
+        on["touch_prefaulted_mib"],
         row("off", &off),
         row("auto", &on),
         slowdown * 100.0
@@ -350,6 +371,7 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(json!({
         "memory_mib": memory_mib,
+        "deflate_prefault": deflate_prefault,
         "hot_mib": hot_mib,
         "cold_mib": cold_mib,
         "hot_miss_s": miss_s,
@@ -381,7 +403,7 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     // Prints the policy's decisions (the VMM's debug log) once it settled.
     let debug_log: bool = args.get("debug_log", false)?;
     let dir = scratch_dir("policy")?;
-    let (mut vm, socket) = boot_disk_guest(&dir, memory_mib, cache_mib + 64, debug_log)?;
+    let (mut vm, socket) = boot_disk_guest(&dir, memory_mib, cache_mib + 64, debug_log, true)?;
     let client = Client::new(&socket, Duration::from_secs(30));
     let policy = get_json(&client, "/balloon/policy")?;
     ensure(policy["enabled"] == false, || {

@@ -72,6 +72,7 @@ fn reporting_config(
             free_page_reporting: reporting,
             stats_interval: 0,
             free_page_hinting: false,
+            deflate_prefault: true,
         }),
     );
     c.cmdline_extra = cmdline_extra.to_string();

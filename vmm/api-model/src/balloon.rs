@@ -27,6 +27,9 @@ pub struct BalloonConfig {
     pub stats_interval_s: u32,
     /// Offer free page hinting (the host asks the guest for its free memory).
     pub free_page_hinting: bool,
+    /// Back pages on the host before a guest that is short of memory gets them back
+    /// from the balloon (default on; `deflate_prefault=off` leaves them to fault in).
+    pub deflate_prefault: bool,
     /// The automatic balloon policy.
     pub policy: PolicyConfig,
 }
@@ -77,6 +80,7 @@ impl Default for BalloonConfig {
             free_page_reporting: true,
             stats_interval_s: 0,
             free_page_hinting: false,
+            deflate_prefault: true,
             policy: PolicyConfig::default(),
         }
     }
@@ -97,6 +101,7 @@ impl FromStr for BalloonConfig {
                 "deflate_on_oom" => cfg.deflate_on_oom = parse_switch(key, value)?,
                 "free_page_reporting" => cfg.free_page_reporting = parse_switch(key, value)?,
                 "free_page_hinting" => cfg.free_page_hinting = parse_switch(key, value)?,
+                "deflate_prefault" => cfg.deflate_prefault = parse_switch(key, value)?,
                 "policy" => {
                     cfg.policy.auto = match value {
                         "auto" => true,
@@ -144,9 +149,9 @@ impl FromStr for BalloonConfig {
                 _ => {
                     return Err(ParseError(format!(
                         "unknown balloon option '{key}' (known: size, deflate_on_oom, \
-                         free_page_reporting, stats_interval, free_page_hinting, policy, \
-                         policy_headroom, policy_min, policy_max, policy_step, \
-                         policy_fault_rate, policy_cooldown, policy_trim)"
+                         free_page_reporting, stats_interval, free_page_hinting, \
+                         deflate_prefault, policy, policy_headroom, policy_min, policy_max, \
+                         policy_step, policy_fault_rate, policy_cooldown, policy_trim)"
                     )))
                 }
             }
@@ -189,6 +194,9 @@ impl fmt::Display for BalloonConfig {
             self.stats_interval_s,
             switch_arg(self.free_page_hinting)
         )?;
+        if !self.deflate_prefault {
+            write!(f, ",deflate_prefault=off")?;
+        }
         if self.policy.auto {
             write!(f, ",policy=auto")?;
         }
@@ -230,9 +238,14 @@ mod tests {
                 free_page_reporting: false,
                 stats_interval_s: 2,
                 free_page_hinting: true,
+                deflate_prefault: true,
                 policy: PolicyConfig::default(),
             }
         );
+        let off: BalloonConfig = "size=0,deflate_prefault=off".parse().unwrap();
+        assert!(!off.deflate_prefault);
+        assert!(off.to_string().ends_with(",deflate_prefault=off"), "{off}");
+        assert_eq!(off.to_string().parse::<BalloonConfig>().unwrap(), off);
         let d: BalloonConfig = "size=0".parse().unwrap();
         assert!(d.free_page_reporting, "reporting defaults on");
         assert!(!d.free_page_hinting, "hinting defaults off");
@@ -248,9 +261,9 @@ mod tests {
             (
                 "size=1G,bogus=1",
                 "unknown balloon option 'bogus' (known: size, deflate_on_oom, \
-                 free_page_reporting, stats_interval, free_page_hinting, policy, \
-                 policy_headroom, policy_min, policy_max, policy_step, policy_fault_rate, \
-                 policy_cooldown, policy_trim)",
+                 free_page_reporting, stats_interval, free_page_hinting, deflate_prefault, \
+                 policy, policy_headroom, policy_min, policy_max, policy_step, \
+                 policy_fault_rate, policy_cooldown, policy_trim)",
             ),
             (
                 "stats_interval=-1",
@@ -307,6 +320,7 @@ mod tests {
             free_page_reporting: true,
             stats_interval_s: 2,
             free_page_hinting: false,
+            deflate_prefault: true,
             policy: PolicyConfig::default(),
         };
         assert_eq!(
@@ -323,6 +337,7 @@ mod tests {
                 free_page_reporting: false,
                 stats_interval_s: 0,
                 free_page_hinting: true,
+                deflate_prefault: false,
                 policy: PolicyConfig::default(),
             },
             "stats_interval=1,policy=auto,policy_headroom=512M,policy_step=64M"

@@ -152,6 +152,12 @@ struct BalloonWire {
     actual_mib: u32,
     #[serde(default)]
     free_page_hinting: bool,
+    #[serde(default = "default_true")]
+    deflate_prefault: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl From<BalloonInfo> for BalloonWire {
@@ -164,6 +170,7 @@ impl From<BalloonInfo> for BalloonWire {
             target_mib: b.target_mib(),
             actual_mib: b.actual_mib(),
             free_page_hinting: b.config.free_page_hinting,
+            deflate_prefault: b.config.deflate_prefault,
         }
     }
 }
@@ -177,6 +184,7 @@ impl From<BalloonWire> for BalloonInfo {
                 free_page_reporting: w.free_page_reporting,
                 stats_interval_s: w.stats_polling_interval_s,
                 free_page_hinting: w.free_page_hinting,
+                deflate_prefault: w.deflate_prefault,
                 policy: Default::default(),
             },
             actual_bytes: u64::from(w.actual_mib) * MIB,
@@ -226,6 +234,12 @@ pub struct EbbBalloonStats {
     pub deflated_pages: u64,
     /// Pages the guest took back below the target without being asked (deflate-on-OOM).
     pub oom_deflated_pages: u64,
+    /// Bytes of deflated pages backed on the host before the guest got them back.
+    #[serde(default)]
+    pub prefaulted_bytes: u64,
+    /// Backing deflated pages that failed.
+    #[serde(default)]
+    pub prefault_failures: u64,
     /// Bytes discarded for inflated pages.
     pub inflate_discarded_bytes: u64,
     /// Free page reports received.
@@ -498,6 +512,7 @@ mod tests {
                 free_page_reporting: false,
                 stats_interval_s: 2,
                 free_page_hinting: false,
+                deflate_prefault: true,
                 policy: Default::default(),
             },
             actual_bytes: 50 * MIB,
@@ -514,6 +529,7 @@ mod tests {
                 "target_mib": 100,
                 "actual_mib": 50,
                 "free_page_hinting": false,
+                "deflate_prefault": true,
             })
         );
         // Field order is the wire order (ebb-ctl --json prints the body as it came).

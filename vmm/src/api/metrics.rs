@@ -260,7 +260,7 @@ pub fn render(
         "Seconds between guest statistics updates (0: disabled).",
         b.stats_interval_s,
     );
-    let counters: [(&str, &str, u64); 25] = [
+    let counters: [(&str, &str, u64); 27] = [
         (
             "ebb_balloon_inflated_pages_total",
             "Pages received on the inflate queue.",
@@ -280,6 +280,16 @@ pub fn render(
             "ebb_balloon_oom_deflated_pages_total",
             "Pages the guest took back below the target without being asked (deflate-on-OOM).",
             c.oom_deflated_pages,
+        ),
+        (
+            "ebb_balloon_prefaulted_bytes_total",
+            "Bytes of deflated pages backed on the host before the guest got them back.",
+            c.prefaulted_bytes,
+        ),
+        (
+            "ebb_balloon_prefault_failures_total",
+            "Backing deflated pages that failed.",
+            c.prefault_failures,
         ),
         (
             "ebb_balloon_unknown_deflates_total",
@@ -509,6 +519,7 @@ mod tests {
                 stats_interval_s: 0,
                 free_page_hinting: false,
                 hint_discard: Default::default(),
+                deflate_prefault: true,
             },
             guest_memory_bytes: 512 << 20,
             target_pages: 512,
