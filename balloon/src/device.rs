@@ -324,6 +324,7 @@ impl Balloon {
                 .and_then(|p| p.memory_some_avg10()),
         };
         let decision = policy.decide(observation);
+        let headroom = policy.settings().headroom / BALLOON_PAGE_SIZE;
         let pages = decision.target / BALLOON_PAGE_SIZE;
         tracing::debug!(
             "balloon policy: {} -> {} MiB ({}; available {:?} MiB, free {:?} MiB, \
@@ -344,8 +345,9 @@ impl Balloon {
                 tracing::warn!("balloon policy: {e}");
             }
             if decision.reason.deflates_for_need() {
-                // Every page the guest is now asked for, it needs at once.
-                self.prefault.asked_pages = self.held.len().saturating_sub(pages);
+                // The guest needs what it is asked to give back at once, up to about a
+                // headroom: a deflate that ends a trim gives back more than that.
+                self.prefault.asked_pages = self.held.len().saturating_sub(pages).min(headroom);
             }
         }
     }

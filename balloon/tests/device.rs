@@ -940,6 +940,70 @@ fn pages_a_short_guest_takes_back_are_backed_before_it_gets_them() {
     }
 }
 
+/// A deflate for need can give back more than the guest needs at once (a step against
+/// major faults, the end of a trim): what is backed ahead of the guest stops at a
+/// headroom.
+#[test]
+fn backing_ahead_of_a_short_guest_stops_at_a_headroom() {
+    use ebb_balloon::policy::{AutoPolicy, PolicySettings, Reason};
+    let ram = ram();
+    let mem = ram.memory();
+    let mut b = new_balloon(options(false, 1), &ram);
+    let settings = PolicySettings {
+        headroom: 64 * 4096,
+        min: 0,
+        max: 24 * MIB,
+        step: 2 * MIB,
+        fault_rate: 10,
+        ..PolicySettings::for_ram(RAM_BYTES)
+    };
+    b.set_policy(AutoPolicy::new(settings, false), None)
+        .unwrap();
+    let mut inflate = DriverQueue::new(mem, 0x1000, 256);
+    let mut deflate = DriverQueue::new(mem, 0x5000, 256);
+    let mut stats = DriverQueue::new(mem, 0x9000, 2);
+    activate(
+        &mut b,
+        &ram,
+        VIRTIO_F_VERSION_1 | F_STATS_VQ,
+        vec![
+            (0, inflate.queue()),
+            (1, deflate.queue()),
+            (2, stats.queue()),
+        ],
+    );
+    let start = B_START + 4 * MIB;
+    let pfns: Vec<u32> = (0..512).map(|i| pfn(start) + i).collect();
+    b.set_target_pages(512).unwrap();
+    let len = write_pfns(mem, DATA, &pfns);
+    inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    b.write_config(4, &512u32.to_le_bytes());
+    b.policy_mut().unwrap().set_enabled(true);
+    // Plenty available, then a burst of major faults: a step's deflate (512 pages).
+    let mut report = |major_faults: u64| {
+        let mut buf = stats_entry(6, 16 * MIB);
+        buf.extend(stats_entry(2, major_faults));
+        mem.write_slice(&buf, GuestAddress(DATA)).unwrap();
+        stats.add(&[(DATA, buf.len() as u32, false)]);
+        b.process_queue(2);
+        b.policy().unwrap().last_decision().unwrap().reason
+    };
+    report(0);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(report(1_000_000), Reason::DeflateFaults);
+    assert_eq!(b.target_pages(), 0);
+    let len = write_pfns(mem, DATA, &pfns);
+    deflate.add(&[(DATA, len, false)]);
+    b.process_queue(1);
+    assert_eq!(b.held_pages(), 0);
+    assert_eq!(
+        b.counters().prefaulted_bytes,
+        64 * 4096,
+        "a headroom, not 512 pages"
+    );
+}
+
 #[test]
 fn stats_interval_cannot_be_enabled_when_off_at_boot() {
     let ram = ram();
