@@ -44,11 +44,11 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
 
-    /// Add a virtio-balloon device.
-    #[arg(
-        long,
-        value_name = "size=SIZE,deflate_on_oom=on|off,free_page_reporting=on|off,stats_interval=SECS,free_page_hinting=on|off,deflate_prefault=on|off"
-    )]
+    /// Add a virtio-balloon device: size (the initial target), deflate_on_oom=on|off,
+    /// free_page_reporting=on|off, stats_interval=SECS, free_page_hinting=on|off,
+    /// deflate_prefault=on|off, policy=auto|off and its policy_* knobs (README "Command
+    /// line" has them all).
+    #[arg(long, value_name = "size=SIZE[,OPTION=VALUE]...")]
     pub balloon: Option<BalloonConfig>,
 
     /// Add a virtio-blk disk backed by a raw image (a file or block device whose size is
