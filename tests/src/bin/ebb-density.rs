@@ -23,11 +23,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ebb_tests::density::live::{enter_memory_cgroup, protect_self, HostLimit, LiveLauncher};
 use ebb_tests::density::report::DensityReport;
-use ebb_tests::density::{run_density, DensityConfig, RunResult, RunSpec};
+use ebb_tests::density::{run_density, DensityConfig, GuestRecord, RunResult, RunSpec};
 use ebb_tests::guest::{build_default_guest, build_ebb_binary};
 use ebb_tests::paths;
 use ebb_tests::results;
@@ -216,6 +217,11 @@ fn inner(label: &str, cfg_json: &str, where_: &str) -> ExitCode {
             println!("{line}");
             let _ = std::io::stdout().flush();
         },
+        &mut |rec| {
+            if let Ok(data) = serde_json::to_value(rec) {
+                results::emit(GUEST_JOB, label, true, serde_json::json!({ "data": data }));
+            }
+        },
     );
     match serde_json::to_value(&result) {
         Ok(data) => {
@@ -229,11 +235,29 @@ fn inner(label: &str, cfg_json: &str, where_: &str) -> ExitCode {
     }
 }
 
-/// Shows a run's progress lines as they arrive.
+/// The result line each guest's record travels in, as soon as its bring-up ended.
+const GUEST_JOB: &str = "density-guest";
+
+/// The guest records of the current run, as they arrived (a run stopped from outside is
+/// rebuilt from them).
+static GUEST_RECORDS: Mutex<Vec<GuestRecord>> = Mutex::new(Vec::new());
+
+/// Shows a run's progress lines as they arrive, and keeps its guests' records.
 fn show_progress(line: &str) {
     if !results::is_result(line) {
         println!("  {line}");
         let _ = std::io::stdout().flush();
+        return;
+    }
+    for r in results::parse(line) {
+        if r["job"] == GUEST_JOB {
+            if let Ok(rec) = serde_json::from_value::<GuestRecord>(r["data"].clone()) {
+                GUEST_RECORDS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(rec);
+            }
+        }
     }
 }
 
@@ -253,8 +277,37 @@ fn run_one(spec: RunSpec, opts: &Options, mode: HostMode, me: &Path) -> Result<R
     scenario.kvm_amd_params = opts.kvm_amd_params.clone();
     scenario.l1_memory_mib = (opts.cfg.host_gib * 1024.0).round() as u32;
     scenario.timeout = Duration::from_secs(600 + per_guest * u64::from(opts.cfg.max_guests + 1));
+    // The longest a run stays silent: a guest's boot, touch, free and settling.
+    scenario.quiet_timeout = Some(Duration::from_secs(
+        opts.cfg.boot_timeout_s + 2 * opts.cfg.touch_timeout_s + opts.cfg.settle_timeout_s + 120,
+    ));
     scenario.on_stdout_line = Some(show_progress);
-    let out = testhost::run(&scenario).map_err(|e| e.to_string())?;
+    GUEST_RECORDS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    let started = Instant::now();
+    let out = match testhost::run(&scenario) {
+        Ok(out) => out,
+        Err(e @ testhost::Error::Timeout(_)) => {
+            // A host that stopped making progress (it thrashes without swap, or its
+            // kernel hangs) still says how many guests fitted before it.
+            let records =
+                std::mem::take(&mut *GUEST_RECORDS.lock().unwrap_or_else(|e| e.into_inner()));
+            if records.is_empty() {
+                return Err(e.to_string());
+            }
+            let why = e.to_string().lines().next().unwrap_or_default().to_string();
+            eprintln!("ebb-density: run {} stopped: {why}", spec.label());
+            return Ok(RunResult::stalled(
+                spec,
+                records,
+                format!("the host stopped making progress: {why}"),
+                started.elapsed().as_secs_f64(),
+            ));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let result = out
         .results
         .iter()

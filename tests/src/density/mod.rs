@@ -149,6 +149,9 @@ pub enum FailureKind {
     Touch,
     /// A VMM that had fitted was killed later (the host ran out of memory).
     Killed,
+    /// The host stopped making progress (it thrashed, or its kernel failed): the run
+    /// was stopped from outside, and its figures are those of the guests before.
+    Stalled,
 }
 
 /// The first failure of a run.
@@ -405,13 +408,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub use crate::util::{median, mib};
 
 /// Runs `spec` with `launcher` and returns its figures; `progress` receives one line per
-/// step.
+/// step, `on_record` each guest's figures as soon as its bring-up ended.
 pub fn run_density(
     spec: RunSpec,
     cfg: &DensityConfig,
     launcher: &mut dyn Launcher,
     sample_every: Duration,
     progress: &mut dyn FnMut(&str),
+    on_record: &mut dyn FnMut(&GuestRecord),
 ) -> RunResult {
     let start = Instant::now();
     let baseline = mib(launcher.host_used_kib());
@@ -502,6 +506,7 @@ pub fn run_density(
                 );
             }
         }
+        on_record(&rec);
         records.push(rec);
         if let Err(f) = outcome {
             failure = Some(f);
@@ -553,29 +558,81 @@ pub fn run_density(
         g.kill();
     }
 
-    let fitting: Vec<&GuestRecord> = records.iter().filter(|r| r.fits).collect();
-    let mean = |field: fn(&GuestRecord) -> Option<f64>| {
-        let values: Vec<f64> = fitting.iter().filter_map(|r| field(r)).collect();
-        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
-    };
-    let residual = mean(|r| r.settled_rss_mib);
-    let idle = mean(|r| r.idle_rss_mib);
-    let reclaims: Vec<f64> = fitting.iter().filter_map(|r| r.reclaim_s).collect();
     let timeline = std::mem::take(&mut *lock(&timeline));
-    RunResult {
-        vmm: spec.vmm,
-        reporting: spec.reporting,
-        policy: spec.policy,
-        guests_fit: fitting.len() as u32,
-        idle_mib_per_guest: idle,
-        residual_mib_per_guest: residual,
-        reclaim_s_median: median(&reclaims),
+    RunResult::from_records(
+        spec,
+        records,
         failure,
-        guests: records,
         timeline,
-        baseline_used_mib: baseline,
-        wall_s: start.elapsed().as_secs_f64(),
-        host: launcher.describe(),
+        baseline,
+        start.elapsed().as_secs_f64(),
+        launcher.describe(),
+    )
+}
+
+impl RunResult {
+    /// The run's figures from its guests' records (`fits` set on each).
+    pub fn from_records(
+        spec: RunSpec,
+        records: Vec<GuestRecord>,
+        failure: Option<Failure>,
+        timeline: Vec<Sample>,
+        baseline_used_mib: f64,
+        wall_s: f64,
+        host: String,
+    ) -> RunResult {
+        let fitting: Vec<&GuestRecord> = records.iter().filter(|r| r.fits).collect();
+        let mean = |field: fn(&GuestRecord) -> Option<f64>| {
+            let values: Vec<f64> = fitting.iter().filter_map(|r| field(r)).collect();
+            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+        };
+        let residual = mean(|r| r.settled_rss_mib);
+        let idle = mean(|r| r.idle_rss_mib);
+        let reclaims: Vec<f64> = fitting.iter().filter_map(|r| r.reclaim_s).collect();
+        RunResult {
+            vmm: spec.vmm,
+            reporting: spec.reporting,
+            policy: spec.policy,
+            guests_fit: fitting.len() as u32,
+            idle_mib_per_guest: idle,
+            residual_mib_per_guest: residual,
+            reclaim_s_median: median(&reclaims),
+            failure,
+            guests: records,
+            timeline,
+            baseline_used_mib,
+            wall_s,
+            host,
+        }
+    }
+
+    /// The figures of a run stopped from outside after guest `records.last()`, from the
+    /// records it reported: guests that touched and settled count as fitting (they were
+    /// alive when last seen), and the next guest failed as [`FailureKind::Stalled`].
+    pub fn stalled(
+        spec: RunSpec,
+        mut records: Vec<GuestRecord>,
+        why: String,
+        wall_s: f64,
+    ) -> RunResult {
+        for r in &mut records {
+            r.fits = r.touch_s.is_some() && r.settled_rss_mib.is_some();
+        }
+        let next = records.last().map_or(1, |r| r.guest + u32::from(r.fits));
+        let failure = Failure {
+            guest: next,
+            kind: FailureKind::Stalled,
+            detail: why,
+        };
+        RunResult::from_records(
+            spec,
+            records,
+            Some(failure),
+            Vec::new(),
+            0.0,
+            wall_s,
+            "stopped from outside".into(),
+        )
     }
 }
 
@@ -809,22 +866,45 @@ mod tests {
             policy: false,
         };
         let mut lines = Vec::new();
+        let mut reported = Vec::new();
         let r = run_density(
             spec,
             &cfg(),
             &mut host(60),
             Duration::from_millis(50),
             &mut |l| lines.push(l.to_string()),
+            &mut |rec| reported.push(rec.clone()),
         );
         // Each fitting guest leaves 60 MiB; a touch needs 410 MiB on top: (1024-410)/60.
         assert_eq!(r.guests_fit, 10, "{:?}", r.failure);
+        // Each guest's record was reported as its bring-up ended, the failed one's too; a
+        // run stopped from outside is rebuilt from them.
+        let numbers = |recs: &[GuestRecord]| recs.iter().map(|g| g.guest).collect::<Vec<_>>();
+        assert_eq!(numbers(&reported), numbers(&r.guests));
+        let fitted: Vec<GuestRecord> = reported
+            .into_iter()
+            .filter(|g| g.touch_s.is_some())
+            .take(10)
+            .collect();
+        let stalled = RunResult::stalled(spec, fitted, "quiet".into(), 1.0);
+        assert_eq!(stalled.guests_fit, 10);
+        assert_eq!(stalled.residual_mib_per_guest, r.residual_mib_per_guest);
+        let f = stalled.failure.unwrap();
+        assert_eq!((f.guest, f.kind), (11, FailureKind::Stalled));
         assert!(r.failure.is_none(), "stopped at max_guests");
         assert_eq!(r.residual_mib_per_guest, Some(60.0));
         assert!(lines.iter().any(|l| l.contains("guest 3: ready")));
         assert!(!r.timeline.is_empty());
 
         let mut h = host(460);
-        let r = run_density(spec, &cfg(), &mut h, Duration::from_millis(50), &mut |_| {});
+        let r = run_density(
+            spec,
+            &cfg(),
+            &mut h,
+            Duration::from_millis(50),
+            &mut |_| {},
+            &mut |_| {},
+        );
         // Guests keep 460 MiB each after their free: the third touch does not fit.
         assert_eq!(r.guests_fit, 2);
         let f = r.failure.unwrap();
@@ -848,7 +928,14 @@ mod tests {
             reporting: false,
             policy: false,
         };
-        let r = run_density(spec, &cfg(), &mut h, Duration::from_millis(50), &mut |_| {});
+        let r = run_density(
+            spec,
+            &cfg(),
+            &mut h,
+            Duration::from_millis(50),
+            &mut |_| {},
+            &mut |_| {},
+        );
         assert_eq!(r.guests_fit, 2);
         assert_eq!(r.failure.as_ref().unwrap().kind, FailureKind::Launch);
         assert_eq!(r.vmm, VmmKind::Qemu);
@@ -868,9 +955,14 @@ mod tests {
         h.emulated = true;
         h.crash_boot_of = vec![2];
         let mut lines = Vec::new();
-        let r = run_density(spec, &cfg, &mut h, Duration::from_millis(50), &mut |l| {
-            lines.push(l.to_string())
-        });
+        let r = run_density(
+            spec,
+            &cfg,
+            &mut h,
+            Duration::from_millis(50),
+            &mut |l| lines.push(l.to_string()),
+            &mut |_| {},
+        );
         assert_eq!(r.guests_fit, 4, "{:?}", r.failure);
         assert_eq!(h.launches, 5);
         let g2 = &r.guests[1];
@@ -892,7 +984,14 @@ mod tests {
         let mut h = host(60);
         h.emulated = true;
         h.crash_touch_of = vec![3];
-        let r = run_density(spec, &cfg, &mut h, Duration::from_millis(50), &mut |_| {});
+        let r = run_density(
+            spec,
+            &cfg,
+            &mut h,
+            Duration::from_millis(50),
+            &mut |_| {},
+            &mut |_| {},
+        );
         assert_eq!(r.guests_fit, 4, "{:?}", r.failure);
         assert_eq!(h.launches, 5);
         assert!(r.guests[2].crash_retry.is_some() && r.guests[2].touch_s.is_some());
@@ -901,7 +1000,14 @@ mod tests {
         let mut h = host(60);
         h.emulated = true;
         h.crash_boot_of = vec![2, 2];
-        let r = run_density(spec, &cfg, &mut h, Duration::from_millis(50), &mut |_| {});
+        let r = run_density(
+            spec,
+            &cfg,
+            &mut h,
+            Duration::from_millis(50),
+            &mut |_| {},
+            &mut |_| {},
+        );
         assert_eq!(r.guests_fit, 1);
         assert_eq!(h.launches, 3);
         let f = r.failure.unwrap();
@@ -911,7 +1017,14 @@ mod tests {
         // On a real host the same crash is a boot failure at once.
         let mut h = host(60);
         h.crash_boot_of = vec![2];
-        let r = run_density(spec, &cfg, &mut h, Duration::from_millis(50), &mut |_| {});
+        let r = run_density(
+            spec,
+            &cfg,
+            &mut h,
+            Duration::from_millis(50),
+            &mut |_| {},
+            &mut |_| {},
+        );
         assert_eq!(r.guests_fit, 1);
         assert_eq!(r.failure.unwrap().kind, FailureKind::Boot);
         assert_eq!(h.launches, 2);
@@ -929,6 +1042,7 @@ mod tests {
             &mut host(20),
             Duration::from_millis(50),
             &mut |_| {},
+            &mut |_| {},
         );
         let mut with_cache = cfg();
         with_cache.cache_mib = 200;
@@ -939,6 +1053,7 @@ mod tests {
             &mut host(20),
             Duration::from_millis(50),
             &mut |l| lines.push(l.to_string()),
+            &mut |_| {},
         );
         assert!(cached.guests.iter().all(|g| g.cache_s.is_some()));
         assert!(cached

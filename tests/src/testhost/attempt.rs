@@ -96,6 +96,7 @@ pub fn nested(l1: &L1, job: &Job, dir: &Path) -> Result<Outcome, Error> {
         console: ConsoleWatch::new(dir.join("console.log")),
         stdout: Follow::new(dir.join("stdout")),
         stderr_len: 0,
+        last_output: None,
         finished: None,
     };
     let end = run.watch()?;
@@ -112,6 +113,8 @@ enum End {
     TimedOut,
     /// L1 stalled for good (the console line): killed.
     Stalled(String),
+    /// The job printed nothing for its `quiet_timeout`: killed.
+    Quiet(Duration),
 }
 
 /// A running L1 and what it showed so far.
@@ -125,6 +128,8 @@ struct NestedRun<'a> {
     stdout: Follow,
     /// Size of the job's stderr at the last look (growth is a sign of life).
     stderr_len: u64,
+    /// When the job last printed something (or L1 started it).
+    last_output: Option<Instant>,
     /// When the job's exit status (or its console marker) appeared.
     finished: Option<Instant>,
 }
@@ -147,6 +152,10 @@ impl NestedRun<'_> {
         if !lines.is_empty() || stderr_len > self.stderr_len {
             self.stderr_len = stderr_len;
             self.console.job_output();
+            self.last_output = Some(Instant::now());
+        }
+        if self.last_output.is_none() && self.console.started.is_some() {
+            self.last_output = Some(Instant::now());
         }
         if let Some(f) = self.job.on_stdout_line {
             lines.iter().for_each(|l| f(l));
@@ -168,6 +177,12 @@ impl NestedRun<'_> {
             (since.elapsed() > POWEROFF_GRACE).then_some(End::PoweroffOverdue)
         } else if self.spawned.elapsed() > self.job.timeout {
             Some(End::TimedOut)
+        } else if let Some(quiet) = self
+            .job
+            .quiet_timeout
+            .filter(|q| self.last_output.is_some_and(|t| t.elapsed() > *q))
+        {
+            Some(End::Quiet(quiet))
         } else {
             self.console.stalled().map(|l| End::Stalled(l.to_string()))
         };
@@ -237,6 +252,12 @@ impl NestedRun<'_> {
                 "L1 stalled (`{what}` on its console) and the job did not finish; last job \
                  output: `{last_words}`\n{details}"
             ),
+            End::Quiet(quiet) => {
+                return Err(Error::Timeout(format!(
+                    "the job printed nothing for {quiet:?} (Job::quiet_timeout); last job \
+                     output: `{last_words}`\n{details}"
+                )))
+            }
             End::TimedOut if started.is_some() => {
                 return Err(Error::Timeout(format!(
                     "no exit status within {:?} (L1 boot and job; the limit is Job::timeout)\n\

@@ -79,6 +79,11 @@ pub struct Job {
     pub l1_memory_mib: u32,
     /// Limit for one attempt (boot, command, power-off). The run is killed after it.
     pub timeout: Duration,
+    /// Nested mode: the attempt is killed once the job has printed nothing (stdout or
+    /// stderr) for this long after it started, and fails as timed out (a test host
+    /// short of memory without swap can thrash for hours without a kernel message).
+    /// `None`: only `timeout` applies.
+    pub quiet_timeout: Option<Duration>,
     /// Forces the mode; `None`: [`HostMode::detect`].
     pub mode: Option<HostMode>,
     /// Parameters for L1's kvm-amd module (`npt=0`, ...); nested mode only.
@@ -119,6 +124,7 @@ impl Default for Job {
             cwd: None,
             l1_memory_mib: 2048,
             timeout: Duration::from_secs(600),
+            quiet_timeout: None,
             mode: None,
             kvm_amd_params: Vec::new(),
             on_stdout_line: None,
