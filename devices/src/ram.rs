@@ -826,7 +826,25 @@ impl GuestRam {
 unsafe fn is_zero(p: *const u64, words: usize) -> bool {
     // SAFETY: the caller's promise.
     let words = unsafe { std::slice::from_raw_parts(p, words) };
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { all_zero_avx2(words) };
+    }
+    all_zero(words)
+}
+
+fn all_zero(words: &[u64]) -> bool {
     words.iter().fold(0, |acc, w| acc | w) == 0
+}
+
+/// [`all_zero`] compiled for 32-byte loads: the zero check is most of the host's share
+/// of a hinting run, and in the emulated test host half as many loads read a page in
+/// ~30% less time (`hint_check_cost` example; natively both are memory bound).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn all_zero_avx2(words: &[u64]) -> bool {
+    all_zero(words)
 }
 
 /// Maps every page of `range` (the zero page where there is none) without writing: one
@@ -1224,6 +1242,19 @@ mod tests {
             "{passes} passes, {writes} writes"
         );
         assert_eq!(lost, 0, "{lost} of {writes} writes lost in {passes} passes");
+    }
+
+    #[test]
+    fn the_zero_check_sees_one_set_bit_anywhere_in_a_page() {
+        let mut page = vec![0u64; 512];
+        // SAFETY: `page` is 512 words nobody else writes.
+        let check = |page: &[u64]| unsafe { is_zero(page.as_ptr(), page.len()) };
+        assert!(check(&page) && all_zero(&page));
+        for i in [0, 1, 255, 510, 511] {
+            page[i] = 1 << (i % 64);
+            assert!(!check(&page) && !all_zero(&page), "word {i}");
+            page[i] = 0;
+        }
     }
 
     #[test]
