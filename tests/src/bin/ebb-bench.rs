@@ -128,7 +128,7 @@ fn main() -> ExitCode {
             "policy" => {
                 // Side by side: deflated pages backed ahead of the guest, and not.
                 items.push("bench-policy".to_string());
-                items.push("bench-policy:deflate_prefault=false".to_string());
+                items.push("bench-policy-no-prefault".to_string());
                 minutes += 30;
             }
             "ksm" => {

@@ -42,6 +42,12 @@ pub const SCENARIOS: &[ScenarioDef] = &[
                deflate_prefault=true: false leaves pages the guest takes back to fault in)",
         run: bench_policy,
     },
+    ScenarioDef {
+        name: "bench-policy-no-prefault",
+        help: "bench-policy with deflate_prefault=false by default: `ebb-bench policy` runs \
+               both in one test host (a batch holds each scenario name once)",
+        run: |ctx, args| bench_policy_with(ctx, args, false),
+    },
 ];
 
 /// The guest command that reads `mib` MiB of the data disk into the page cache. Linux
@@ -245,7 +251,11 @@ fn policy_phase(
     }))
 }
 
-fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
+fn bench_policy(ctx: &Ctx, args: &Args) -> Result<Value, String> {
+    bench_policy_with(ctx, args, true)
+}
+
+fn bench_policy_with(_ctx: &Ctx, args: &Args, prefault_default: bool) -> Result<Value, String> {
     args.check_known(&[
         "memory_mib",
         "hot_mib",
@@ -257,7 +267,7 @@ fn bench_policy(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         "deflate_prefault",
     ])?;
     let memory_mib: u64 = args.get("memory_mib", 1024)?;
-    let deflate_prefault: bool = args.get("deflate_prefault", true)?;
+    let deflate_prefault: bool = args.get("deflate_prefault", prefault_default)?;
     let hot_mib: u64 = args.get("hot_mib", 128)?;
     let cold_mib: u64 = args.get("cold_mib", 512)?;
     let rereads: u64 = args.get("rereads", 5)?;
