@@ -1,6 +1,7 @@
 //! The balloon device driven through mock virtqueues in real guest memory, as a guest
 //! driver would: no VM, real `madvise`.
 
+use ebb_balloon::policy::{PolicySettings, Reason};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -842,6 +843,93 @@ fn the_policy_sets_the_target_from_each_statistics_report() {
     assert_eq!(b.target_pages(), 100);
 }
 
+/// A balloon with the automatic policy (off until a test turns it on) and its inflate,
+/// deflate and statistics queues, holding the 512 pages from [`PREFAULT_START`]: the
+/// guest inflated them towards a 512-page target and said so.
+struct PolicyBalloon<'a> {
+    b: Balloon,
+    deflate: DriverQueue<'a>,
+    stats: DriverQueue<'a>,
+    irq: Arc<Irq>,
+    pfns: Vec<u32>,
+}
+
+const PREFAULT_START: u64 = B_START + 4 * MIB;
+
+fn policy_balloon(
+    ram: &GuestRam,
+    options: BalloonOptions,
+    settings: ebb_balloon::policy::PolicySettings,
+) -> PolicyBalloon<'_> {
+    let mem = ram.memory();
+    let mut b = new_balloon(options, ram);
+    b.set_policy(ebb_balloon::policy::AutoPolicy::new(settings, false), None)
+        .unwrap();
+    let mut inflate = DriverQueue::new(mem, 0x1000, 256);
+    let deflate = DriverQueue::new(mem, 0x5000, 256);
+    let stats = DriverQueue::new(mem, 0x9000, 2);
+    let irq = activate(
+        &mut b,
+        ram,
+        VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM,
+        vec![
+            (0, inflate.queue()),
+            (1, deflate.queue()),
+            (2, stats.queue()),
+        ],
+    );
+    let pfns: Vec<u32> = (0..512).map(|i| pfn(PREFAULT_START) + i).collect();
+    touch(mem, PREFAULT_START, 512);
+    b.set_target_pages(512).unwrap();
+    let len = write_pfns(mem, DATA, &pfns);
+    inflate.add(&[(DATA, len, false)]);
+    b.process_queue(0);
+    b.write_config(4, &512u32.to_le_bytes());
+    PolicyBalloon {
+        b,
+        deflate,
+        stats,
+        irq,
+        pfns,
+    }
+}
+
+impl PolicyBalloon<'_> {
+    /// The guest gives back pages `[from, to)` of the 512; returns how many of them were
+    /// resident on the host when the guest was told.
+    fn give_back(&mut self, ram: &GuestRam, from: u32, to: u32) -> usize {
+        let len = write_pfns(ram.memory(), DATA, &self.pfns[from as usize..to as usize]);
+        self.deflate.add(&[(DATA, len, false)]);
+        *self.irq.watch.lock().unwrap() = Some(host_span(ram, span(from, to)));
+        self.b.process_queue(1);
+        self.irq
+            .resident_at_queue_irq
+            .lock()
+            .unwrap()
+            .pop()
+            .unwrap()
+    }
+
+    /// A statistics report of `available` bytes and `major_faults`; returns the
+    /// policy's reason.
+    fn report(&mut self, ram: &GuestRam, available: u64, major_faults: u64) -> Reason {
+        let mut buf = stats_entry(6, available);
+        buf.extend(stats_entry(2, major_faults));
+        ram.memory().write_slice(&buf, GuestAddress(DATA)).unwrap();
+        self.stats.add(&[(DATA, buf.len() as u32, false)]);
+        self.b.process_queue(2);
+        self.b.policy().unwrap().last_decision().unwrap().reason
+    }
+}
+
+/// Pages `[from, to)` of the 512 from [`PREFAULT_START`].
+fn span(from: u32, to: u32) -> (u64, u64) {
+    (
+        PREFAULT_START + u64::from(from) * 4096,
+        u64::from(to - from) * 4096,
+    )
+}
+
 /// A guest that is short of memory uses what it takes back from the balloon at once:
 /// those pages are backed on the host before the deflate buffer goes back (the guest frees
 /// them only then), one call per run instead of a host fault per page. Short means the
@@ -850,17 +938,12 @@ fn the_policy_sets_the_target_from_each_statistics_report() {
 /// in, and with `deflate_prefault` off nothing is backed.
 #[test]
 fn pages_a_short_guest_takes_back_are_backed_before_it_gets_them() {
-    use ebb_balloon::policy::{AutoPolicy, PolicySettings, Reason};
     for prefault in [true, false] {
         let ram = ram();
-        let mem = ram.memory();
-        let mut b = new_balloon(
-            BalloonOptions {
-                deflate_prefault: prefault,
-                ..options(false, 1)
-            },
-            &ram,
-        );
+        let options = BalloonOptions {
+            deflate_prefault: prefault,
+            ..options(false, 1)
+        };
         let settings = PolicySettings {
             headroom: 4 * MIB,
             min: 0,
@@ -868,72 +951,35 @@ fn pages_a_short_guest_takes_back_are_backed_before_it_gets_them() {
             step: 2 * MIB,
             ..PolicySettings::for_ram(RAM_BYTES)
         };
-        b.set_policy(AutoPolicy::new(settings, false), None)
-            .unwrap();
-        let mut inflate = DriverQueue::new(mem, 0x1000, 256);
-        let mut deflate = DriverQueue::new(mem, 0x5000, 256);
-        let mut stats = DriverQueue::new(mem, 0x9000, 2);
-        let irq = activate(
-            &mut b,
-            &ram,
-            VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM,
-            vec![
-                (0, inflate.queue()),
-                (1, deflate.queue()),
-                (2, stats.queue()),
-            ],
-        );
-        let start = B_START + 4 * MIB;
-        let pfns: Vec<u32> = (0..512).map(|i| pfn(start) + i).collect();
-        let page = |i: u32| (start + u64::from(i) * 4096, 4096);
-        let span =
-            |from: u32, to: u32| (start + u64::from(from) * 4096, u64::from(to - from) * 4096);
-        touch(mem, start, 512);
-        b.set_target_pages(512).unwrap();
-        let len = write_pfns(mem, DATA, &pfns);
-        inflate.add(&[(DATA, len, false)]);
-        b.process_queue(0);
-        b.write_config(4, &512u32.to_le_bytes());
+        let mut p = policy_balloon(&ram, options, settings);
         assert_eq!(resident(&ram, span(0, 512)), 0);
-        // The host pages of [from, to) resident when the guest is told of the deflate.
-        let give_back = |b: &mut Balloon, deflate: &mut DriverQueue, from: u32, to: u32| {
-            let len = write_pfns(mem, DATA, &pfns[from as usize..to as usize]);
-            deflate.add(&[(DATA, len, false)]);
-            *irq.watch.lock().unwrap() = Some(host_span(&ram, span(from, to)));
-            b.process_queue(1);
-            irq.resident_at_queue_irq.lock().unwrap().pop().unwrap()
-        };
         // Asked through the API: left to fault in.
-        b.set_target_pages(412).unwrap();
-        assert_eq!(give_back(&mut b, &mut deflate, 0, 100), 0);
+        p.b.set_target_pages(412).unwrap();
+        assert_eq!(p.give_back(&ram, 0, 100), 0);
         // Below the target, unasked (deflate-on-OOM): backed when the guest is told.
         let backed = if prefault { 50 } else { 0 };
-        assert_eq!(give_back(&mut b, &mut deflate, 100, 150), backed);
+        assert_eq!(p.give_back(&ram, 100, 150), backed);
         assert_eq!(
-            resident(&ram, page(0)),
+            resident(&ram, span(0, 1)),
             0,
             "the asked-for pages still are not"
         );
         // The policy deflates for need: every page it asks for is backed.
-        b.set_target_pages(362).unwrap();
-        b.policy_mut().unwrap().set_enabled(true);
-        let mut buf = stats_entry(6, MIB);
-        buf.extend(stats_entry(2, 0));
-        mem.write_slice(&buf, GuestAddress(DATA)).unwrap();
-        stats.add(&[(DATA, buf.len() as u32, false)]);
-        b.process_queue(2);
-        let decision = b.policy().unwrap().last_decision().unwrap();
-        assert_eq!(decision.reason, Reason::DeflateLow);
-        let asked = 362 - b.target_pages();
+        p.b.set_target_pages(362).unwrap();
+        p.b.policy_mut().unwrap().set_enabled(true);
+        assert_eq!(p.report(&ram, MIB, 0), Reason::DeflateLow);
+        let asked = 362 - p.b.target_pages();
         assert!(asked >= 100, "asked for {asked} pages");
         let backed = if prefault { 100 } else { 0 };
-        assert_eq!(give_back(&mut b, &mut deflate, 150, 250), backed);
-        let c = b.counters();
+        assert_eq!(p.give_back(&ram, 150, 250), backed);
+        let c = p.b.counters();
         let expected = if prefault { 150 * 4096 } else { 0 };
         assert_eq!(c.prefaulted_bytes, expected);
         assert_eq!(c.prefault_failures, 0);
         assert_eq!(
-            mem.read_obj::<u8>(GuestAddress(page(120).0)).unwrap(),
+            ram.memory()
+                .read_obj::<u8>(GuestAddress(span(120, 121).0))
+                .unwrap(),
             0,
             "a backed page reads as the zeros the guest expects"
         );
@@ -945,10 +991,7 @@ fn pages_a_short_guest_takes_back_are_backed_before_it_gets_them() {
 /// headroom.
 #[test]
 fn backing_ahead_of_a_short_guest_stops_at_a_headroom() {
-    use ebb_balloon::policy::{AutoPolicy, PolicySettings, Reason};
     let ram = ram();
-    let mem = ram.memory();
-    let mut b = new_balloon(options(false, 1), &ram);
     let settings = PolicySettings {
         headroom: 64 * 4096,
         min: 0,
@@ -957,48 +1000,17 @@ fn backing_ahead_of_a_short_guest_stops_at_a_headroom() {
         fault_rate: 10,
         ..PolicySettings::for_ram(RAM_BYTES)
     };
-    b.set_policy(AutoPolicy::new(settings, false), None)
-        .unwrap();
-    let mut inflate = DriverQueue::new(mem, 0x1000, 256);
-    let mut deflate = DriverQueue::new(mem, 0x5000, 256);
-    let mut stats = DriverQueue::new(mem, 0x9000, 2);
-    activate(
-        &mut b,
-        &ram,
-        VIRTIO_F_VERSION_1 | F_STATS_VQ,
-        vec![
-            (0, inflate.queue()),
-            (1, deflate.queue()),
-            (2, stats.queue()),
-        ],
-    );
-    let start = B_START + 4 * MIB;
-    let pfns: Vec<u32> = (0..512).map(|i| pfn(start) + i).collect();
-    b.set_target_pages(512).unwrap();
-    let len = write_pfns(mem, DATA, &pfns);
-    inflate.add(&[(DATA, len, false)]);
-    b.process_queue(0);
-    b.write_config(4, &512u32.to_le_bytes());
-    b.policy_mut().unwrap().set_enabled(true);
+    let mut p = policy_balloon(&ram, options(false, 1), settings);
+    p.b.policy_mut().unwrap().set_enabled(true);
     // Plenty available, then a burst of major faults: a step's deflate (512 pages).
-    let mut report = |major_faults: u64| {
-        let mut buf = stats_entry(6, 16 * MIB);
-        buf.extend(stats_entry(2, major_faults));
-        mem.write_slice(&buf, GuestAddress(DATA)).unwrap();
-        stats.add(&[(DATA, buf.len() as u32, false)]);
-        b.process_queue(2);
-        b.policy().unwrap().last_decision().unwrap().reason
-    };
-    report(0);
+    p.report(&ram, 16 * MIB, 0);
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(report(1_000_000), Reason::DeflateFaults);
-    assert_eq!(b.target_pages(), 0);
-    let len = write_pfns(mem, DATA, &pfns);
-    deflate.add(&[(DATA, len, false)]);
-    b.process_queue(1);
-    assert_eq!(b.held_pages(), 0);
+    assert_eq!(p.report(&ram, 16 * MIB, 1_000_000), Reason::DeflateFaults);
+    assert_eq!(p.b.target_pages(), 0);
+    p.give_back(&ram, 0, 512);
+    assert_eq!(p.b.held_pages(), 0);
     assert_eq!(
-        b.counters().prefaulted_bytes,
+        p.b.counters().prefaulted_bytes,
         64 * 4096,
         "a headroom, not 512 pages"
     );

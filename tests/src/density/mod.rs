@@ -829,6 +829,18 @@ mod tests {
         }
     }
 
+    /// A run without progress lines or record callbacks.
+    fn run_quiet(spec: RunSpec, cfg: &DensityConfig, host: &mut FakeHost) -> RunResult {
+        run_density(
+            spec,
+            cfg,
+            host,
+            Duration::from_millis(50),
+            &mut |_| {},
+            &mut |_| {},
+        )
+    }
+
     fn cfg() -> DensityConfig {
         DensityConfig {
             host_gib: 1.0,
@@ -897,14 +909,7 @@ mod tests {
         assert!(!r.timeline.is_empty());
 
         let mut h = host(460);
-        let r = run_density(
-            spec,
-            &cfg(),
-            &mut h,
-            Duration::from_millis(50),
-            &mut |_| {},
-            &mut |_| {},
-        );
+        let r = run_quiet(spec, &cfg(), &mut h);
         // Guests keep 460 MiB each after their free: the third touch does not fit.
         assert_eq!(r.guests_fit, 2);
         let f = r.failure.unwrap();
@@ -928,14 +933,7 @@ mod tests {
             reporting: false,
             policy: false,
         };
-        let r = run_density(
-            spec,
-            &cfg(),
-            &mut h,
-            Duration::from_millis(50),
-            &mut |_| {},
-            &mut |_| {},
-        );
+        let r = run_quiet(spec, &cfg(), &mut h);
         assert_eq!(r.guests_fit, 2);
         assert_eq!(r.failure.as_ref().unwrap().kind, FailureKind::Launch);
         assert_eq!(r.vmm, VmmKind::Qemu);
@@ -984,14 +982,7 @@ mod tests {
         let mut h = host(60);
         h.emulated = true;
         h.crash_touch_of = vec![3];
-        let r = run_density(
-            spec,
-            &cfg,
-            &mut h,
-            Duration::from_millis(50),
-            &mut |_| {},
-            &mut |_| {},
-        );
+        let r = run_quiet(spec, &cfg, &mut h);
         assert_eq!(r.guests_fit, 4, "{:?}", r.failure);
         assert_eq!(h.launches, 5);
         assert!(r.guests[2].crash_retry.is_some() && r.guests[2].touch_s.is_some());
@@ -1000,14 +991,7 @@ mod tests {
         let mut h = host(60);
         h.emulated = true;
         h.crash_boot_of = vec![2, 2];
-        let r = run_density(
-            spec,
-            &cfg,
-            &mut h,
-            Duration::from_millis(50),
-            &mut |_| {},
-            &mut |_| {},
-        );
+        let r = run_quiet(spec, &cfg, &mut h);
         assert_eq!(r.guests_fit, 1);
         assert_eq!(h.launches, 3);
         let f = r.failure.unwrap();
@@ -1017,14 +1001,7 @@ mod tests {
         // On a real host the same crash is a boot failure at once.
         let mut h = host(60);
         h.crash_boot_of = vec![2];
-        let r = run_density(
-            spec,
-            &cfg,
-            &mut h,
-            Duration::from_millis(50),
-            &mut |_| {},
-            &mut |_| {},
-        );
+        let r = run_quiet(spec, &cfg, &mut h);
         assert_eq!(r.guests_fit, 1);
         assert_eq!(r.failure.unwrap().kind, FailureKind::Boot);
         assert_eq!(h.launches, 2);
@@ -1036,14 +1013,7 @@ mod tests {
     #[test]
     fn the_cache_workload_reads_first_and_its_cache_stays() {
         let spec = RunSpec::parse("ebb-on").unwrap();
-        let plain = run_density(
-            spec,
-            &cfg(),
-            &mut host(20),
-            Duration::from_millis(50),
-            &mut |_| {},
-            &mut |_| {},
-        );
+        let plain = run_quiet(spec, &cfg(), &mut host(20));
         let mut with_cache = cfg();
         with_cache.cache_mib = 200;
         let mut lines = Vec::new();
