@@ -166,7 +166,8 @@ fn hint_reclaim(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         stop.store(true, Ordering::Relaxed);
         (run, sampler.join().unwrap_or(0))
     });
-    let (idle_status, idle_took) = idle?;
+    // A run the API could not finish says what became of the VMM.
+    let (idle_status, idle_took) = idle.map_err(|e| format!("{e}\n{}", vm.diagnostics()))?;
     let idle_cpu = guest_cpu_ms(&mut vm)?.saturating_sub(idle_cpu0);
     // The canary is written after the idle run, so that run saw a guest that never
     // touched its memory.
@@ -197,7 +198,8 @@ fn hint_reclaim(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let goal = touched_peak - (touched_peak - pre) * pct / 100;
     let cpu0 = guest_cpu_ms(&mut vm)?;
     let t0 = Instant::now();
-    let (hint_status, hint_took) = run_hint(&client, limit)?;
+    let (hint_status, hint_took) =
+        run_hint(&client, limit).map_err(|e| format!("{e}\n{}", vm.diagnostics()))?;
     let hint_cpu = guest_cpu_ms(&mut vm)?.saturating_sub(cpu0);
     let (trace, hit) = watch_rss(&vm, limit, Duration::from_millis(50), |_, rss| rss <= goal)?;
     let back_after = t0.elapsed();
