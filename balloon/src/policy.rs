@@ -196,6 +196,15 @@ impl Reason {
         Reason::TrimRelease,
     ];
 
+    /// Whether the decision deflates because the guest is short of memory (it will use
+    /// what it gets back at once).
+    pub fn deflates_for_need(self) -> bool {
+        matches!(
+            self,
+            Reason::DeflateLow | Reason::DeflateFaults | Reason::DeflateStall
+        )
+    }
+
     /// The name used in the API, metrics and logs.
     pub fn name(self) -> &'static str {
         match self {
@@ -213,17 +222,6 @@ impl Reason {
             Reason::Trimming => "trimming",
             Reason::TrimRelease => "trim_release",
         }
-    }
-}
-
-impl Reason {
-    /// Whether the decision deflates because the guest is short of memory (it will use
-    /// what it gets back at once).
-    pub fn deflates_for_need(self) -> bool {
-        matches!(
-            self,
-            Reason::DeflateLow | Reason::DeflateFaults | Reason::DeflateStall
-        )
     }
 }
 

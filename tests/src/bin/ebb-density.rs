@@ -133,9 +133,6 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "the host must be larger than half a guest, with at least one guest and one run".into(),
         );
     }
-    if !kvm_amd_params.is_empty() && mode == Some(HostMode::Direct) {
-        return Err("--kvm-amd applies to the nested test host only, not --mode direct".into());
-    }
     Ok(Options {
         cfg,
         runs,
@@ -242,6 +239,10 @@ const GUEST_JOB: &str = "density-guest";
 /// rebuilt from them).
 static GUEST_RECORDS: Mutex<Vec<GuestRecord>> = Mutex::new(Vec::new());
 
+fn guest_records() -> std::sync::MutexGuard<'static, Vec<GuestRecord>> {
+    GUEST_RECORDS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Shows a run's progress lines as they arrive, and keeps its guests' records.
 fn show_progress(line: &str) {
     if !results::is_result(line) {
@@ -252,10 +253,7 @@ fn show_progress(line: &str) {
     for r in results::parse(line) {
         if r["job"] == GUEST_JOB {
             if let Ok(rec) = serde_json::from_value::<GuestRecord>(r["data"].clone()) {
-                GUEST_RECORDS
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(rec);
+                guest_records().push(rec);
             }
         }
     }
@@ -277,23 +275,17 @@ fn run_one(spec: RunSpec, opts: &Options, mode: HostMode, me: &Path) -> Result<R
     scenario.kvm_amd_params = opts.kvm_amd_params.clone();
     scenario.l1_memory_mib = (opts.cfg.host_gib * 1024.0).round() as u32;
     scenario.timeout = Duration::from_secs(600 + per_guest * u64::from(opts.cfg.max_guests + 1));
-    // The longest a run stays silent: a guest's boot, touch, free and settling.
-    scenario.quiet_timeout = Some(Duration::from_secs(
-        opts.cfg.boot_timeout_s + 2 * opts.cfg.touch_timeout_s + opts.cfg.settle_timeout_s + 120,
-    ));
+    // The longest a run stays silent: one guest's boot, touch, free and settling.
+    scenario.quiet_timeout = Some(Duration::from_secs(per_guest + 120));
     scenario.on_stdout_line = Some(show_progress);
-    GUEST_RECORDS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clear();
+    guest_records().clear();
     let started = Instant::now();
     let out = match testhost::run(&scenario) {
         Ok(out) => out,
         Err(e @ testhost::Error::Timeout(_)) => {
             // A host that stopped making progress (it thrashes without swap, or its
             // kernel hangs) still says how many guests fitted before it.
-            let records =
-                std::mem::take(&mut *GUEST_RECORDS.lock().unwrap_or_else(|e| e.into_inner()));
+            let records = std::mem::take(&mut *guest_records());
             if records.is_empty() {
                 return Err(e.to_string());
             }
