@@ -157,6 +157,30 @@ fn activate(b: &mut Balloon, ram: &GuestRam, features: u64, queues: Vec<(u16, Qu
     irq
 }
 
+/// Activates `b` with the inflate and deflate queues every driver has (indexes 0 and 1,
+/// made here) and `third` at index 2; returns them and the interrupt.
+fn activate_beside<'a>(
+    b: &mut Balloon,
+    ram: &'a GuestRam,
+    features: u64,
+    third: &DriverQueue<'a>,
+) -> (DriverQueue<'a>, DriverQueue<'a>, Arc<Irq>) {
+    let mem = ram.memory();
+    let inflate = DriverQueue::new(mem, 0x1000, 256);
+    let deflate = DriverQueue::new(mem, 0x5000, 256);
+    let irq = activate(
+        b,
+        ram,
+        features,
+        vec![
+            (0, inflate.queue()),
+            (1, deflate.queue()),
+            (2, third.queue()),
+        ],
+    );
+    (inflate, deflate, irq)
+}
+
 fn write_pfns(mem: &GuestMemoryMmap, at: u64, pfns: &[u32]) -> u32 {
     let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(at)).unwrap();
@@ -541,18 +565,12 @@ fn reporting_queue_index_follows_negotiated_features() {
 fn reporting_setup(ram: &GuestRam) -> (Balloon, DriverQueue<'_>, Arc<Irq>) {
     let mem = ram.memory();
     let mut b = new_balloon(options(true, 0), ram);
-    let inflate = DriverQueue::new(mem, 0x1000, 256);
-    let deflate = DriverQueue::new(mem, 0x5000, 256);
     let report = DriverQueue::new(mem, 0x9000, 32);
-    let irq = activate(
+    let (_inflate, _deflate, irq) = activate_beside(
         &mut b,
         ram,
         VIRTIO_F_VERSION_1 | F_PAGE_REPORTING | F_PAGE_POISON,
-        vec![
-            (0, inflate.queue()),
-            (1, deflate.queue()),
-            (2, report.queue()),
-        ],
+        &report,
     );
     (b, report, irq)
 }
@@ -612,21 +630,11 @@ fn oversized_reports_stop_at_capacity() {
     let ram = ram();
     let mem = ram.memory();
     let mut b = new_balloon(options(true, 0), &ram);
-    let inflate = DriverQueue::new(mem, 0x1000, 256);
-    let deflate = DriverQueue::new(mem, 0x5000, 256);
     // A driver that sized the ring bigger than Ebb offers cannot pass activation through
     // the transport, but the device must still bound what it reads.
     let mut report = DriverQueue::new(mem, 0x9000, 64);
-    activate(
-        &mut b,
-        &ram,
-        VIRTIO_F_VERSION_1 | F_PAGE_REPORTING,
-        vec![
-            (0, inflate.queue()),
-            (1, deflate.queue()),
-            (2, report.queue()),
-        ],
-    );
+    let (_inflate, _deflate, _irq) =
+        activate_beside(&mut b, &ram, VIRTIO_F_VERSION_1 | F_PAGE_REPORTING, &report);
     let ranges: Vec<(u64, u32, bool)> = (0..40).map(|i| (B_START + i * 4096, 4096, true)).collect();
     report.add(&ranges);
     b.process_queue(2);
@@ -643,18 +651,12 @@ fn poisoned_free_pages_are_kept() {
     let mut b = new_balloon(options(true, 0), &ram);
     // The guest writes poison_val during probe, before DRIVER_OK.
     b.write_config(12, &0xaaaa_aaaau32.to_le_bytes());
-    let inflate = DriverQueue::new(mem, 0x1000, 256);
-    let deflate = DriverQueue::new(mem, 0x5000, 256);
     let mut report = DriverQueue::new(mem, 0x9000, 32);
-    activate(
+    let (_inflate, _deflate, _irq) = activate_beside(
         &mut b,
         &ram,
         VIRTIO_F_VERSION_1 | F_PAGE_REPORTING | F_PAGE_POISON,
-        vec![
-            (0, inflate.queue()),
-            (1, deflate.queue()),
-            (2, report.queue()),
-        ],
+        &report,
     );
     touch(mem, B_START, 512);
     report.add(&[(B_START, 2 * MIB as u32, true)]);
@@ -674,18 +676,12 @@ fn zero_poison_from_init_on_free_still_discards() {
     let mem = ram.memory();
     let mut b = new_balloon(options(true, 0), &ram);
     b.write_config(12, &0u32.to_le_bytes());
-    let inflate = DriverQueue::new(mem, 0x1000, 256);
-    let deflate = DriverQueue::new(mem, 0x5000, 256);
     let mut report = DriverQueue::new(mem, 0x9000, 32);
-    activate(
+    let (_inflate, _deflate, _irq) = activate_beside(
         &mut b,
         &ram,
         VIRTIO_F_VERSION_1 | F_PAGE_REPORTING | F_PAGE_POISON,
-        vec![
-            (0, inflate.queue()),
-            (1, deflate.queue()),
-            (2, report.queue()),
-        ],
+        &report,
     );
     touch(mem, B_START, 512);
     report.add(&[(B_START, 2 * MIB as u32, true)]);
@@ -774,21 +770,27 @@ impl ebb_balloon::policy::HostPressure for FixedPressure {
     }
 }
 
-/// With the policy on, each statistics report sets the target (and tells the guest);
-/// with it off, or without statistics, the target is the host's alone.
-#[test]
-fn the_policy_sets_the_target_from_each_statistics_report() {
-    use ebb_balloon::policy::{AutoPolicy, PolicySettings, Reason};
-    let ram = ram();
-    let mem = ram.memory();
-    let mut plain = new_balloon(options(false, 0), &ram);
-    let settings = PolicySettings {
+/// Policy settings scaled to the test's 32 MiB of guest RAM: 4 MiB of headroom, 2 MiB
+/// steps.
+fn small_policy() -> ebb_balloon::policy::PolicySettings {
+    ebb_balloon::policy::PolicySettings {
         headroom: 4 * MIB,
         min: 0,
         max: 24 * MIB,
         step: 2 * MIB,
-        ..PolicySettings::for_ram(RAM_BYTES)
-    };
+        ..ebb_balloon::policy::PolicySettings::for_ram(RAM_BYTES)
+    }
+}
+
+/// With the policy on, each statistics report sets the target (and tells the guest);
+/// with it off, or without statistics, the target is the host's alone.
+#[test]
+fn the_policy_sets_the_target_from_each_statistics_report() {
+    use ebb_balloon::policy::{AutoPolicy, Reason};
+    let ram = ram();
+    let mem = ram.memory();
+    let mut plain = new_balloon(options(false, 0), &ram);
+    let settings = small_policy();
     assert!(plain
         .set_policy(AutoPolicy::new(settings, true), None)
         .is_err());
@@ -798,19 +800,9 @@ fn the_policy_sets_the_target_from_each_statistics_report() {
         Some(Box::new(FixedPressure(0.0))),
     )
     .unwrap();
-    let inflate = DriverQueue::new(mem, 0x1000, 256);
-    let deflate = DriverQueue::new(mem, 0x5000, 256);
     let mut stats = DriverQueue::new(mem, 0x9000, 2);
-    let irq = activate(
-        &mut b,
-        &ram,
-        VIRTIO_F_VERSION_1 | F_STATS_VQ,
-        vec![
-            (0, inflate.queue()),
-            (1, deflate.queue()),
-            (2, stats.queue()),
-        ],
-    );
+    let (_inflate, _deflate, irq) =
+        activate_beside(&mut b, &ram, VIRTIO_F_VERSION_1 | F_STATS_VQ, &stats);
     let configs_before = irq.config.load(Ordering::SeqCst);
     let mut report = |available: u64| {
         let mut buf = stats_entry(6, available);
@@ -865,18 +857,12 @@ fn policy_balloon(
     let mut b = new_balloon(options, ram);
     b.set_policy(ebb_balloon::policy::AutoPolicy::new(settings, false), None)
         .unwrap();
-    let mut inflate = DriverQueue::new(mem, 0x1000, 256);
-    let deflate = DriverQueue::new(mem, 0x5000, 256);
     let stats = DriverQueue::new(mem, 0x9000, 2);
-    let irq = activate(
+    let (mut inflate, deflate, irq) = activate_beside(
         &mut b,
         ram,
         VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM,
-        vec![
-            (0, inflate.queue()),
-            (1, deflate.queue()),
-            (2, stats.queue()),
-        ],
+        &stats,
     );
     let pfns: Vec<u32> = (0..512).map(|i| pfn(PREFAULT_START) + i).collect();
     touch(mem, PREFAULT_START, 512);
@@ -944,13 +930,7 @@ fn pages_a_short_guest_takes_back_are_backed_before_it_gets_them() {
             deflate_prefault: prefault,
             ..options(false, 1)
         };
-        let settings = PolicySettings {
-            headroom: 4 * MIB,
-            min: 0,
-            max: 24 * MIB,
-            step: 2 * MIB,
-            ..PolicySettings::for_ram(RAM_BYTES)
-        };
+        let settings = small_policy();
         let mut p = policy_balloon(&ram, options, settings);
         assert_eq!(resident(&ram, span(0, 512)), 0);
         // Asked through the API: left to fault in.
