@@ -17,7 +17,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::counters::BalloonCounters;
 use crate::pages::PageSet;
-use crate::policy::{AutoPolicy, HostPressure, Observation, PolicyView};
+use crate::policy::{AutoPolicy, HostPressure, Observation, PolicyView, Reason};
 use crate::protocol::{
     self, config, max_queue_size, queue_roles, QueueRole, BALLOON_PAGE_SIZE, F_DEFLATE_ON_OOM,
     F_FREE_PAGE_HINT, F_PAGE_POISON, F_PAGE_REPORTING, F_STATS_VQ,
@@ -31,6 +31,12 @@ use crate::stats::GuestStats;
 
 /// Event id of the statistics timer.
 const STATS_TIMER_EVENT: u32 = 0;
+
+/// How often statistics are asked for while the policy sees the guest short of memory
+/// (it deflated for need and is in the cooldown after, or the guest deflated below the
+/// target on OOM): a guest allocating fast would otherwise wait a whole interval for each
+/// deflate. At most four small reports a second, and only while the policy is on.
+pub const SHORT_STATS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How the balloon is configured at VM start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +182,8 @@ pub struct Balloon {
     stats: Option<GuestStats>,
     stats_interval_s: u32,
     stats_timer: TimerFd,
+    /// Statistics are asked for every [`SHORT_STATS_INTERVAL`] (the guest is short).
+    short_stats: bool,
     poison_warned: bool,
     hint: HintControl,
     /// How long one pass over a queue may run (see [`PASS_TIME_LIMIT`]).
@@ -254,6 +262,7 @@ impl Balloon {
             stats: None,
             stats_interval_s: options.stats_interval_s,
             stats_timer,
+            short_stats: false,
             poison_warned: false,
             hint: HintControl::default(),
             pass_time_limit: PASS_TIME_LIMIT,
@@ -302,6 +311,7 @@ impl Balloon {
     /// Lets the policy set the target from the statistics just received.
     fn apply_policy(&mut self) {
         let Some(policy) = self.policy.as_mut().filter(|p| p.enabled()) else {
+            self.set_short_stats(false);
             return;
         };
         let Some(stats) = self.stats.as_ref() else {
@@ -325,6 +335,11 @@ impl Balloon {
         };
         let decision = policy.decide(observation);
         let headroom = policy.settings().headroom / BALLOON_PAGE_SIZE;
+        self.set_short_stats(
+            decision.reason.deflates_for_need()
+                || decision.reason == Reason::Cooldown
+                || observation.actual < observation.target,
+        );
         let pages = decision.target / BALLOON_PAGE_SIZE;
         tracing::debug!(
             "balloon policy: {} -> {} MiB ({}; available {:?} MiB, free {:?} MiB, \
@@ -463,10 +478,30 @@ impl Balloon {
         let result = if self.stats_interval_s == 0 || self.active.is_none() {
             self.stats_timer.clear()
         } else {
-            let d = Duration::from_secs(self.stats_interval_s.into());
+            let mut d = Duration::from_secs(self.stats_interval_s.into());
+            if self.short_stats {
+                d = d.min(SHORT_STATS_INTERVAL);
+            }
             self.stats_timer.reset(d, Some(d))
         };
         result.map_err(|e| BalloonError::Timer(e.to_string()))
+    }
+
+    /// Asks for statistics every [`SHORT_STATS_INTERVAL`] while `short`, else at the
+    /// configured interval. The timer is re-armed only on a change, so a guest repeating
+    /// what set it cannot hold its next request back.
+    fn set_short_stats(&mut self, short: bool) {
+        if short != self.short_stats {
+            self.short_stats = short;
+            if let Err(e) = self.arm_stats_timer() {
+                tracing::warn!("balloon: {e}");
+            }
+        }
+    }
+
+    /// Whether statistics are asked for every [`SHORT_STATS_INTERVAL`] now.
+    pub fn short_stats(&self) -> bool {
+        self.short_stats
     }
 
     fn config_bytes(&self) -> [u8; config::LEN_WITH_POISON as usize] {
@@ -634,6 +669,10 @@ impl VirtioDevice for Balloon {
                 let floor = self.actual_pages.min(self.target_pages);
                 self.counters.oom_deflated_pages += u64::from(floor.saturating_sub(value));
                 self.actual_pages = value;
+                // Deflated on OOM: the policy should see the guest soon.
+                if value < floor && self.policy.as_ref().is_some_and(|p| p.enabled()) {
+                    self.set_short_stats(true);
+                }
             }
             config::POISON_VAL if self.offered & F_PAGE_POISON != 0 => self.poison_val = value,
             _ => self.counters.rejected_config_writes += 1,
@@ -654,6 +693,7 @@ impl VirtioDevice for Balloon {
 
     fn reset(&mut self) {
         self.active = None;
+        self.short_stats = false;
         self.actual_pages = 0;
         self.poison_val = 0;
         self.held.clear();

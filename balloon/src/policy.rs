@@ -418,12 +418,25 @@ impl AutoPolicy {
             None => (|o| o.available, s.headroom),
         };
         let level = gauge(now).unwrap_or(available);
-        // A guest whose memory fell since the last report (not into the balloon) is
-        // likely to fall as much again before the next one: count that fall as already
-        // gone.
+        // A guest that used memory since the last report is likely to use as much again
+        // before the next one: count that as already gone. What it used is its fall, less
+        // what went into the balloon; while it is short (the policy deflated for need, or
+        // it deflated below the target on OOM), plus what the balloon gave back, which it
+        // used as it came (a deflate hides a fall). Other deflates (the end of a trim)
+        // give back memory the guest did not ask for, and its figures need not add up
+        // across them.
+        let short = self
+            .last_decision
+            .is_some_and(|d| d.reason.deflates_for_need())
+            || now.actual < now.target;
         let falling = self.last.map_or(0, |last| {
-            let fell = gauge(&last).unwrap_or(level).saturating_sub(level);
-            fell.saturating_sub(now.actual.saturating_sub(last.actual))
+            let before = gauge(&last).unwrap_or(level);
+            if short {
+                (before + last.actual).saturating_sub(level + now.actual)
+            } else {
+                let fell = before.saturating_sub(level);
+                fell.saturating_sub(now.actual.saturating_sub(last.actual))
+            }
         });
         // Pages the guest is still to take back from the balloon (a deflate it has not
         // caught up with) are as good as available: do not deflate them twice.
@@ -648,6 +661,39 @@ mod tests {
         p.decide(obs(0, GIB, s.headroom + 500 * MIB));
         let d = p.decide(obs(1, GIB + 300 * MIB, s.headroom + 200 * MIB));
         assert_ne!(d.reason, Reason::DeflateLow);
+    }
+
+    /// A guest using memory as fast as the balloon gives it back keeps the same level:
+    /// what it used is still a fall, and the next deflate covers the next one.
+    #[test]
+    fn a_fall_a_deflate_covered_is_still_a_fall() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        p.decide(obs(0, 2 * GIB, s.headroom + 50 * MIB));
+        // 300 MiB used, 300 MiB deflated (by the guest on OOM): same level as before.
+        let mut o = obs(1, 2 * GIB, s.headroom + 50 * MIB);
+        o.actual = 2 * GIB - 300 * MIB;
+        let d = p.decide(o);
+        assert_eq!(d.reason, Reason::DeflateLow);
+        assert_eq!(d.target, 2 * GIB - 300 * MIB - 250 * MIB);
+        // The guest steadily uses 200 MiB a report: each deflate keeps it at its headroom.
+        let mut p = AutoPolicy::new(s, true);
+        let (mut target, mut available) = (2 * GIB, s.headroom);
+        p.decide(obs(0, target, available));
+        for secs in 1..8 {
+            available -= 200 * MIB;
+            let d = p.decide(obs(secs, target, available));
+            // The guest takes the deflate back at once.
+            available += target - d.target;
+            target = d.target;
+            if secs > 1 {
+                assert!(
+                    available >= s.headroom,
+                    "report {secs}: {} MiB available",
+                    available / MIB
+                );
+            }
+        }
     }
 
     #[test]

@@ -996,6 +996,53 @@ fn backing_ahead_of_a_short_guest_stops_at_a_headroom() {
     );
 }
 
+/// Whether the statistics timer of `b` fires within `ms` milliseconds.
+fn stats_timer_fires_within(b: &Balloon, ms: i32) -> bool {
+    let (fd, _) = b.event_fds()[0];
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd on the stack, for a descriptor the balloon keeps open.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+}
+
+/// While the policy sees the guest short (it deflated for need, or the guest deflated
+/// below the target on OOM), statistics come every 250 ms instead of every interval;
+/// back at the interval once the guest is not short, or the policy is off. A guest
+/// repeating its OOM deflates does not hold the next request back.
+#[test]
+fn a_short_guest_is_asked_for_statistics_four_times_a_second() {
+    let ram = ram();
+    let mut p = policy_balloon(&ram, options(false, 10), small_policy());
+    p.b.policy_mut().unwrap().set_enabled(true);
+    assert!(!stats_timer_fires_within(&p.b, 600), "every 10 s at first");
+    assert_eq!(p.report(&ram, MIB, 0), Reason::DeflateLow);
+    assert!(p.b.short_stats());
+    assert!(
+        stats_timer_fires_within(&p.b, 600),
+        "every 250 ms when short"
+    );
+    // The policy off: the next report goes back to the interval.
+    p.b.policy_mut().unwrap().set_enabled(false);
+    p.report(&ram, MIB, 0);
+    assert!(!p.b.short_stats());
+    p.b.process_event(0);
+    assert!(!stats_timer_fires_within(&p.b, 600));
+    // Deflate-on-OOM, repeated every 100 ms: the first makes requests fast, the others
+    // do not push the next one back.
+    p.b.policy_mut().unwrap().set_enabled(true);
+    p.b.set_target_pages(512).unwrap();
+    for actual in (400u32..405).rev() {
+        p.b.write_config(4, &actual.to_le_bytes());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(p.b.short_stats());
+    // 500 ms after the first: fired already (each write re-arming would leave 150 ms).
+    assert!(stats_timer_fires_within(&p.b, 0));
+}
+
 #[test]
 fn stats_interval_cannot_be_enabled_when_off_at_boot() {
     let ram = ram();

@@ -206,12 +206,33 @@ fn guest_alloc_stalls(vm: &mut GuestVm) -> Result<u64, String> {
         .sum())
 }
 
-/// One side of `bench-policy`: the hot set's re-reads, then an allocation.
+/// The balloon's traffic counters (`ebb` of `GET /balloon/statistics`) in MiB: what a
+/// phase of `bench-policy` moved through the balloon.
+fn balloon_traffic_mib(client: &Client) -> Result<[f64; 4], String> {
+    let ebb = &get_json(client, "/balloon/statistics")?["ebb"];
+    let field = |name: &str, unit: f64| {
+        ebb[name]
+            .as_f64()
+            .map(|v| v * unit / (1u64 << 20) as f64)
+            .ok_or_else(|| format!("no ebb.{name} in GET /balloon/statistics"))
+    };
+    Ok([
+        field("deflated_pages", 4096.0)?,
+        field("oom_deflated_pages", 4096.0)?,
+        field("prefaulted_bytes", 1.0)?,
+        field("reported_discarded_bytes", 1.0)?,
+    ])
+}
+
+/// One side of `bench-policy`: the hot set's re-reads, then an allocation. With
+/// `decisions_log`, the policy's decisions logged during the allocation are returned too.
 fn policy_phase(
     vm: &mut GuestVm,
+    client: &Client,
     hot_mib: u64,
     rereads: u64,
     touch_mib: u64,
+    decisions_log: bool,
 ) -> Result<Value, String> {
     let disk_before = disk_read_mib(vm)?;
     let mut times = Vec::new();
@@ -223,9 +244,24 @@ fn policy_phase(
     let stalls_before = guest_alloc_stalls(vm)?;
     let oom_before = guest_vmstat(vm, "oom_kill")?;
     let faults_before = crate::procfs::minor_faults(vm.pid()).ctx("reading the VMM's faults")?;
+    let traffic_before = balloon_traffic_mib(client)?;
+    let log_before = vm.stderr_text().len();
     let t = Instant::now();
     let touched = cmd_within(vm, &format!("touch {touch_mib}"), Duration::from_secs(300))?;
     let touch_s = t.elapsed().as_secs_f64();
+    let traffic_after = balloon_traffic_mib(client)?;
+    let moved = |i: usize| (traffic_after[i] - traffic_before[i]).round();
+    let decisions: Vec<String> = if decisions_log {
+        vm.stderr_text()
+            .get(log_before..)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("balloon policy:"))
+            .map(str::to_owned)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let host_faults = crate::procfs::minor_faults(vm.pid())
         .ctx("reading the VMM's faults")?
         .saturating_sub(faults_before);
@@ -247,6 +283,13 @@ fn policy_phase(
         "touch_host_faults": host_faults,
         "touch_memory_stall": stall,
         "touch_alloc_stalls": stalls,
+        "touch_balloon_mib": {
+            "deflated": moved(0),
+            "deflated_on_oom": moved(1),
+            "prefaulted": moved(2),
+            "reported_discarded": moved(3),
+        },
+        "touch_decisions": decisions,
         "oom_kills": oom,
     }))
 }
@@ -265,6 +308,7 @@ fn bench_policy_with(_ctx: &Ctx, args: &Args, prefault_default: bool) -> Result<
         "touch_mib",
         "settle_s",
         "deflate_prefault",
+        "debug_log",
     ])?;
     let memory_mib: u64 = args.get("memory_mib", 1024)?;
     let deflate_prefault: bool = args.get("deflate_prefault", prefault_default)?;
@@ -274,6 +318,8 @@ fn bench_policy_with(_ctx: &Ctx, args: &Args, prefault_default: bool) -> Result<
     let period_s: u64 = args.get("period_s", 10)?;
     let touch_mib: u64 = args.get("touch_mib", 512)?;
     let settle_s: u64 = args.get("settle_s", 180)?;
+    // Lists the policy's decisions during the allocation (the VMM's debug log).
+    let debug_log: bool = args.get("debug_log", false)?;
     ensure(rereads > 0 && hot_mib > 0, || {
         "bench-policy needs rereads and hot_mib above 0".into()
     })?;
@@ -282,7 +328,7 @@ fn bench_policy_with(_ctx: &Ctx, args: &Args, prefault_default: bool) -> Result<
         &dir,
         memory_mib,
         hot_mib + cold_mib + 64,
-        false,
+        debug_log,
         deflate_prefault,
     )?;
     let client = Client::new(&socket, Duration::from_secs(30));
@@ -310,7 +356,7 @@ fn bench_policy_with(_ctx: &Ctx, args: &Args, prefault_default: bool) -> Result<
          {cold_s:.2} s; guest RAM RSS {} MiB",
         mib(rss_before)
     ));
-    let off = policy_phase(&mut vm, hot_mib, rereads, touch_mib)?;
+    let off = policy_phase(&mut vm, &client, hot_mib, rereads, touch_mib, false)?;
     progress(&format!("policy off: {off}"));
 
     patch(&client, "/balloon/policy", r#"{"enabled": true}"#)?;
@@ -330,15 +376,17 @@ fn bench_policy_with(_ctx: &Ctx, args: &Args, prefault_default: bool) -> Result<
         mib(rss_before),
         mib(rss_policy)
     ));
-    let prefaulted = |client: &Client| -> Result<u64, String> {
-        get_json(client, "/balloon/statistics")?["ebb"]["prefaulted_bytes"]
-            .as_u64()
-            .ok_or_else(|| "no ebb.prefaulted_bytes in GET /balloon/statistics".to_string())
-    };
-    let prefaulted_before = prefaulted(&client)?;
-    let mut on = policy_phase(&mut vm, hot_mib, rereads, touch_mib)?;
-    on["touch_prefaulted_mib"] = json!((prefaulted(&client)? - prefaulted_before) >> 20);
+    let mut on = policy_phase(&mut vm, &client, hot_mib, rereads, touch_mib, debug_log)?;
+    let decisions = on["touch_decisions"].take();
     progress(&format!("policy on: {on}"));
+    if let Some(lines) = decisions.as_array().filter(|l| !l.is_empty()) {
+        let lines: Vec<&str> = lines.iter().filter_map(Value::as_str).collect();
+        progress(&format!(
+            "policy decisions during the touch:\n{}",
+            lines.join("\n")
+        ));
+    }
+    on["touch_decisions"] = decisions;
     let after = get_json(&client, "/balloon/policy")?;
     let slowdown = on["reread_median_s"].as_f64().unwrap_or(f64::NAN)
         / off["reread_median_s"].as_f64().unwrap_or(f64::NAN)
@@ -371,10 +419,17 @@ fn bench_policy_with(_ctx: &Ctx, args: &Args, prefault_default: bool) -> Result<
         mib(rss_before),
         mib(rss_policy),
         if deflate_prefault { "on" } else { "off" },
-        on["touch_prefaulted_mib"],
+        on["touch_balloon_mib"]["prefaulted"],
         row("off", &off),
         row("auto", &on),
         slowdown * 100.0
+    ) + &format!(
+        "balloon during the touch with the policy: {} MiB deflated ({} by the guest on OOM), \
+         {} MiB backed ahead, {} MiB reported and discarded\n",
+        on["touch_balloon_mib"]["deflated"],
+        on["touch_balloon_mib"]["deflated_on_oom"],
+        on["touch_balloon_mib"]["prefaulted"],
+        on["touch_balloon_mib"]["reported_discarded"],
     );
     progress(&table);
     poweroff_ebb(&mut vm)?;
