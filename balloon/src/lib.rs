@@ -19,5 +19,5 @@ pub mod protocol;
 pub mod queues;
 pub mod stats;
 
-pub use device::{Balloon, BalloonOptions};
+pub use device::{Balloon, BalloonOptions, SHORT_STATS_INTERVAL};
 pub use queues::hinting::{HintControl, HintDiscard, HintState};

@@ -29,8 +29,10 @@
 //!    idle guest does. Any sign of need during a trim (rule 1, with free memory and cache
 //!    below half of what the trim keeps) ends it at once.
 //!
-//! The target always stays within `[min, max]`. Deflate-on-OOM, where negotiated, stays
-//! the safety net for bursts faster than the statistics interval.
+//! The target always stays within `[min, max]`. While the guest is short (a deflate for
+//! need and its cooldown, or a deflate below the target on OOM) the device asks for
+//! statistics every 250 ms instead of every interval ([`crate::SHORT_STATS_INTERVAL`]).
+//! Deflate-on-OOM, where negotiated, stays the safety net for bursts faster than that.
 
 use std::fmt;
 use std::time::Duration;
