@@ -129,6 +129,9 @@ pub struct BlockCounters {
     /// Requests that failed on the host (a read, write, sync or fallocate error):
     /// answered IOERR.
     pub io_errors: u64,
+    /// Reads answered on the event loop from the host's page cache (also counted in
+    /// `completed`).
+    pub cached_reads: u64,
     /// Requests refused, by [`Reject`] (in [`Reject::ALL`] order).
     pub rejected: [u64; Reject::ALL.len()],
 }

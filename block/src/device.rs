@@ -50,6 +50,8 @@ struct Engine {
     id: [u8; ID_BYTES],
     state: Mutex<State>,
     pool: Pool,
+    /// Whether each activation's queue tries small reads from the page cache.
+    cached_reads: bool,
     /// Outside the state's lock: a vCPU counting one never waits for a pass.
     rejected_config_writes: AtomicU64,
 }
@@ -101,6 +103,7 @@ impl Engine {
             &mut || self.pool.next_done(),
             &active.ram,
             &disk,
+            self.image.file(),
             active.interrupt.as_ref(),
             counters,
             &mut |slot| self.pool.submit(slot),
@@ -129,6 +132,7 @@ impl QueueWorker for Engine {
             .process(
                 &active.ram,
                 &disk,
+                self.image.file(),
                 active.interrupt.as_ref(),
                 counters,
                 &mut |slot| self.pool.submit(slot),
@@ -191,6 +195,7 @@ impl Block {
                 id: raw,
                 state: Mutex::new(State::default()),
                 pool,
+                cached_reads: io.cached_reads,
                 rejected_config_writes: AtomicU64::new(0),
             }),
             id: id.to_string(),
@@ -308,7 +313,8 @@ impl VirtioDevice for Block {
             self.engine.deactivate(&mut state);
         }
         state.generation += 1;
-        let queue = RequestQueue::new(queue, &activation.ram, state.generation);
+        let mut queue = RequestQueue::new(queue, &activation.ram, state.generation);
+        queue.set_cached_reads(self.engine.cached_reads);
         state.active = Some(Active {
             ram: activation.ram,
             negotiated: activation.features,
@@ -366,7 +372,12 @@ mod tests {
             .unwrap()
             .pop()
             .unwrap();
-        let mut block = Block::new(image, "d", &IoOptions::default()).unwrap();
+        // Every read goes to the (held) threads.
+        let io = IoOptions {
+            cached_reads: false,
+            ..IoOptions::default()
+        };
+        let mut block = Block::new(image, "d", &io).unwrap();
         let ram = GuestRam::new(&[(GuestAddress(0), 16 << 20)], RamOptions::default()).unwrap();
         let mem = ram.memory();
         let mock = MockSplitQueue::create(mem, GuestAddress(0x1_0000), QUEUE_SIZE);

@@ -30,6 +30,59 @@ pub fn read_into(file: &File, bufs: &[RamBuffer], offset: u64) -> io::Result<()>
     transfer(file, bufs, offset, Direction::Read)
 }
 
+/// What a read that may not wait did ([`read_cached`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachedRead {
+    /// Every byte came from the host's page cache.
+    Done,
+    /// Not all of it is cached (or the call failed): an I/O thread reads it all.
+    Wait,
+    /// The file system cannot read without waiting (`RWF_NOWAIT` refused, as tmpfs does
+    /// before Linux 6.6): asking again is pointless.
+    Unsupported,
+}
+
+/// Reads `[offset, offset + total)` of the image into `bufs` only if it is all in the
+/// host's page cache: one `preadv2` with `RWF_NOWAIT`, which never waits for a device.
+/// Anything short of the whole range is [`CachedRead::Wait`]: the bytes it did copy are
+/// written again by the full read that follows.
+pub fn read_cached(file: &File, bufs: &[RamBuffer], offset: u64) -> CachedRead {
+    let (Ok(pos), true) = (libc::off_t::try_from(offset), bufs.len() <= MAX_IOVECS) else {
+        return CachedRead::Wait;
+    };
+    let empty = libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    };
+    let mut iov = [empty; MAX_IOVECS];
+    for (slot, buf) in iov.iter_mut().zip(bufs) {
+        *slot = buf.iovec();
+    }
+    let total: usize = bufs.iter().map(RamBuffer::len).sum();
+    // SAFETY: every iovec describes guest RAM (RamBuffer, inside one region), which stays
+    // mapped for the life of the process; the kernel checks the rest.
+    let n = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            iov.as_ptr(),
+            bufs.len() as libc::c_int,
+            pos,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if n >= 0 {
+        return if n as usize == total {
+            CachedRead::Done
+        } else {
+            CachedRead::Wait
+        };
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => CachedRead::Unsupported,
+        _ => CachedRead::Wait,
+    }
+}
+
 /// Writes `bufs`, in order, to the image from `offset`.
 pub fn write_from(file: &File, bufs: &[RamBuffer], offset: u64) -> io::Result<()> {
     transfer(file, bufs, offset, Direction::Write)

@@ -16,10 +16,10 @@
 //!
 //! # Where the I/O runs
 //!
-//! On a small pool of I/O threads per disk ([`pool::IO_THREADS`]), never on a vCPU thread
-//! nor on the event loop. A kick (an ioeventfd) wakes the event loop, which takes chains
-//! off the ring, checks each, answers refused ones and GET_ID at once, and hands the rest
-//! to the pool as [`queue::Slot`]s; the threads `preadv`/`pwritev` straight between the
+//! On a small pool of I/O threads per disk ([`pool::IO_THREADS`]), never on a vCPU thread.
+//! A kick (an ioeventfd) wakes the event loop, which takes chains off the ring, checks
+//! each, answers refused ones and GET_ID at once, answers small reads the host has cached
+//! itself (below), and hands the rest to the pool as [`queue::Slot`]s; the threads `preadv`/`pwritev` straight between the
 //! image and guest RAM (no bounce buffer, no copy) and queue the slot back, waking the
 //! loop through an eventfd; the loop, the one owner of the rings, writes the status and
 //! the used entry and interrupts the guest once per batch. Requests complete out of order.
@@ -71,6 +71,17 @@
 //! `examples/io_mechanisms.rs` measures the hand-off's own cost on a warm image (`cargo
 //! run --release -p ebb-block --example io_mechanisms`): on the project machine a request
 //! handed to a thread took 8-15 us more than one run inline (median, one at a time).
+//!
+//! # Small cached reads on the event loop
+//!
+//! So a read of at most [`queue::CACHED_READ_MAX`] is first tried on the event loop with
+//! `preadv2(RWF_NOWAIT)`, which copies from the host's page cache or gives up at once
+//! (it never waits for a device): all of it there, the request is answered in the same
+//! pass; anything less, it goes to the threads, which read it all. A pass copies at most
+//! [`queue::CACHED_PASS_BYTES`] this way, and a file system that refuses `RWF_NOWAIT`
+//! (tmpfs before Linux 6.6) turns the attempt off for the activation. The event loop's
+//! system call filter allows `preadv2` with that flag alone. `EBB_DISK_CACHED_READS=0`
+//! turns it off, for measuring.
 
 pub mod counters;
 pub mod device;

@@ -33,6 +33,9 @@ pub struct IoOptions {
     pub threads: usize,
     /// Runs first on each.
     pub on_start: Option<ThreadStart>,
+    /// Whether the event loop answers small reads the host has cached itself (see
+    /// [`crate::queue::CACHED_READ_MAX`]); off, every request goes to the threads.
+    pub cached_reads: bool,
 }
 
 impl Default for IoOptions {
@@ -40,6 +43,7 @@ impl Default for IoOptions {
         Self {
             threads: IO_THREADS,
             on_start: None,
+            cached_reads: true,
         }
     }
 }
@@ -49,6 +53,7 @@ impl std::fmt::Debug for IoOptions {
         f.debug_struct("IoOptions")
             .field("threads", &self.threads)
             .field("on_start", &self.on_start.is_some())
+            .field("cached_reads", &self.cached_reads)
             .finish()
     }
 }

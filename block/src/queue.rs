@@ -26,7 +26,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::counters::{BlockCounters, Op, Reject};
-use crate::io::{self, Discarded};
+use crate::io::{self, CachedRead, Discarded};
 use crate::protocol::{features, status, ID_BYTES, QUEUE_SIZE};
 use crate::request::{parse, DiskShape, Parsed, Request, Scratch};
 
@@ -35,6 +35,11 @@ pub const MAX_IN_FLIGHT: usize = 32;
 /// Most chains one pass takes off the ring (answered at once or handed out) before it
 /// yields.
 pub const PASS_CHAINS: usize = QUEUE_SIZE as usize;
+/// Largest read the event loop answers itself from the host's page cache: a hand-off to
+/// an I/O thread and back costs more than copying a few pages (see [`crate`]).
+pub const CACHED_READ_MAX: u64 = 32 << 10;
+/// Most bytes one pass copies on the event loop: the rest go to the I/O threads.
+pub const CACHED_PASS_BYTES: u64 = 256 << 10;
 
 /// What the event loop checks requests against and answers GET_ID with.
 #[derive(Debug, Clone, Copy)]
@@ -126,6 +131,9 @@ pub struct RequestQueue {
     /// Sequence numbers of the writes out on the I/O threads.
     writes: Vec<u64>,
     next_seq: u64,
+    /// Small reads are tried from the host's page cache on the event loop (until the
+    /// file system refuses reads that may not wait).
+    cached_reads: bool,
 }
 
 type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
@@ -142,7 +150,19 @@ impl RequestQueue {
             flushes: VecDeque::with_capacity(MAX_IN_FLIGHT),
             writes: Vec::with_capacity(MAX_IN_FLIGHT),
             next_seq: 0,
+            cached_reads: true,
         }
+    }
+
+    /// Whether small reads are still tried from the host's page cache on the event loop.
+    pub fn tries_cached_reads(&self) -> bool {
+        self.cached_reads
+    }
+
+    /// Turns trying small reads from the page cache on (the default) or off (every
+    /// request goes to the I/O threads).
+    pub fn set_cached_reads(&mut self, on: bool) {
+        self.cached_reads = on;
     }
 
     /// Requests off the ring and not yet given back.
@@ -151,17 +171,18 @@ impl RequestQueue {
     }
 
     /// Takes chains off the ring while slots are free, within [`PASS_CHAINS`]: answers
-    /// refused requests and GET_ID at once, hands the rest to `submit`. Interrupts the
-    /// guest once if any went back.
+    /// refused requests, GET_ID and small reads the host has cached in `file` at once,
+    /// hands the rest to `submit`. Interrupts the guest once if any went back.
     pub fn process(
         &mut self,
         ram: &GuestRam,
         disk: &Disk,
+        file: &File,
         interrupt: &dyn VirtioInterrupt,
         counters: &mut BlockCounters,
         submit: &mut dyn FnMut(Slot),
     ) -> Pass {
-        let pass = self.take(ram, disk, counters, submit);
+        let pass = self.take(ram, disk, file, counters, submit);
         self.notify(ram, pass.gave_back, interrupt);
         pass
     }
@@ -170,11 +191,13 @@ impl RequestQueue {
         &mut self,
         ram: &GuestRam,
         disk: &Disk,
+        file: &File,
         counters: &mut BlockCounters,
         submit: &mut dyn FnMut(Slot),
     ) -> Pass {
         let mem = ram.memory();
         let mut gave_back = false;
+        let mut cached_budget = CACHED_PASS_BYTES;
         for _ in 0..PASS_CHAINS {
             let Some(mut slot) = self.free.pop() else {
                 return Pass {
@@ -211,7 +234,11 @@ impl RequestQueue {
                 }
             };
             let head = chain.head_index();
-            match self.check(chain, ram, disk, counters, &mut slot) {
+            let answered = match self.check(chain, ram, disk, counters, &mut slot) {
+                Some(used) => Some(used),
+                None => self.read_cached(&mut slot, ram, file, counters, &mut cached_budget),
+            };
+            match answered {
                 Some(used) => {
                     self.free.push(slot);
                     gave_back |= give_back(&mut self.queue, mem, head, used, counters);
@@ -268,6 +295,40 @@ impl RequestQueue {
         }
     }
 
+    /// Answers a small read from the host's page cache, within `budget` bytes for the
+    /// pass; returns the used length, or `None` to hand it to the I/O threads (not all
+    /// cached, too large, budget spent, or the file system cannot say).
+    fn read_cached(
+        &mut self,
+        slot: &mut Slot,
+        ram: &GuestRam,
+        file: &File,
+        counters: &mut BlockCounters,
+        budget: &mut u64,
+    ) -> Option<u32> {
+        let len = slot.request.len;
+        if !self.cached_reads
+            || slot.request.op != Op::Read
+            || len > CACHED_READ_MAX
+            || len > *budget
+        {
+            return None;
+        }
+        match io::read_cached(file, &slot.scratch.buffers, slot.request.offset) {
+            CachedRead::Done => {
+                *budget -= len;
+                counters.cached_reads += 1;
+                slot.result = Some(Ok(len as u32));
+                Some(finish(slot, ram, counters))
+            }
+            CachedRead::Wait => None,
+            CachedRead::Unsupported => {
+                self.cached_reads = false;
+                None
+            }
+        }
+    }
+
     /// Hands a checked request out, or holds a flush until the writes before it are done.
     fn dispatch(&mut self, slot: Slot, submit: &mut dyn FnMut(Slot)) {
         let op = slot.request.op;
@@ -285,11 +346,13 @@ impl RequestQueue {
     /// Gives back requests the I/O threads finished (slots of another activation are
     /// dropped unanswered), releases the flushes they held, and takes more chains off
     /// the ring now that slots are free. Interrupts the guest once if any went back.
+    #[allow(clippy::too_many_arguments)]
     pub fn complete(
         &mut self,
         done: &mut dyn FnMut() -> Option<Slot>,
         ram: &GuestRam,
         disk: &Disk,
+        file: &File,
         interrupt: &dyn VirtioInterrupt,
         counters: &mut BlockCounters,
         submit: &mut dyn FnMut(Slot),
@@ -319,7 +382,7 @@ impl RequestQueue {
                 submit(flush);
             }
         }
-        let pass = self.take(ram, disk, counters, submit);
+        let pass = self.take(ram, disk, file, counters, submit);
         let gave_back = gave_back || pass.gave_back;
         self.notify(ram, gave_back, interrupt);
         Pass {

@@ -12,7 +12,9 @@
 //! The lists come from tracing full runs (boot, balloon, reporting, disks, API, power off)
 //! in the test host, plus the calls of error and exit paths. Only the disk I/O threads
 //! may move disk data (`preadv`/`pwritev` between images and guest RAM, `fdatasync`,
-//! `fallocate`; images are opened and locked before any filter is installed).
+//! `fallocate`; images are opened and locked before any filter is installed), except
+//! that the event loop may read what the host has cached: `preadv2` with `RWF_NOWAIT`
+//! and no other flag, which never waits for a device.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -219,6 +221,12 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let write_or_create = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT) as u64;
     let read_only = condition(2, SeccompCmpOp::MaskedEq(write_or_create), 0, kind)?;
     rules.insert(libc::SYS_openat, vec![rule(vec![read_only], kind)?]);
+    if kind == ThreadKind::EventLoop {
+        // Small reads the host has cached (ebb_block::queue::CACHED_READ_MAX): flags,
+        // the sixth argument, exactly RWF_NOWAIT.
+        let nowait = condition(5, SeccompCmpOp::Eq, libc::RWF_NOWAIT as u64, kind)?;
+        rules.insert(libc::SYS_preadv2, vec![rule(vec![nowait], kind)?]);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -449,6 +457,30 @@ mod tests {
             let (status, text) = run_filtered(kind, disk_io);
             assert_eq!(status, EXIT_SECCOMP, "{kind:?}: {text}");
         }
+        // The event loop reads only what is cached: preadv2 with RWF_NOWAIT alone.
+        fn cached_read() {
+            let mut buf = [0u8; 512];
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: reads from descriptor FD into our own buffer: a plain one (the
+            // event loop's pread64) brings the block into the page cache.
+            let n = unsafe {
+                libc::pread(FD, buf.as_mut_ptr().cast(), buf.len(), 4096);
+                libc::preadv2(FD, &iov, 1, 4096, libc::RWF_NOWAIT)
+            };
+            if n == 512 {
+                say(b"cached read worked\n");
+            }
+            // SAFETY: as above, with flags the filter does not allow.
+            unsafe { libc::preadv2(FD, &iov, 1, 4096, libc::RWF_NOWAIT | libc::RWF_HIPRI) };
+        }
+        let (status, text) = run_filtered(ThreadKind::EventLoop, cached_read);
+        assert_eq!(status, EXIT_SECCOMP, "{text}");
+        assert!(text.starts_with("cached read worked\n"), "{text}");
+        let (status, _) = run_filtered(ThreadKind::Vcpu, cached_read);
+        assert_eq!(status, EXIT_SECCOMP);
         // SAFETY: closing the duplicate made above.
         unsafe { libc::close(FD) };
         let _ = std::fs::remove_file(path);

@@ -450,6 +450,12 @@ fn io_threads() -> usize {
         .unwrap_or(ebb_block::pool::IO_THREADS)
 }
 
+/// Whether the event loop answers small cached reads itself: yes, unless
+/// `EBB_DISK_CACHED_READS=0` (a knob for measuring, as `EBB_DISK_IO_THREADS`).
+fn cached_reads() -> bool {
+    std::env::var("EBB_DISK_CACHED_READS").map_or(true, |v| v != "0")
+}
+
 fn mmio_devices(
     vm: &VmFd,
     ram: &GuestRam,
@@ -501,6 +507,7 @@ fn mmio_devices(
             seccomp::install(ThreadKind::DiskIo, seccomp).map_err(|e| e.to_string())
         })),
         threads: io_threads(),
+        cached_reads: cached_reads(),
     };
     for (image, cfg) in images.into_iter().zip(&config.disks) {
         let device = Block::new(image, &cfg.id, &io).map_err(io_err(format!(

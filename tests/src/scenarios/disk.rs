@@ -30,7 +30,10 @@ pub const SCENARIOS: &[ScenarioDef] = &[
                guest: fio in the guest on a second raw disk, O_DIRECT: sequential write and \
                read MiB/s (1 MiB blocks, depth 16) and 4 KiB random read IOPS (depth 8) \
                (args: memory_mib=1024 size_mib=512 runtime_s=10 io_threads=0 (Ebb's I/O \
-               threads per disk; 0: its default) vmms=ebb+qemu)",
+               threads per disk; 0: its default) vmms=ebb+qemu (also ebb-uncached: Ebb \
+               with EBB_DISK_CACHED_READS=0) data_on=file|loop (loop: the data image \
+               through a loop device, a block device whose page cache reads without \
+               waiting, as ext4 or xfs would; tmpfs before Linux 6.6 cannot))",
         run: bench_disk,
     },
 ];
@@ -100,12 +103,23 @@ fn fio(vm: &mut GuestVm, args: &str, runtime_s: u64) -> Result<Value, String> {
 }
 
 fn bench_disk(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
-    args.check_known(&["memory_mib", "size_mib", "runtime_s", "io_threads", "vmms"])?;
+    args.check_known(&[
+        "memory_mib",
+        "size_mib",
+        "runtime_s",
+        "io_threads",
+        "vmms",
+        "data_on",
+    ])?;
     let memory_mib: u64 = args.get("memory_mib", 1024)?;
     let size_mib: u64 = args.get("size_mib", 512)?;
     let runtime_s: u64 = args.get("runtime_s", 10)?;
     let io_threads: u64 = args.get("io_threads", 0)?;
     let which: String = args.get("vmms", "ebb+qemu".to_string())?;
+    let data_on: String = args.get("data_on", "file".to_string())?;
+    ensure(data_on == "file" || data_on == "loop", || {
+        format!("data_on={data_on}: expected file or loop")
+    })?;
     if io_threads > 0 {
         // Ebb's I/O threads per disk (its measuring knob); 0: Ebb's default.
         std::env::set_var("EBB_DISK_IO_THREADS", io_threads.to_string());
@@ -113,19 +127,35 @@ fn bench_disk(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let dir = scratch_dir("bench-disk")?;
     let mut rows = Vec::new();
     let mut vmms = Vec::new();
-    if which.split('+').any(|v| v == "ebb") {
-        vmms.push(ebb()?);
+    for name in which.split('+') {
+        let (vmm, cached_reads) = match name {
+            "ebb" => (ebb()?, true),
+            "ebb-uncached" => (ebb()?, false),
+            "qemu" => (super::support::qemu()?, true),
+            other => {
+                return Err(format!(
+                    "vmms: unknown VMM {other} (ebb, ebb-uncached, qemu)"
+                ))
+            }
+        };
+        vmms.push((name, vmm, cached_reads));
     }
-    if which.split('+').any(|v| v == "qemu") {
-        vmms.push(super::support::qemu()?);
-    }
-    for vmm in vmms {
+    for (label, vmm, cached_reads) in vmms {
+        // Ebb's knob for measuring; the other VMMs ignore it.
+        std::env::set_var(
+            "EBB_DISK_CACHED_READS",
+            if cached_reads { "1" } else { "0" },
+        );
         let root = dir.join("root.ext4");
-        let data = dir.join("data.img");
+        let file = dir.join("data.img");
         copy_image(&root)?;
-        std::fs::File::create(&data)
+        std::fs::File::create(&file)
             .and_then(|f| f.set_len((size_mib + 64) << 20))
-            .map_err(|e| format!("{}: {e}", data.display()))?;
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let looped = (data_on == "loop")
+            .then(|| LoopDevice::attach(&file))
+            .transpose()?;
+        let data = looped.as_ref().map_or(file.clone(), |l| l.path.clone());
         let disks = vec![
             crate::guest::DiskSpec {
                 path: root.clone(),
@@ -158,7 +188,8 @@ fn bench_disk(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         super::support::poweroff_any(&mut vm)?;
         let mibs = |j: &Value, dir: &str| j[dir]["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
         let row = json!({
-            "vmm": vmm.name(),
+            "vmm": label,
+            "data_on": data_on,
             "io_threads": io_threads,
             "seq_write_mib_s": mibs(&write, "write"),
             "seq_read_mib_s": mibs(&read, "read"),
@@ -167,20 +198,60 @@ fn bench_disk(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         });
         progress(&format!("bench-disk: {row}"));
         rows.push(row);
+        drop(looped);
         let _ = std::fs::remove_file(&root);
-        let _ = std::fs::remove_file(&data);
+        let _ = std::fs::remove_file(&file);
     }
     Ok(json!({
         "rows": rows,
-        "params": {"memory_mib": memory_mib, "size_mib": size_mib, "runtime_s": runtime_s},
+        "params": {
+            "memory_mib": memory_mib,
+            "size_mib": size_mib,
+            "runtime_s": runtime_s,
+            "data_on": data_on,
+        },
     }))
+}
+
+/// A file attached to a loop device (`losetup`), detached when dropped.
+struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    fn attach(file: &Path) -> Result<Self, String> {
+        // The driver may be a module; already loaded or built in is fine.
+        let _ = Command::new("modprobe").arg("loop").status();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .map_err(|e| format!("losetup (util-linux's mount package): {e}"))?;
+        ensure(out.status.success(), || {
+            format!(
+                "losetup --find --show {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Ok(Self { path })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
 }
 
 /// The table `ebb-bench disk` prints.
 pub fn table(d: &Value) -> String {
     let mut s = format!(
-        "disk: fio in the guest on a raw second disk, O_DIRECT, libaio, {} s per job, {} MiB\n\
-         {:<6} {:>16} {:>16} {:>18} {:>14}\n",
+        "disk: fio in the guest on a raw second disk ({}), O_DIRECT, libaio, {} s per job, \
+         {} MiB\n\
+         {:<13} {:>16} {:>16} {:>18} {:>14}\n",
+        d["params"]["data_on"].as_str().unwrap_or("file"),
         d["params"]["runtime_s"],
         d["params"]["size_mib"],
         "vmm",
@@ -191,7 +262,7 @@ pub fn table(d: &Value) -> String {
     );
     for r in d["rows"].as_array().into_iter().flatten() {
         s.push_str(&format!(
-            "{:<6} {:>16.1} {:>16.1} {:>18.0} {:>14.0}\n",
+            "{:<13} {:>16.1} {:>16.1} {:>18.0} {:>14.0}\n",
             match r["io_threads"].as_u64() {
                 Some(n) if n > 0 && r["vmm"] == "ebb" => format!("ebb/{n}"),
                 _ => r["vmm"].as_str().unwrap_or("?").to_string(),

@@ -149,6 +149,16 @@ fn disk_metrics(d: &mut Doc, disks: &[DiskSnapshot]) {
         d,
         disks,
         (
+            "ebb_disk_cached_reads_total",
+            "counter",
+            "Reads the event loop answered from the host's page cache, without an I/O thread.",
+        ),
+        |s| one(s.counters.cached_reads),
+    );
+    per_disk(
+        d,
+        disks,
+        (
             "ebb_disk_rejected_requests_total",
             "counter",
             "Guest requests refused (answered IOERR or UNSUPP, or unanswerable), by reason.",
@@ -544,6 +554,7 @@ mod tests {
         let mut counters = BlockCounters {
             read_bytes: 4096,
             io_errors: 2,
+            cached_reads: 1,
             ..Default::default()
         };
         counters.count_completed(Op::Read);
@@ -637,6 +648,7 @@ mod tests {
             ),
             ("ebb_disk_read_bytes_total{disk=\"root\"}", 4096.0),
             ("ebb_disk_io_errors_total{disk=\"root\"}", 2.0),
+            ("ebb_disk_cached_reads_total{disk=\"root\"}", 1.0),
             (
                 "ebb_disk_rejected_requests_total{disk=\"root\",reason=\"range\"}",
                 1.0,
