@@ -47,17 +47,9 @@ pub enum CachedRead {
 /// Anything short of the whole range is [`CachedRead::Wait`]: the bytes it did copy are
 /// written again by the full read that follows.
 pub fn read_cached(file: &File, bufs: &[RamBuffer], offset: u64) -> CachedRead {
-    let (Ok(pos), true) = (libc::off_t::try_from(offset), bufs.len() <= MAX_IOVECS) else {
+    let (Ok(pos), Ok(iov)) = (libc::off_t::try_from(offset), iovec_array(bufs)) else {
         return CachedRead::Wait;
     };
-    let empty = libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    };
-    let mut iov = [empty; MAX_IOVECS];
-    for (slot, buf) in iov.iter_mut().zip(bufs) {
-        *slot = buf.iovec();
-    }
     let total: usize = bufs.iter().map(RamBuffer::len).sum();
     // SAFETY: every iovec describes guest RAM (RamBuffer, inside one region), which stays
     // mapped for the life of the process; the kernel checks the rest.
@@ -89,6 +81,12 @@ pub fn write_from(file: &File, bufs: &[RamBuffer], offset: u64) -> io::Result<()
 }
 
 fn transfer(file: &File, bufs: &[RamBuffer], offset: u64, dir: Direction) -> io::Result<()> {
+    let mut iov = iovec_array(bufs)?;
+    iovecs(file, &mut iov[..bufs.len()], offset, dir)
+}
+
+/// The iovecs of `bufs`, in order, at the start of an array (no allocation).
+fn iovec_array(bufs: &[RamBuffer]) -> io::Result<[libc::iovec; MAX_IOVECS]> {
     if bufs.len() > MAX_IOVECS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -103,7 +101,7 @@ fn transfer(file: &File, bufs: &[RamBuffer], offset: u64, dir: Direction) -> io:
     for (slot, buf) in iov.iter_mut().zip(bufs) {
         *slot = buf.iovec();
     }
-    iovecs(file, &mut iov[..bufs.len()], offset, dir)
+    Ok(iov)
 }
 
 /// Moves every byte `iov` describes, from `offset` on, looping over short transfers.
