@@ -172,6 +172,48 @@ pub fn fd_allocated_kib(pid: u32, name: &str) -> io::Result<u64> {
     ))
 }
 
+/// What each thread of `pid` is doing: name, state, the kernel function it waits in, the
+/// system call it is in, and its kernel stack where readable (root): for a process that
+/// stopped making progress.
+pub fn thread_report(pid: u32) -> String {
+    let dir = format!("/proc/{pid}/task");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return format!("{dir}: unreadable (the process is gone)\n");
+    };
+    let mut tids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    let mut out = String::new();
+    for tid in tids {
+        let read = |name: &str| {
+            std::fs::read_to_string(format!("{dir}/{tid}/{name}"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        // The state is the field after the parenthesised name.
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        out.push_str(&format!(
+            "thread {tid} {}: state {state}, wchan {}, syscall {}\n",
+            read("comm"),
+            read("wchan"),
+            read("syscall"),
+        ));
+        let stack = read("stack");
+        if stack != "?" && !stack.is_empty() {
+            for line in stack.lines() {
+                out.push_str(&format!("    {line}\n"));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +283,8 @@ VmFlags: rd wr sh mr mw me ms dd ht
         assert!(process_rss_kib(pid).unwrap() > 0);
         assert!(host_mem_available_kib().unwrap() > 0);
         assert!(!smaps(pid).unwrap().is_empty());
+        let threads = thread_report(pid);
+        assert!(threads.contains(&format!("thread {pid} ")), "{threads}");
+        assert!(threads.contains("state "), "{threads}");
     }
 }

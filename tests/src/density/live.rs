@@ -320,6 +320,21 @@ struct LiveGuest {
 }
 
 impl LiveGuest {
+    /// The balloon and its policy as the API shows them, when the run uses one.
+    fn balloon_state(&self) -> String {
+        let Some(socket) = &self.socket else {
+            return String::new();
+        };
+        let client = ebb_ctl::client::Client::new(socket, Duration::from_secs(10));
+        ["/balloon", "/balloon/statistics", "/balloon/policy"]
+            .iter()
+            .map(|path| match client.request("GET", path, None) {
+                Ok(r) => format!("\nGET {path}: {} {}", r.status, r.text()),
+                Err(e) => format!("\nGET {path}: {e}"),
+            })
+            .collect()
+    }
+
     fn exit_text(&mut self) -> String {
         match self.vm.wait_exit(Duration::from_millis(500)) {
             Ok(x) => format!(
@@ -394,7 +409,18 @@ impl GuestHandle for LiveGuest {
             }
             Err(e) => {
                 let first = e.to_string().lines().next().unwrap_or("").to_string();
-                TouchOutcome::VmmFailed(format!("{first} ({})", self.exit_text()))
+                let exit = self.exit_text();
+                if exit == "VMM still running" {
+                    // The report keeps one line: what the VMM and the guest were doing
+                    // goes to the job's stderr, which the run directory keeps.
+                    eprintln!(
+                        "touch of {mib} MiB timed out with the VMM running; its threads:\n{}\n{}{}",
+                        procfs::thread_report(self.pid),
+                        self.vm.diagnostics(),
+                        self.balloon_state(),
+                    );
+                }
+                TouchOutcome::VmmFailed(format!("{first} ({exit})"))
             }
         }
     }
