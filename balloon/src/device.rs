@@ -184,6 +184,8 @@ pub struct Balloon {
     stats_timer: TimerFd,
     /// Statistics are asked for every [`SHORT_STATS_INTERVAL`] (the guest is short).
     short_stats: bool,
+    /// `oom_deflated_pages` at the policy's last decision.
+    oom_deflated_at_decision: u64,
     poison_warned: bool,
     hint: HintControl,
     /// How long one pass over a queue may run (see [`PASS_TIME_LIMIT`]).
@@ -263,6 +265,7 @@ impl Balloon {
             stats_interval_s: options.stats_interval_s,
             stats_timer,
             short_stats: false,
+            oom_deflated_at_decision: 0,
             poison_warned: false,
             hint: HintControl::default(),
             pass_time_limit: PASS_TIME_LIMIT,
@@ -321,6 +324,8 @@ impl Balloon {
             at: self.created.elapsed(),
             target: u64::from(self.target_pages) * BALLOON_PAGE_SIZE,
             actual: u64::from(self.actual_pages) * BALLOON_PAGE_SIZE,
+            oom_deflated: (self.counters.oom_deflated_pages - self.oom_deflated_at_decision)
+                * BALLOON_PAGE_SIZE,
             available: stats.available_memory,
             free: stats.free_memory,
             caches: stats.disk_caches,
@@ -335,10 +340,12 @@ impl Balloon {
         };
         let decision = policy.decide(observation);
         let headroom = policy.settings().headroom / BALLOON_PAGE_SIZE;
+        self.oom_deflated_at_decision = self.counters.oom_deflated_pages;
+        // Not while the guest catches up with a larger target: that is no shortage.
         self.set_short_stats(
             decision.reason.deflates_for_need()
                 || decision.reason == Reason::Cooldown
-                || observation.actual < observation.target,
+                || observation.oom_deflated > 0,
         );
         let pages = decision.target / BALLOON_PAGE_SIZE;
         tracing::debug!(

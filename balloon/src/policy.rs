@@ -131,6 +131,9 @@ pub struct Observation {
     pub target: u64,
     /// What the guest holds in the balloon, bytes.
     pub actual: u64,
+    /// What the guest took back below the target since the last report on its own
+    /// (deflate-on-OOM), bytes.
+    pub oom_deflated: u64,
     /// The guest's available memory, bytes.
     pub available: Option<u64>,
     /// The guest's free memory, bytes.
@@ -430,7 +433,7 @@ impl AutoPolicy {
         let short = self
             .last_decision
             .is_some_and(|d| d.reason.deflates_for_need())
-            || now.actual < now.target;
+            || now.oom_deflated > 0;
         let falling = self.last.map_or(0, |last| {
             let before = gauge(&last).unwrap_or(level);
             if short {
@@ -675,6 +678,7 @@ mod tests {
         // 300 MiB used, 300 MiB deflated (by the guest on OOM): same level as before.
         let mut o = obs(1, 2 * GIB, s.headroom + 50 * MIB);
         o.actual = 2 * GIB - 300 * MIB;
+        o.oom_deflated = 300 * MIB;
         let d = p.decide(o);
         assert_eq!(d.reason, Reason::DeflateLow);
         assert_eq!(d.target, 2 * GIB - 300 * MIB - 250 * MIB);
