@@ -44,8 +44,10 @@ log "building the test host initramfs for $kver"
 
 # Modules in load order: each one after its dependencies (from modules.dep). The seed
 # order matters where modules.dep does not say it: virtio_ring must precede virtio.
+# loop: `ebb-bench disk` puts its data image behind a loop device (a page cache that
+# reads without waiting, which tmpfs in Linux 6.1 lacks).
 wanted=(irqbypass ccp kvm kvm-amd virtio_ring virtio virtio_pci_legacy_dev
-    virtio_pci_modern_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p)
+    virtio_pci_modern_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p loop)
 declare -A done_mod=()
 order=()
 modpath() { # NAME -> path relative to $modroot as listed in modules.dep

@@ -220,16 +220,21 @@ struct LoopDevice {
 
 impl LoopDevice {
     fn attach(file: &Path) -> Result<Self, String> {
-        // The driver may be a module; already loaded or built in is fine.
-        let _ = Command::new("modprobe").arg("loop").status();
+        // The test host loads the driver at boot; elsewhere it may be a module.
+        let modprobe = Command::new("modprobe").arg("loop").output();
         let out = Command::new("losetup")
             .args(["--find", "--show"])
             .arg(file)
             .output()
             .map_err(|e| format!("losetup (util-linux's mount package): {e}"))?;
         ensure(out.status.success(), || {
+            let modprobe = match &modprobe {
+                Ok(m) if m.status.success() => "ok".to_string(),
+                Ok(m) => String::from_utf8_lossy(&m.stderr).trim().to_string(),
+                Err(e) => e.to_string(),
+            };
             format!(
-                "losetup --find --show {}: {}",
+                "losetup --find --show {}: {} (modprobe loop: {modprobe})",
                 file.display(),
                 String::from_utf8_lossy(&out.stderr).trim()
             )
