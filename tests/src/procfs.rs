@@ -172,6 +172,31 @@ pub fn fd_allocated_kib(pid: u32, name: &str) -> io::Result<u64> {
     ))
 }
 
+/// Voluntary context switches (a thread going to sleep: one per wake-up of a worker
+/// that waits for work) of the threads of `pid` named `comm`, summed; 0 if unreadable.
+pub fn thread_switches(pid: u32, comm: &str) -> u64 {
+    let dir = format!("/proc/{pid}/task");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            if name.trim() != comm {
+                return None;
+            }
+            let status = std::fs::read_to_string(path.join("status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// What each thread of `pid` is doing: name, state, the kernel function it waits in, the
 /// system call it is in, and its kernel stack where readable (root): for a process that
 /// stopped making progress.
@@ -286,5 +311,7 @@ VmFlags: rd wr sh mr mw me ms dd ht
         let threads = thread_report(pid);
         assert!(threads.contains(&format!("thread {pid} ")), "{threads}");
         assert!(threads.contains("state "), "{threads}");
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        assert!(thread_switches(pid, comm.trim()) > 0);
     }
 }

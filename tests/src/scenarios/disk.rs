@@ -180,11 +180,20 @@ fn bench_disk(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             &format!("--name=r --rw=read --bs=1M --iodepth=16 {size}"),
             runtime_s,
         )?;
+        let wakeups_before = crate::procfs::thread_switches(vm.pid(), "disk-io");
         let rand = fio(
             &mut vm,
             &format!("--name=rr --rw=randread --bs=4k --iodepth=8 {size}"),
             runtime_s,
         )?;
+        // How often Ebb's I/O threads woke per random read: about one per request when
+        // they serve every read, near none when the event loop answers them.
+        let reads = rand["read"]["total_ios"].as_f64().unwrap_or(0.0);
+        let io_thread_wakeups_per_read = (vmm.kind() == crate::guest::VmmKind::Ebb && reads > 0.0)
+            .then(|| {
+                let after = crate::procfs::thread_switches(vm.pid(), "disk-io");
+                after.saturating_sub(wakeups_before) as f64 / reads
+            });
         super::support::poweroff_any(&mut vm)?;
         let mibs = |j: &Value, dir: &str| j[dir]["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
         let row = json!({
@@ -195,6 +204,7 @@ fn bench_disk(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
             "seq_read_mib_s": mibs(&read, "read"),
             "rand_read_4k_iops": rand["read"]["iops"].as_f64().unwrap_or(0.0),
             "rand_read_lat_us_p50": rand["read"]["clat_ns"]["percentile"]["50.000000"].as_f64().unwrap_or(0.0) / 1000.0,
+            "io_thread_wakeups_per_read": io_thread_wakeups_per_read,
         });
         progress(&format!("bench-disk: {row}"));
         rows.push(row);
@@ -255,7 +265,7 @@ pub fn table(d: &Value) -> String {
     let mut s = format!(
         "disk: fio in the guest on a raw second disk ({}), O_DIRECT, libaio, {} s per job, \
          {} MiB\n\
-         {:<13} {:>16} {:>16} {:>18} {:>14}\n",
+         {:<13} {:>16} {:>16} {:>18} {:>14} {:>16}\n",
         d["params"]["data_on"].as_str().unwrap_or("file"),
         d["params"]["runtime_s"],
         d["params"]["size_mib"],
@@ -263,11 +273,12 @@ pub fn table(d: &Value) -> String {
         "seq write MiB/s",
         "seq read MiB/s",
         "4K randread IOPS",
-        "p50 lat us"
+        "p50 lat us",
+        "I/O wakeups/read"
     );
     for r in d["rows"].as_array().into_iter().flatten() {
         s.push_str(&format!(
-            "{:<13} {:>16.1} {:>16.1} {:>18.0} {:>14.0}\n",
+            "{:<13} {:>16.1} {:>16.1} {:>18.0} {:>14.0} {:>16}\n",
             match r["io_threads"].as_u64() {
                 Some(n) if n > 0 && r["vmm"] == "ebb" => format!("ebb/{n}"),
                 _ => r["vmm"].as_str().unwrap_or("?").to_string(),
@@ -276,6 +287,9 @@ pub fn table(d: &Value) -> String {
             r["seq_read_mib_s"].as_f64().unwrap_or(f64::NAN),
             r["rand_read_4k_iops"].as_f64().unwrap_or(f64::NAN),
             r["rand_read_lat_us_p50"].as_f64().unwrap_or(f64::NAN),
+            r["io_thread_wakeups_per_read"]
+                .as_f64()
+                .map_or("-".to_string(), |w| format!("{w:.2}")),
         ));
     }
     s
