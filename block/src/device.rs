@@ -372,12 +372,8 @@ mod tests {
             .unwrap()
             .pop()
             .unwrap();
-        // Every read goes to the (held) threads.
-        let io = IoOptions {
-            cached_reads: false,
-            ..IoOptions::default()
-        };
-        let mut block = Block::new(image, "d", &io).unwrap();
+        // Every read goes to the (held) threads (cached reads are off by default).
+        let mut block = Block::new(image, "d", &IoOptions::default()).unwrap();
         let ram = GuestRam::new(&[(GuestAddress(0), 16 << 20)], RamOptions::default()).unwrap();
         let mem = ram.memory();
         let mock = MockSplitQueue::create(mem, GuestAddress(0x1_0000), QUEUE_SIZE);

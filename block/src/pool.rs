@@ -34,7 +34,8 @@ pub struct IoOptions {
     /// Runs first on each.
     pub on_start: Option<ThreadStart>,
     /// Whether the event loop answers small reads the host has cached itself (see
-    /// [`crate::queue::CACHED_READ_MAX`]); off, every request goes to the threads.
+    /// [`crate::queue::CACHED_READ_MAX`]; off by default); off, every request goes to
+    /// the threads.
     pub cached_reads: bool,
 }
 
@@ -43,7 +44,7 @@ impl Default for IoOptions {
         Self {
             threads: IO_THREADS,
             on_start: None,
-            cached_reads: true,
+            cached_reads: false,
         }
     }
 }

@@ -450,10 +450,11 @@ fn io_threads() -> usize {
         .unwrap_or(ebb_block::pool::IO_THREADS)
 }
 
-/// Whether the event loop answers small cached reads itself: yes, unless
-/// `EBB_DISK_CACHED_READS=0` (a knob for measuring, as `EBB_DISK_IO_THREADS`).
+/// Whether the event loop answers small cached reads itself: only with
+/// `EBB_DISK_CACHED_READS=1` (a knob for measuring, as `EBB_DISK_IO_THREADS`; off by
+/// default until it measures faster, see `ebb_block`).
 fn cached_reads() -> bool {
-    std::env::var("EBB_DISK_CACHED_READS").map_or(true, |v| v != "0")
+    std::env::var("EBB_DISK_CACHED_READS").is_ok_and(|v| v == "1")
 }
 
 fn mmio_devices(

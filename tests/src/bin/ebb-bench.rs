@@ -117,10 +117,10 @@ fn main() -> ExitCode {
             }
             "disk" => {
                 // The data image through a loop device: its page cache reads without
-                // waiting (the test host's tmpfs, Linux 6.1, cannot), as on ext4 or xfs,
-                // so Ebb answers small cached reads on its event loop; the same Ebb
-                // without that, and QEMU, in the same test host.
-                items.push("bench-disk:data_on=loop:vmms=ebb+ebb-uncached+qemu".to_string());
+                // waiting (the test host's tmpfs, Linux 6.1, cannot), as on ext4 or xfs;
+                // Ebb, Ebb answering small cached reads on its event loop, and QEMU in
+                // the same test host.
+                items.push("bench-disk:data_on=loop:vmms=ebb+ebb-cached+qemu".to_string());
                 minutes += 20;
             }
             "hint" => {

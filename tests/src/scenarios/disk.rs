@@ -30,8 +30,8 @@ pub const SCENARIOS: &[ScenarioDef] = &[
                guest: fio in the guest on a second raw disk, O_DIRECT: sequential write and \
                read MiB/s (1 MiB blocks, depth 16) and 4 KiB random read IOPS (depth 8) \
                (args: memory_mib=1024 size_mib=512 runtime_s=10 io_threads=0 (Ebb's I/O \
-               threads per disk; 0: its default) vmms=ebb+qemu (also ebb-uncached: Ebb \
-               with EBB_DISK_CACHED_READS=0) data_on=file|loop (loop: the data image \
+               threads per disk; 0: its default) vmms=ebb+qemu (also ebb-cached: Ebb \
+               with EBB_DISK_CACHED_READS=1) data_on=file|loop (loop: the data image \
                through a loop device, a block device whose page cache reads without \
                waiting, as ext4 or xfs would; tmpfs before Linux 6.6 cannot))",
         run: bench_disk,
@@ -129,14 +129,10 @@ fn bench_disk(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let mut vmms = Vec::new();
     for name in which.split('+') {
         let (vmm, cached_reads) = match name {
-            "ebb" => (ebb()?, true),
-            "ebb-uncached" => (ebb()?, false),
-            "qemu" => (super::support::qemu()?, true),
-            other => {
-                return Err(format!(
-                    "vmms: unknown VMM {other} (ebb, ebb-uncached, qemu)"
-                ))
-            }
+            "ebb" => (ebb()?, false),
+            "ebb-cached" => (ebb()?, true),
+            "qemu" => (super::support::qemu()?, false),
+            other => return Err(format!("vmms: unknown VMM {other} (ebb, ebb-cached, qemu)")),
         };
         vmms.push((name, vmm, cached_reads));
     }
