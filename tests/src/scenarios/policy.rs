@@ -206,6 +206,18 @@ fn guest_alloc_stalls(vm: &mut GuestVm) -> Result<u64, String> {
         .sum())
 }
 
+/// The policy's decisions the VMM logged (at debug level) after the first `from` bytes
+/// of its stderr.
+fn decisions_since(vm: &GuestVm, from: usize) -> Vec<String> {
+    vm.stderr_text()
+        .get(from..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("balloon policy:"))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The balloon's traffic counters (`ebb` of `GET /balloon/statistics`) in MiB: what a
 /// phase of `bench-policy` moved through the balloon.
 fn balloon_traffic_mib(client: &Client) -> Result<[f64; 4], String> {
@@ -251,14 +263,8 @@ fn policy_phase(
     let touch_s = t.elapsed().as_secs_f64();
     let traffic_after = balloon_traffic_mib(client)?;
     let moved = |i: usize| (traffic_after[i] - traffic_before[i]).round();
-    let decisions: Vec<String> = if decisions_log {
-        vm.stderr_text()
-            .get(log_before..)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("balloon policy:"))
-            .map(str::to_owned)
-            .collect()
+    let decisions = if decisions_log {
+        decisions_since(vm, log_before)
     } else {
         Vec::new()
     };
@@ -359,8 +365,16 @@ fn bench_policy_with(_ctx: &Ctx, args: &Args, prefault_default: bool) -> Result<
     let off = policy_phase(&mut vm, &client, hot_mib, rereads, touch_mib, false)?;
     progress(&format!("policy off: {off}"));
 
+    let log_before = vm.stderr_text().len();
     patch(&client, "/balloon/policy", r#"{"enabled": true}"#)?;
     let (settled, last) = wait_steady(&client, Duration::from_secs(settle_s))?;
+    if debug_log {
+        let decisions = decisions_since(&vm, log_before);
+        progress(&format!(
+            "policy decisions while settling:\n{}",
+            decisions.join("\n")
+        ));
+    }
     let balloon = get_json(&client, "/balloon")?;
     let rss_policy = settled_rss(&vm, Duration::from_secs(6), Duration::from_secs(90), 4096)?;
     progress(&format!(
@@ -518,12 +532,7 @@ fn policy_cache(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
     let cached_after =
         meminfo_line_mib(&guest_after, "Buffers")? + meminfo_line_mib(&guest_after, "Cached")?;
     if debug_log {
-        let decisions: Vec<String> = vm
-            .stderr_text()
-            .lines()
-            .filter(|l| l.contains("balloon policy:"))
-            .map(str::to_owned)
-            .collect();
+        let decisions = decisions_since(&vm, 0);
         progress(&format!("policy decisions:\n{}", decisions.join("\n")));
     }
     let given_back = mib(reporting_rss) - mib(policy_rss);
