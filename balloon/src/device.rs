@@ -314,6 +314,8 @@ impl Balloon {
     /// Lets the policy set the target from the statistics just received.
     fn apply_policy(&mut self) {
         let Some(policy) = self.policy.as_mut().filter(|p| p.enabled()) else {
+            // Deflates while the policy is off are not news when it is turned on.
+            self.oom_deflated_at_decision = self.counters.oom_deflated_pages;
             self.set_short_stats(false);
             return;
         };
