@@ -1024,8 +1024,12 @@ fn a_short_guest_is_asked_for_statistics_four_times_a_second() {
         stats_timer_fires_within(&p.b, 600),
         "every 250 ms when short"
     );
-    // The policy off: the next report goes back to the interval.
+    // The policy off: the next report goes back to the interval. A deflate-on-OOM
+    // meanwhile is no news once it is on again (below).
     p.b.policy_mut().unwrap().set_enabled(false);
+    p.b.set_target_pages(512).unwrap();
+    p.b.write_config(4, &500u32.to_le_bytes());
+    assert_eq!(p.b.counters().oom_deflated_pages, 12);
     p.report(&ram, MIB, 0);
     assert!(!p.b.short_stats());
     p.b.process_event(0);
