@@ -429,11 +429,17 @@ impl AutoPolicy {
         // it deflated below the target on OOM), plus what the balloon gave back, which it
         // used as it came (a deflate hides a fall). Other deflates (the end of a trim)
         // give back memory the guest did not ask for, and its figures need not add up
-        // across them.
-        let short = self
-            .last_decision
-            .is_some_and(|d| d.reason.deflates_for_need())
-            || now.oom_deflated > 0;
+        // across them. A report with the same figures as the last one is no news (the
+        // guest has not looked again since): counting the deflates since as used would
+        // deflate on and on.
+        let fresh = self.last.is_none_or(|last| {
+            (last.available, last.free, last.caches) != (now.available, now.free, now.caches)
+        });
+        let short = fresh
+            && (self
+                .last_decision
+                .is_some_and(|d| d.reason.deflates_for_need())
+                || now.oom_deflated > 0);
         let falling = self.last.map_or(0, |last| {
             let before = gauge(&last).unwrap_or(level);
             if short {
@@ -675,20 +681,33 @@ mod tests {
         let s = settings();
         let mut p = AutoPolicy::new(s, true);
         p.decide(obs(0, 2 * GIB, s.headroom + 50 * MIB));
-        // 300 MiB used, 300 MiB deflated (by the guest on OOM): same level as before.
+        // 300 MiB used, 300 MiB deflated (by the guest on OOM): same level as before,
+        // though its free memory moved (a fresh report).
         let mut o = obs(1, 2 * GIB, s.headroom + 50 * MIB);
+        o.free = Some(100 * MIB);
         o.actual = 2 * GIB - 300 * MIB;
         o.oom_deflated = 300 * MIB;
         let d = p.decide(o);
         assert_eq!(d.reason, Reason::DeflateLow);
         assert_eq!(d.target, 2 * GIB - 300 * MIB - 250 * MIB);
+        // The same figures again (the guest has not looked since) while the balloon
+        // shrank: no fall, no further deflate.
+        let mut stale = o;
+        stale.at = Duration::from_secs(2);
+        stale.target = d.target;
+        stale.actual = d.target;
+        stale.oom_deflated = 0;
+        let d2 = p.decide(stale);
+        assert_eq!((d2.reason, d2.target), (Reason::Cooldown, d.target));
         // The guest steadily uses 200 MiB a report: each deflate keeps it at its headroom.
         let mut p = AutoPolicy::new(s, true);
         let (mut target, mut available) = (2 * GIB, s.headroom);
         p.decide(obs(0, target, available));
         for secs in 1..8 {
             available -= 200 * MIB;
-            let d = p.decide(obs(secs, target, available));
+            let mut o = obs(secs, target, available);
+            o.free = Some(secs * MIB);
+            let d = p.decide(o);
             // The guest takes the deflate back at once.
             available += target - d.target;
             target = d.target;
