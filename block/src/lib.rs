@@ -85,9 +85,9 @@
 //!
 //! It is off by default because it measured slower where it could be measured:
 //! `ebb-bench disk` with the data image behind a loop device in the nested test host
-//! (2026-12-03, two passes) did 857 and 928 random 4 KiB reads a second with it against
-//! 1,066 and 1,235 without, though the loop answered every read itself (no I/O thread
-//! woke). Under emulation the event loop copying
+//! (2026-12-03, three passes) did 857, 928 and 1,030 random 4 KiB reads a second with it
+//! against 1,066, 1,235 and 1,403 without, though the loop answered every read itself (no
+//! I/O thread woke). Under emulation the event loop copying
 //! eight requests one after another loses to eight threads copying side by side on the
 //! test host's two CPUs; on a real host, where a copy takes microseconds and a hand-off
 //! 8-15 us, it may well win: measure there before turning it on.
