@@ -489,7 +489,11 @@ impl AutoPolicy {
         if now.actual + s.step / 2 < now.target || returning > 0 {
             return (now.target, Reason::Catching);
         }
-        let excess = available.saturating_sub(s.headroom);
+        // What the guest is still to put into the balloon (within half a step of the
+        // target) will come out of what it has available: inflating by it again would
+        // overshoot the band, then deflate for need.
+        let pending = now.target.saturating_sub(now.actual);
+        let excess = available.saturating_sub(pending).saturating_sub(s.headroom);
         if excess <= s.headroom / 4 {
             let cache = reclaimable(now).unwrap_or(0);
             if !s.trim || cache <= (s.headroom / 8).max(self.kept_after_trim + s.headroom / 8) {
@@ -672,6 +676,23 @@ mod tests {
         p.decide(obs(0, GIB, s.headroom + 500 * MIB));
         let d = p.decide(obs(1, GIB + 300 * MIB, s.headroom + 200 * MIB));
         assert_ne!(d.reason, Reason::DeflateLow);
+    }
+
+    /// A guest a little behind its target (within half a step: not caught up, not far
+    /// enough to wait for) is inflated by its excess less what it still owes, so the
+    /// balloon does not overshoot the band.
+    #[test]
+    fn an_inflate_counts_what_the_guest_still_owes() {
+        let s = settings();
+        let mut p = AutoPolicy::new(s, true);
+        let mut o = obs(0, GIB, s.headroom + 400 * MIB);
+        o.actual = GIB - 100 * MIB;
+        let d = p.decide(o);
+        assert_eq!(d.reason, Reason::Inflate);
+        // 300 MiB above the headroom once the guest has paid: aim at the band's middle
+        // (not a whole step, which the 400 MiB seen would have asked for).
+        assert_eq!(d.target, GIB + 300 * MIB - s.headroom / 8);
+        assert!(300 * MIB - s.headroom / 8 < s.step);
     }
 
     /// A guest using memory as fast as the balloon gives it back keeps the same level:
