@@ -150,7 +150,7 @@ impl RequestQueue {
             flushes: VecDeque::with_capacity(MAX_IN_FLIGHT),
             writes: Vec::with_capacity(MAX_IN_FLIGHT),
             next_seq: 0,
-            cached_reads: true,
+            cached_reads: false,
         }
     }
 
@@ -159,8 +159,8 @@ impl RequestQueue {
         self.cached_reads
     }
 
-    /// Turns trying small reads from the page cache on (the default) or off (every
-    /// request goes to the I/O threads).
+    /// Turns trying small reads from the page cache on, or off (the default, as
+    /// [`crate::pool::IoOptions::cached_reads`]: every request goes to the I/O threads).
     pub fn set_cached_reads(&mut self, on: bool) {
         self.cached_reads = on;
     }
