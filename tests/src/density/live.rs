@@ -414,8 +414,7 @@ impl GuestHandle for LiveGuest {
                     // The report keeps one line: what the VMM and the guest were doing
                     // goes to the job's stderr, which the run directory keeps.
                     eprintln!(
-                        "touch of {mib} MiB timed out with the VMM running; its threads:\n{}\n{}{}",
-                        procfs::thread_report(self.pid),
+                        "touch of {mib} MiB timed out with the VMM running:\n{}{}",
                         self.vm.diagnostics(),
                         self.balloon_state(),
                     );

@@ -474,15 +474,18 @@ pub fn run_density(
             &mut rec,
             progress,
         );
-        if let Err(f) = &outcome {
-            if launcher.emulated()
-                && f.kind != FailureKind::Launch
-                && f.detail.contains(TRIPLE_FAULT_EXIT)
-            {
+        // The emulated host's own crashes (see TRIPLE_FAULT_EXIT) while the guest boots,
+        // touches or settles cost it one more launch; a second crash stands.
+        let crash = match &outcome {
+            Err(f) if f.kind != FailureKind::Launch => Some(f.detail.clone()),
+            Err(_) => None,
+            Ok(()) => guests.last_mut().and_then(|g| g.exited()),
+        };
+        if let Some(detail) = crash {
+            if launcher.emulated() && detail.contains(TRIPLE_FAULT_EXIT) {
                 progress(&format!(
-                    "[{}] guest {index}: crashed in the emulated host ({}); launching it once more",
+                    "[{}] guest {index}: crashed in the emulated host ({detail}); launching it once more",
                     spec.label(),
-                    f.detail
                 ));
                 if let Some(mut crashed) = guests.pop() {
                     crashed.kill();
@@ -491,7 +494,7 @@ pub fn run_density(
                 rec = GuestRecord {
                     guest: index,
                     launched_at_s: start.elapsed().as_secs_f64(),
-                    crash_retry: Some(f.detail.clone()),
+                    crash_retry: Some(detail),
                     ..Default::default()
                 };
                 outcome = bring_up(
@@ -718,6 +721,8 @@ mod tests {
         crash_boot_of: Vec<u32>,
         /// Launches whose VMM dies with a triple fault during the touch.
         crash_touch_of: Vec<u32>,
+        /// Launches whose VMM dies with a triple fault once the guest freed its memory.
+        crash_settle_of: Vec<u32>,
         emulated: bool,
         launches: u32,
     }
@@ -731,6 +736,8 @@ mod tests {
         killed: Arc<Mutex<Vec<u32>>>,
         crashes: bool,
         crashes_in_touch: bool,
+        crashes_in_settle: bool,
+        crashed: bool,
     }
 
     impl GuestHandle for FakeGuest {
@@ -770,6 +777,12 @@ mod tests {
         }
         fn free(&mut self, _: Duration) -> Result<(), String> {
             let before = self.rss_mib.load(Ordering::SeqCst);
+            if self.crashes_in_settle {
+                self.crashed = true;
+                self.used.fetch_sub(before, Ordering::SeqCst);
+                self.rss_mib.store(0, Ordering::SeqCst);
+                return Ok(());
+            }
             self.used
                 .fetch_sub(before - self.residual_mib, Ordering::SeqCst);
             self.rss_mib.store(self.residual_mib, Ordering::SeqCst);
@@ -783,6 +796,11 @@ mod tests {
             }
         }
         fn exited(&mut self) -> Option<String> {
+            if self.crashed {
+                return Some(format!(
+                    "VMM exited with exit status: 2: ebb: guest stopped: vCPU 0: {TRIPLE_FAULT_EXIT}"
+                ));
+            }
             lock(&self.killed)
                 .contains(&self.index)
                 .then(|| "killed by signal 9".to_string())
@@ -800,6 +818,8 @@ mod tests {
             let crashes = crash.map(|at| self.crash_boot_of.remove(at)).is_some();
             let crash = self.crash_touch_of.iter().position(|&i| i == index);
             let crashes_in_touch = crash.map(|at| self.crash_touch_of.remove(at)).is_some();
+            let crash = self.crash_settle_of.iter().position(|&i| i == index);
+            let crashes_in_settle = crash.map(|at| self.crash_settle_of.remove(at)).is_some();
             Ok(Box::new(FakeGuest {
                 index,
                 used: self.used.clone(),
@@ -809,6 +829,8 @@ mod tests {
                 killed: self.killed.clone(),
                 crashes,
                 crashes_in_touch,
+                crashes_in_settle,
+                crashed: false,
             }))
         }
         fn host_used_kib(&self) -> u64 {
@@ -865,6 +887,7 @@ mod tests {
             fail_boot_at: None,
             crash_boot_of: Vec::new(),
             crash_touch_of: Vec::new(),
+            crash_settle_of: Vec::new(),
             emulated: false,
             launches: 0,
         }
@@ -986,6 +1009,15 @@ mod tests {
         assert_eq!(r.guests_fit, 4, "{:?}", r.failure);
         assert_eq!(h.launches, 5);
         assert!(r.guests[2].crash_retry.is_some() && r.guests[2].touch_s.is_some());
+
+        // A crash once the guest freed its memory, while it settles: the same.
+        let mut h = host(60);
+        h.emulated = true;
+        h.crash_settle_of = vec![2];
+        let r = run_quiet(spec, &cfg, &mut h);
+        assert_eq!(r.guests_fit, 4, "{:?}", r.failure);
+        assert_eq!(h.launches, 5);
+        assert!(r.guests[1].crash_retry.is_some() && r.guests[1].settled_rss_mib.is_some());
 
         // A second crash of the same guest stands.
         let mut h = host(60);

@@ -221,12 +221,16 @@ impl GuestVm {
         lock(&self.shared).malformed.clone()
     }
 
-    /// A description of the VMM's state for error messages: exit status, console and
-    /// stderr tails.
+    /// A description of the VMM's state for error messages: exit status, what its threads
+    /// are doing if it still runs (a hang is otherwise lost with the test host), console
+    /// and stderr tails.
     pub fn diagnostics(&mut self) -> String {
         let status = match self.try_exit_status() {
             Some(st) => format!("exited with {st}"),
-            None => "still running".into(),
+            None => format!(
+                "still running; its threads:\n{}",
+                indent(&procfs::thread_report(self.pid()))
+            ),
         };
         format!(
             "{} (pid {}) {status}, {:.1} s after spawn\ncommand: {}\n--- console (tail) ---\n{}\n--- {} stderr (tail) ---\n{}",

@@ -497,7 +497,9 @@ fn hint_corruption(_ctx: &Ctx, args: &Args) -> Result<Value, String> {
         // The workload runs until the host has done all its runs.
         while !driver.is_finished() {
             let line = format!("churn {set_mib} {churn_s}");
-            match vm.command(&line, Duration::from_secs(churn_s + 600)) {
+            // Well inside the test's job timeout, so a stuck guest or VMM is reported
+            // with the VMM's threads while they are still there to read.
+            match vm.command(&line, Duration::from_secs(churn_s + 180)) {
                 Ok(r) if r["cmd"] == "churn" && r.get("pages_checked").is_some() => churns.push(r),
                 Ok(r) => {
                     error = Some(format!("the workload failed: {r}"));
