@@ -17,6 +17,34 @@ use crate::util::{run_bounded, status_code, LineSink, Tee};
 /// How long L1 may take to power off after the job's status was written.
 const POWEROFF_GRACE: Duration = Duration::from_secs(30);
 
+/// L1's init rewrites `l1-heartbeat` in the run directory every 5 s while the job runs.
+/// The emulated host sometimes freezes whole, with nothing on its console (seen in a CI
+/// run of `hint-corruption`); this long without a new beat, it counts as dead.
+const HEARTBEAT_LIMIT: Duration = Duration::from_secs(90);
+
+/// Follows L1's heartbeat file.
+#[derive(Default)]
+struct Heartbeat {
+    /// The last content seen and when it was first seen.
+    last: Option<(String, Instant)>,
+}
+
+impl Heartbeat {
+    /// Takes one look at the file's `content`; `Some(silence)` once the beat stopped for
+    /// longer than `limit`. No verdict before the first beat (an init without one, or an
+    /// L1 still booting: other limits cover that).
+    fn look(&mut self, content: Option<String>, now: Instant, limit: Duration) -> Option<Duration> {
+        if let Some(c) = content.filter(|c| !c.trim().is_empty()) {
+            if self.last.as_ref().is_none_or(|(seen, _)| *seen != c) {
+                self.last = Some((c, now));
+            }
+        }
+        let (_, since) = self.last.as_ref()?;
+        let silence = now.duration_since(*since);
+        (silence > limit).then_some(silence)
+    }
+}
+
 /// How an attempt ended, when it did not fail for good.
 pub enum Outcome {
     /// The job ran and left its exit status.
@@ -98,6 +126,7 @@ pub fn nested(l1: &L1, job: &Job, dir: &Path) -> Result<Outcome, Error> {
         stderr_len: 0,
         last_output: None,
         finished: None,
+        heartbeat: Heartbeat::default(),
     };
     let end = run.watch()?;
     run.conclude(end)
@@ -115,6 +144,8 @@ enum End {
     Stalled(String),
     /// The job printed nothing for its `quiet_timeout`: killed.
     Quiet(Duration),
+    /// L1's heartbeat stopped for this long: killed.
+    Frozen(Duration),
 }
 
 /// A running L1 and what it showed so far.
@@ -132,6 +163,7 @@ struct NestedRun<'a> {
     last_output: Option<Instant>,
     /// When the job's exit status (or its console marker) appeared.
     finished: Option<Instant>,
+    heartbeat: Heartbeat,
 }
 
 impl NestedRun<'_> {
@@ -173,6 +205,14 @@ impl NestedRun<'_> {
         {
             self.finished = Some(Instant::now());
         }
+        let beat = fs::read_to_string(self.dir.join("l1-heartbeat")).ok();
+        // A job that may be quiet for long (a full host thrashing, which can starve the
+        // heartbeat too) gets its own verdict first: `Quiet` is checked before `Frozen`.
+        let limit = self
+            .job
+            .quiet_timeout
+            .map_or(HEARTBEAT_LIMIT, |q| q.max(HEARTBEAT_LIMIT));
+        let silence = self.heartbeat.look(beat, Instant::now(), limit);
         let end = if let Some(since) = self.finished {
             (since.elapsed() > POWEROFF_GRACE).then_some(End::PoweroffOverdue)
         } else if self.spawned.elapsed() > self.job.timeout {
@@ -183,6 +223,8 @@ impl NestedRun<'_> {
             .filter(|q| self.last_output.is_some_and(|t| t.elapsed() > *q))
         {
             Some(End::Quiet(quiet))
+        } else if let Some(silence) = silence {
+            Some(End::Frozen(silence))
         } else {
             self.console.stalled().map(|l| End::Stalled(l.to_string()))
         };
@@ -252,6 +294,11 @@ impl NestedRun<'_> {
                 "L1 stalled (`{what}` on its console) and the job did not finish; last job \
                  output: `{last_words}`\n{details}"
             ),
+            End::Frozen(silence) => format!(
+                "L1 froze: no heartbeat for {:.0} s (its init writes one every 5 s) and the \
+                 job did not finish; last job output: `{last_words}`\n{details}",
+                silence.as_secs_f64()
+            ),
             End::Quiet(quiet) => {
                 return Err(Error::Timeout(format!(
                     "the job printed nothing for {quiet:?} (Job::quiet_timeout); last job \
@@ -275,5 +322,43 @@ impl NestedRun<'_> {
             ),
         };
         Ok(Outcome::Died { why, stdout })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_that_stops_counts_as_frozen_only_after_the_limit() {
+        let limit = Duration::from_secs(90);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let beat = |c: &str| Some(c.to_string());
+        let mut h = Heartbeat::default();
+        // No file yet (L1 booting), for however long: no verdict.
+        assert_eq!(h.look(None, at(0), limit), None);
+        assert_eq!(h.look(None, at(500), limit), None);
+        assert_eq!(h.look(Some(String::new()), at(501), limit), None);
+        // Beats that change keep it alive well past the limit.
+        for i in 0..60 {
+            assert_eq!(
+                h.look(beat(&format!("{i}.00")), at(510 + 5 * i), limit),
+                None
+            );
+        }
+        // The same content is no beat: silent from the last change (at 805 s).
+        assert_eq!(h.look(beat("59.00"), at(805 + 90), limit), None);
+        assert_eq!(
+            h.look(beat("59.00"), at(805 + 91), limit),
+            Some(Duration::from_secs(91))
+        );
+        // An unreadable file (9p hiccup) does not reset the silence either.
+        assert_eq!(
+            h.look(None, at(805 + 95), limit),
+            Some(Duration::from_secs(95))
+        );
+        // A new beat ends it.
+        assert_eq!(h.look(beat("60.00"), at(805 + 96), limit), None);
     }
 }
